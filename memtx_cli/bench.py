@@ -118,8 +118,8 @@ def run_throughput(
             log("transformers is not installed (pip install -e '.[dev]'): skipping its column")
         for n in lengths:
             ids = ids_all[:n]
-            t_win, _ = _median_time(lambda: stream_nll(lm.model, ids, segment), repeats)
-            t_full, nll = _median_time(lambda: full_nll(lm.model, ids, lm.args.context_length), repeats)
+            t_win, _ = _median_time(lambda ids=ids: stream_nll(lm.model, ids, segment), repeats)
+            t_full, nll = _median_time(lambda ids=ids: full_nll(lm.model, ids, lm.args.context_length), repeats)
             row = {
                 "dtype": dname,
                 "tokens": n,
@@ -131,10 +131,17 @@ def run_throughput(
                 "window_fraction_of_peak": n / t_win * flops_per_token(lm.args, n, segment) / 1e9 / peak[dname],
             }
             if tf is not None:
-                t_tf, nll_tf = _median_time(lambda: tf(ids), repeats)
+                t_tf, nll_tf = _median_time(lambda ids=ids, tf=tf: tf(ids), repeats)
                 row["transformers_tokens_per_s"] = n / t_tf
                 row["ppl_transformers"] = float(nll_tf.double().mean().exp())
             log(f"{dname} {n}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
             rows.append(row)
-        del tf
-    return {"model": lm.name, "threads": torch.get_num_threads(), "text": path.name, "peak_gflops": peak, "repeats": repeats, "rows": rows}
+        tf = None  # free the transformers model before the next dtype
+    return {
+        "model": lm.name,
+        "threads": torch.get_num_threads(),
+        "text": path.name,
+        "peak_gflops": peak,
+        "repeats": repeats,
+        "rows": rows,
+    }

@@ -8,6 +8,7 @@ must stay fast.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def card_dirs() -> list[Path]:
+    """Card folders, first match wins: $MEMTX_MODELS_DIR (os.pathsep-separated), the checkout, the wheel."""
     here = Path(__file__).resolve().parent
-    return [d for d in (here.parent / "models", here / "_cards") if d.is_dir()]
+    extra = [Path(p) for p in os.environ.get("MEMTX_MODELS_DIR", "").split(os.pathsep) if p]
+    return [d for d in (*extra, here.parent / "models", here / "_cards") if d.is_dir()]
 
 
 @dataclass
@@ -113,14 +116,15 @@ def resolve_model(name_or_path: str | None) -> ModelRef:
         if not p.exists():
             raise MemtxError(f"model path {name} does not exist")
         if p.is_dir() and not (p / "config.json").is_file():
-            raise MemtxError(f"{name} is a directory without config.json; give a GGUF file or a Hugging Face model directory")
+            raise MemtxError(
+                f"{name} is a directory without config.json; give a GGUF file or a Hugging Face model directory"
+            )
         fmt = "hf" if p.is_dir() else "gguf"
         synth = ModelCard(p.name, {"name": p.name, "weights": {"format": fmt, "path": str(p.resolve())}})
         return ModelRef(synth, p.resolve())
     if card is None:
         known = ", ".join(c.name for c in list_cards()) or "none"
         raise MemtxError(
-            f"unknown model '{name}' (known: {known}); or give a path to a .gguf file or a "
-            "Hugging Face directory"
+            f"unknown model '{name}' (known: {known}); or give a path to a .gguf file or a Hugging Face directory"
         )
     return ModelRef(card, card.require_weights())

@@ -112,8 +112,14 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-            TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    cols = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=None, rate="")
         start: list[float] = []
@@ -151,7 +157,12 @@ def print_json(obj: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 # Shared options
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model card name or path to a .gguf file / HF directory. Default: smollm2-135m.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Model card name or path to a .gguf file / HF directory. Default: smollm2-135m."
+    ),
+]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto (CUDA when present), cpu, cuda[:N].")]
 DtypeOpt = Annotated[str | None, typer.Option(help="auto (bfloat16 where the hardware has it), float32, bfloat16.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: one per core).")]
@@ -181,8 +192,15 @@ def score(
     file: Annotated[str, typer.Argument(help="Text file to score, or - for stdin.")],
     model: ModelOpt = None,
     segment: Annotated[int | None, typer.Option(help="Segment length in tokens. Default: 512.")] = None,
-    context: Annotated[str | None, typer.Option(help="window (segments + XL cache) or full (causal attention up to the trained context). Default: window.")] = None,
-    xl_cache: Annotated[bool | None, typer.Option("--xl-cache/--no-xl-cache", help="Attend to the previous segment too. Default: on.")] = None,
+    context: Annotated[
+        str | None,
+        typer.Option(
+            help="window (segments + XL cache) or full (causal attention up to the trained context). Default: window."
+        ),
+    ] = None,
+    xl_cache: Annotated[
+        bool | None, typer.Option("--xl-cache/--no-xl-cache", help="Attend to the previous segment too. Default: on.")
+    ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Score only the first N tokens.")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -200,9 +218,17 @@ def score(
     for w in doc.warnings:
         log(f"memtx: warning: {w}", quiet)
     cfg = build_config(
-        config, model,
-        {"segment": segment, "context": context, "xl_cache": xl_cache, "max_tokens": max_tokens,
-         "device": device, "dtype": dtype, "threads": threads},
+        config,
+        model,
+        {
+            "segment": segment,
+            "context": context,
+            "xl_cache": xl_cache,
+            "max_tokens": max_tokens,
+            "device": device,
+            "dtype": dtype,
+            "threads": threads,
+        },
     )
     from memtx_cli.engine import score_text
     from memtx_cli.runtime import load_model
@@ -212,22 +238,34 @@ def score(
     load_s = time.perf_counter() - t0
     with progress_bar("scoring", show_progress(quiet)) as cb:
         res = score_text(lm, doc.text, cfg, cb)
-    out = {"file": doc.name, "model": lm.name, **res.to_dict(), "dtype": lm.describe()["dtype"],
-           "device": str(lm.device), "segment": cfg.segment if cfg.context == "window" else lm.args.context_length,
-           "xl_cache": cfg.xl_cache, "load_seconds": load_s}
+    out = {
+        "file": doc.name,
+        "model": lm.name,
+        **res.to_dict(),
+        "dtype": lm.describe()["dtype"],
+        "device": str(lm.device),
+        "segment": cfg.segment if cfg.context == "window" else lm.args.context_length,
+        "xl_cache": cfg.xl_cache,
+        "load_seconds": load_s,
+    }
     if as_json:
         print_json(out)
         return
     print_table(
         f"memtx score: {doc.name}",
-        [("model", f"{lm.name} ({out['dtype']}, {out['device']})"),
-         ("mode", f"{res.mode} (segment {out['segment']}{', XL cache' if cfg.xl_cache and res.mode == 'window' else ''})"),
-         ("tokens", f"{res.tokens:,}"),
-         ("mean NLL (nats)", f"{res.nll:.4f}"),
-         ("perplexity", f"{res.ppl:.4f}"),
-         ("bits per byte", f"{res.bits_per_byte:.4f}"),
-         ("seconds", f"{res.seconds:.2f} (+{load_s:.1f} load)"),
-         ("tokens/s", f"{res.tokens_per_s:,.0f}")],
+        [
+            ("model", f"{lm.name} ({out['dtype']}, {out['device']})"),
+            (
+                "mode",
+                f"{res.mode} (segment {out['segment']}{', XL cache' if cfg.xl_cache and res.mode == 'window' else ''})",
+            ),
+            ("tokens", f"{res.tokens:,}"),
+            ("mean NLL (nats)", f"{res.nll:.4f}"),
+            ("perplexity", f"{res.ppl:.4f}"),
+            ("bits per byte", f"{res.bits_per_byte:.4f}"),
+            ("seconds", f"{res.seconds:.2f} (+{load_s:.1f} load)"),
+            ("tokens/s", f"{res.tokens_per_s:,.0f}"),
+        ],
     )
 
 
@@ -241,12 +279,18 @@ def models(as_json: JsonOpt = False) -> None:
     for c in list_cards():
         p = c.weights_path()
         arch = c.data.get("architecture", {})
-        rows.append({
-            "name": c.name, "display_name": c.data.get("display_name", c.name),
-            "installed": p is not None, "path": str(p) if p else None,
-            "install": c.install_hint, "license": c.data.get("license"),
-            "layers": arch.get("n_layers"), "context_length": arch.get("context_length"),
-        })
+        rows.append(
+            {
+                "name": c.name,
+                "display_name": c.data.get("display_name", c.name),
+                "installed": p is not None,
+                "path": str(p) if p else None,
+                "install": c.install_hint,
+                "license": c.data.get("license"),
+                "layers": arch.get("n_layers"),
+                "context_length": arch.get("context_length"),
+            }
+        )
     if as_json:
         print_json(rows)
         return
@@ -257,8 +301,13 @@ def models(as_json: JsonOpt = False) -> None:
     for col in ("name", "model", "licence", "installed", "install with"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], r["display_name"], str(r["license"]), "yes" if r["installed"] else "no",
-                  "" if r["installed"] else r["install"])
+        t.add_row(
+            r["name"],
+            r["display_name"],
+            str(r["license"]),
+            "yes" if r["installed"] else "no",
+            "" if r["installed"] else r["install"],
+        )
     Console(soft_wrap=True).print(t)
 
 
@@ -268,8 +317,13 @@ def bench_throughput(
     lengths: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "1024,2048,8192",
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes.")] = "float32,bfloat16",
     repeats: Annotated[int, typer.Option(help="Timed runs per cell (median reported).")] = 3,
-    transformers: Annotated[bool, typer.Option("--transformers/--no-transformers", help="Also time Hugging Face transformers on the same ids.")] = True,
-    text: Annotated[str | None, typer.Option(help="Text file for the ids Default: GPL-3 from ../shared/corpus or sample_docs..")] = None,
+    transformers: Annotated[
+        bool,
+        typer.Option("--transformers/--no-transformers", help="Also time Hugging Face transformers on the same ids."),
+    ] = True,
+    text: Annotated[
+        str | None, typer.Option(help="Text file for the ids Default: GPL-3 from ../shared/corpus or sample_docs..")
+    ] = None,
     model: ModelOpt = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -279,8 +333,13 @@ def bench_throughput(
     from memtx_cli.bench import run_throughput
 
     res = run_throughput(
-        lengths=[int(x) for x in lengths.split(",")], dtypes=dtypes.split(","), repeats=repeats,
-        with_transformers=transformers, text_path=text, model=model, threads=threads,
+        lengths=[int(x) for x in lengths.split(",")],
+        dtypes=dtypes.split(","),
+        repeats=repeats,
+        with_transformers=transformers,
+        text_path=text,
+        model=model,
+        threads=threads,
         log=lambda m: log(m, quiet),
     )
     if as_json:
@@ -290,14 +349,31 @@ def bench_throughput(
     from rich.table import Table
 
     peak = res["peak_gflops"]
-    t = Table(title=f"throughput, tokens/s (median of {repeats}); matmul peak f32 {peak['float32']:.0f}, bf16 {peak['bfloat16']:.0f} GFLOP/s")
-    for col in ("dtype", "tokens", "memtx window", "memtx full", "transformers", "full / transformers", "full, % of peak", "ppl full"):
+    title = f"throughput, tokens/s (median of {repeats}); matmul peak GFLOP/s: "
+    t = Table(title=title + f"float32 {peak['float32']:.0f}, bfloat16 {peak['bfloat16']:.0f}")
+    for col in (
+        "dtype",
+        "tokens",
+        "memtx window",
+        "memtx full",
+        "transformers",
+        "full / transformers",
+        "full, % of peak",
+        "ppl full",
+    ):
         t.add_column(col, justify="right")
     for r in res["rows"]:
         tf = r.get("transformers_tokens_per_s")
-        t.add_row(r["dtype"], str(r["tokens"]), f"{r['window_tokens_per_s']:,.0f}", f"{r['full_tokens_per_s']:,.0f}",
-                  f"{tf:,.0f}" if tf else "-", f"{r['full_tokens_per_s'] / tf:.2f}x" if tf else "-",
-                  f"{100 * r['full_fraction_of_peak']:.0f}%", f"{r['ppl_full']:.4f}")
+        t.add_row(
+            r["dtype"],
+            str(r["tokens"]),
+            f"{r['window_tokens_per_s']:,.0f}",
+            f"{r['full_tokens_per_s']:,.0f}",
+            f"{tf:,.0f}" if tf else "-",
+            f"{r['full_tokens_per_s'] / tf:.2f}x" if tf else "-",
+            f"{100 * r['full_fraction_of_peak']:.0f}%",
+            f"{r['ppl_full']:.4f}",
+        )
     Console(soft_wrap=True).print(t)
 
 

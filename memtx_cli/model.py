@@ -54,8 +54,7 @@ class ModelArgs:
                 raise MemtxError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise MemtxError(
-                f"model config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                f"({self.n_kv_heads})"
+                f"model config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
         if self.head_dim % 2:
             raise MemtxError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")

@@ -73,4 +73,3 @@ def read_document(path: str) -> Document:
     if not text.strip():
         raise MemtxError(f"{name} is empty: nothing to score")
     return Document(name=name, text=text, n_bytes=len(data), warnings=warnings)
-

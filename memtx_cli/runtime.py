@@ -165,7 +165,12 @@ def _store_cached(path: Path, raw: RawWeights) -> None:
         tk = raw.tokenizer
         meta = {
             "args": asdict(raw.args),
-            "tokenizer": {"bos_id": tk.bos_id, "eos_id": tk.eos_id, "add_bos": tk.add_bos, "fingerprint": tk.fingerprint},
+            "tokenizer": {
+                "bos_id": tk.bos_id,
+                "eos_id": tk.eos_id,
+                "add_bos": tk.add_bos,
+                "fingerprint": tk.fingerprint,
+            },
             "fingerprint": raw.fingerprint,
             "source": raw.source,
             "chat_template": raw.chat_template,

@@ -98,9 +98,7 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any]) -> TextTokenizer:
     tok = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLIT_PRE:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in _GPT2_PRE:
         tok.pre_tokenizer = byte_level
     elif pre in {"llama3", "llama-bpe", "qwen2", "smaug-bpe"}:
@@ -122,7 +120,7 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any]) -> TextTokenizer:
         )
     tok.decoder = decoders.ByteLevel()
     # Control tokens (type 3) are special: "<|im_start|>" in a chat prompt is one id.
-    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == 3]
     tok.add_special_tokens(specials)
 
     def _id(key: str) -> int | None:

@@ -74,7 +74,18 @@ def _fuse(state: dict[str, np.ndarray], args: ModelArgs) -> dict[str, torch.Tens
 
 
 def _check_keys(state: dict[str, torch.Tensor], args: ModelArgs, where: str) -> None:
-    want = [f"layers.{i}.{n}" for i in range(args.n_layers) for n in ("attn.wqkv.weight", "attn.wo.weight", "attn_norm.weight", "ffn_norm.weight", "ffn.w13.weight", "ffn.w2.weight")]
+    want = [
+        f"layers.{i}.{n}"
+        for i in range(args.n_layers)
+        for n in (
+            "attn.wqkv.weight",
+            "attn.wo.weight",
+            "attn_norm.weight",
+            "ffn_norm.weight",
+            "ffn.w13.weight",
+            "ffn.w2.weight",
+        )
+    ]
     want += ["embed.weight", "norm.weight"] + ([] if args.tie_embeddings else ["head.weight"])
     missing = [k for k in want if k not in state]
     if missing:
@@ -195,9 +206,7 @@ def load_gguf(path: Path) -> RawWeights:
 def hf_args(config: dict[str, Any], where: str) -> ModelArgs:
     mtype = config.get("model_type")
     if mtype not in SUPPORTED_HF_TYPES:
-        raise MemtxError(
-            f"{where}: model_type {mtype!r} is not supported (memtx runs {', '.join(SUPPORTED_HF_TYPES)})"
-        )
+        raise MemtxError(f"{where}: model_type {mtype!r} is not supported (memtx runs {', '.join(SUPPORTED_HF_TYPES)})")
     try:
         n_heads = int(config["num_attention_heads"])
         dim = int(config["hidden_size"])
@@ -289,3 +298,58 @@ def load_weights(path: Path) -> RawWeights:
     if path.is_file():
         return load_gguf(path)
     raise MemtxError(f"model path {path} does not exist")
+
+
+def save_hf_dir(path: Path, args: ModelArgs, state: dict[str, torch.Tensor], tokenizer: TextTokenizer) -> None:
+    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer.json).
+
+    The inverse of `load_hf_dir`: un-fuses wqkv / w13 into HF's per-projection tensors.
+    """
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    hd, h, kv = args.head_dim, args.n_heads, args.n_kv_heads
+    out: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": state["embed.weight"],
+        "model.norm.weight": state["norm.weight"],
+    }
+    if not args.tie_embeddings:
+        out["lm_head.weight"] = state["head.weight"]
+    for i in range(args.n_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        wq, wk, wv = state[p + "attn.wqkv.weight"].split([h * hd, kv * hd, kv * hd])
+        out |= {q + "self_attn.q_proj.weight": wq, q + "self_attn.k_proj.weight": wk, q + "self_attn.v_proj.weight": wv}
+        if args.qkv_bias:
+            bq, bk, bv = state[p + "attn.wqkv.bias"].split([h * hd, kv * hd, kv * hd])
+            out |= {q + "self_attn.q_proj.bias": bq, q + "self_attn.k_proj.bias": bk, q + "self_attn.v_proj.bias": bv}
+        gate, up = state[p + "ffn.w13.weight"].split(args.ffn_dim)
+        out |= {
+            q + "mlp.gate_proj.weight": gate,
+            q + "mlp.up_proj.weight": up,
+            q + "mlp.down_proj.weight": state[p + "ffn.w2.weight"],
+            q + "self_attn.o_proj.weight": state[p + "attn.wo.weight"],
+            q + "input_layernorm.weight": state[p + "attn_norm.weight"],
+            q + "post_attention_layernorm.weight": state[p + "ffn_norm.weight"],
+        }
+    save_file({k: v.detach().float().contiguous() for k, v in out.items()}, str(path / "model.safetensors"))
+    config = {
+        "model_type": "qwen2" if args.qkv_bias else "llama",
+        "architectures": ["Qwen2ForCausalLM" if args.qkv_bias else "LlamaForCausalLM"],
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": h,
+        "num_key_value_heads": kv,
+        "head_dim": hd,
+        "intermediate_size": args.ffn_dim,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": args.rope_scaling,
+        "max_position_embeddings": args.context_length,
+        "tie_word_embeddings": args.tie_embeddings,
+        "attention_bias": args.qkv_bias,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.tok.save(str(path / "tokenizer.json"))

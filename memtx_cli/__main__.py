@@ -1,0 +1,3 @@
+from memtx_cli.cli import main
+
+main()

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny random-weight model for exactness tests, the real default model for numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from memtx_cli.model import ModelArgs
+from memtx_cli.runtime import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+SAMPLE = REPO / "sample_docs"
+
+
+def tiny_args(**kw) -> ModelArgs:
+    base = dict(
+        vocab_size=300, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, context_length=256, rope_theta=10000.0
+    )
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    m = build_model(tiny_args()).eval()
+    # Random init from nn.Linear is small; scale up so attention patterns are not uniform.
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return m
+
+
+@pytest.fixture(scope="session")
+def real_lm():
+    """The embedded default model in float32 (make test installs it; its absence is a failure)."""
+    from memtx_cli.runtime import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gpl3_text() -> str:
+    p = SHARED / "corpus/legal/GPL-3.txt"
+    if not p.is_file():
+        p = SAMPLE / "legal/GPL-3.txt"
+    return p.read_text(encoding="utf-8")

