@@ -7,6 +7,7 @@ The merged config is what banks record, so a bank says exactly how it was built.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 from memtx_cli.errors import MemtxError
 
 CONTEXT_MODES = ("window", "full")
+COMBINE_MODES = ("joint", "gate")
+POSITION_SCHEMES = ("fixed", "true", "clamped")
 
 
 @dataclass
@@ -30,6 +33,17 @@ class Config:
     # model's trained context (the reference computation).
     context: str = "window"
     max_tokens: int = 0  # 0 = the whole document
+    # --- memory (Memorizing Transformers); defaults chosen by benchmarks/, see README ---
+    memory: bool = True  # kNN memory of everything that left the XL cache
+    memory_layers: str = "all"  # "all", "8,16,24", "10-19", mixed "4,20-29"
+    top_k: int = 32  # memories retrieved per query (paper: 32)
+    index: str = "flat"  # flat | ivf | hnsw | a FAISS factory string
+    nprobe: int = 32  # IVF lists searched per query
+    combine: str = "joint"  # joint softmax (training-free) | gate (paper's sigmoid gate)
+    gate_init: float = 0.0  # initial gate bias b_h: g = sigmoid(b_h) = 0.5
+    positions: str = "fixed"  # memory position scheme: fixed | true | clamped
+    mem_distance: int = 0  # fixed: distance memories sit at; clamped: cap (0 = auto)
+    sinks: int = 0  # first tokens of a document kept visible in every window (StreamingLLM)
 
     def __post_init__(self) -> None:
         if self.segment < 1:
@@ -42,6 +56,14 @@ class Config:
             raise MemtxError(f"threads must be >= 0, got {self.threads}")
         if self.dtype not in ("auto", "float32", "bfloat16", "fp32", "bf16"):
             raise MemtxError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.top_k < 1:
+            raise MemtxError(f"top-k must be >= 1, got {self.top_k}")
+        if self.combine not in COMBINE_MODES:
+            raise MemtxError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}")
+        if self.positions not in POSITION_SCHEMES:
+            raise MemtxError(f"positions must be one of {', '.join(POSITION_SCHEMES)}, got {self.positions!r}")
+        if self.sinks < 0 or self.mem_distance < 0 or self.nprobe < 1:
+            raise MemtxError("sinks and mem-distance must be >= 0, nprobe >= 1")
 
     def validate_for(self, context_length: int) -> None:
         """Checks that need the model: a window longer than the trained context is refused."""
@@ -51,6 +73,29 @@ class Config:
                 f"segment {self.segment} with the XL cache spans {window} tokens, more than the "
                 f"model's trained context ({context_length}); use --segment {context_length // 2} or less"
             )
+
+    def layers_for(self, n_layers: int) -> list[int]:
+        """Parse memory_layers against the model's depth; [] when memory is off."""
+        if not self.memory:
+            return []
+        return parse_layers(self.memory_layers, n_layers)
+
+    def memory_settings(self) -> dict[str, Any]:
+        keys = (
+            "memory",
+            "memory_layers",
+            "top_k",
+            "index",
+            "nprobe",
+            "combine",
+            "gate_init",
+            "positions",
+            "mem_distance",
+            "sinks",
+            "segment",
+            "xl_cache",
+        )
+        return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,3 +157,26 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     except (TypeError, ValueError):
         raise MemtxError(f"setting {key!r}: {value!r} is not a valid {t}") from None
     return value
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """ "all" | "8,16,24" | "10-19" | "4,20-29" -> sorted layer indices, each checked."""
+    spec = str(spec).strip().lower()
+    if spec in ("all", "*"):
+        return list(range(n_layers))
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if m is None:
+            raise MemtxError(f"memory layers {spec!r}: use all, a list like 8,16,24 or a range like 10-19")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        for i in range(lo, hi + 1):
+            if not 0 <= i < n_layers:
+                raise MemtxError(
+                    f"memory layer {i} is out of range: the model has {n_layers} layers (0-{n_layers - 1})"
+                )
+            out.add(i)
+    if not out:
+        raise MemtxError(f"memory layers {spec!r} selects no layer")
+    return sorted(out)

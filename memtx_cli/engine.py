@@ -18,7 +18,7 @@ import torch
 
 from memtx_cli.config import Config
 from memtx_cli.errors import MemtxError
-from memtx_cli.model import LayerKV, Transformer, token_nll
+from memtx_cli.model import LayerKV, MemoryRead, Transformer, rotate_by, token_nll
 from memtx_cli.runtime import LoadedModel
 
 # progress(done_tokens, total_tokens): the library reports, the CLI draws.
@@ -29,26 +29,116 @@ def _noop(done: int, total: int) -> None:
     pass
 
 
+class Streamer:
+    """One document streaming through the model: XL cache, attention sinks, kNN memory.
+
+    `step(ids)` runs one segment and returns its hidden states (T, C). Per memory layer, the
+    segment reads the memory first (it never retrieves itself); afterwards the K/V that leave
+    the XL cache (the previous segment) are written into it, tagged with their absolute
+    positions. With `sinks` > 0 the document's first tokens stay visible in every window
+    (StreamingLLM) and are kept out of the memory, so nothing is attended twice.
+    """
+
+    def __init__(self, model: Transformer, cfg: Config) -> None:
+        from memtx_cli.memory import IndexSpec, LayerMemory, check_index_kind
+
+        self.model, self.cfg = model, cfg
+        a = model.args
+        self.layers = cfg.layers_for(a.n_layers)
+        if self.layers:
+            check_index_kind(cfg.index)
+        if cfg.combine == "gate" and self.layers:
+            model.add_memory_gates(self.layers, cfg.gate_init)
+        dev = model.embed.weight.device
+        spec = IndexSpec(kind=cfg.index, nprobe=cfg.nprobe)
+        self.memories = {
+            i: LayerMemory(a.n_kv_heads, a.head_dim, spec, model.embed.weight.dtype, dev) for i in self.layers
+        }
+        # Where memories sit (fixed) / the largest distance used (clamped): just outside the
+        # local window by default, i.e. the window's span (sinks + cache + segment).
+        window = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
+        self.distance = cfg.mem_distance or (window if cfg.positions == "fixed" else a.context_length)
+        self.cache: list[LayerKV] | None = None
+        self.cache_pos = 0  # absolute position of the cache's first token
+        self.sink_kv: list[LayerKV] | None = None
+        self.pos = 0  # absolute position of the next token
+
+    @property
+    def memory_entries(self) -> int:
+        return sum(len(m) for m in self.memories.values())
+
+    @property
+    def retrieval_seconds(self) -> float:
+        return sum(m.search_seconds for m in self.memories.values())
+
+    def _local_cache(self) -> list[LayerKV] | None:
+        window_start = self.cache_pos if self.cache else self.pos
+        if not self.sink_kv or window_start <= self.cfg.sinks:
+            return self.cache  # the sinks are still inside the window
+        if self.cache is None:
+            return self.sink_kv
+        return [
+            LayerKV(torch.cat([s.k, c.k], 2), torch.cat([s.v, c.v], 2))
+            for s, c in zip(self.sink_kv, self.cache, strict=True)
+        ]
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (T,) -> hidden (T, C)."""
+        t = ids.shape[0]
+        q_pos = torch.arange(self.pos, self.pos + t, device=ids.device)
+        reads = {
+            i: MemoryRead(m, self.cfg.top_k, q_pos, self.cfg.positions, self.distance, self.cfg.combine)
+            for i, m in self.memories.items()
+        }
+        res = self.model.forward_segment(ids[None], self._local_cache(), reads or None)
+        self._advance(res.kv, t)
+        return res.hidden[0]
+
+    def _advance(self, kv: list[LayerKV], t: int) -> None:
+        n_s = self.cfg.sinks
+        if n_s and self.pos == 0:
+            self.sink_kv = [LayerKV(x.k[:, :, :n_s], x.v[:, :, :n_s]) for x in kv]
+        if self.cfg.xl_cache:
+            leaving, start = self.cache, self.cache_pos
+            self.cache, self.cache_pos = kv, self.pos
+        else:
+            leaving, start = kv, self.pos
+        self.pos += t
+        if leaving is None or not self.memories:
+            return
+        n = leaving[0].length
+        skip = max(0, min(n, n_s - start))  # sink tokens stay out of the memory
+        pos = torch.arange(start + skip, start + n, device=leaving[0].k.device)
+        for i, mem in self.memories.items():
+            k, v = leaving[i].k[0, :, skip:], leaving[i].v[0, :, skip:]  # (KV, n, D)
+            index_keys = (
+                rotate_by(k, self.model.inv_freq, pos.expand(k.shape[0], -1)) if self.cfg.positions == "true" else None
+            )
+            mem.add(k, v, pos, index_keys)
+
+
 @torch.inference_mode()
-def stream_nll(
-    model: Transformer,
-    ids: torch.Tensor,  # (N,) on the model's device
-    segment: int,
-    xl_cache: bool = True,
-    progress: Progress = _noop,
-) -> torch.Tensor:
-    """Per-token NLL (N-1,) of ids[1:], streaming segments with an XL cache."""
+def run_stream(
+    model: Transformer, ids: torch.Tensor, cfg: Config, progress: Progress = _noop
+) -> tuple[torch.Tensor, Streamer]:
+    """Per-token NLL (N-1,) of ids[1:] (N,), streaming segments as `cfg` says (XL cache,
+    sinks, memory), and the streamer (memory size, retrieval time)."""
+    streamer = Streamer(model, cfg)
     n = ids.shape[0]
-    cache: list[LayerKV] | None = None
     out = []
-    for s in range(0, n, segment):
-        seg = ids[s : s + segment]
-        res = model.forward_segment(seg[None], cache)
-        targets = ids[s + 1 : s + segment + 1]  # the last position predicts the next segment's first
-        out.append(token_nll(model, res.hidden[0, : targets.shape[0]], targets))
-        cache = res.kv if xl_cache else None
-        progress(min(s + segment, n), n)
-    return torch.cat(out)
+    for s in range(0, n, cfg.segment):
+        hidden = streamer.step(ids[s : s + cfg.segment])
+        targets = ids[s + 1 : s + cfg.segment + 1]  # the last position predicts the next segment's first
+        out.append(token_nll(model, hidden[: targets.shape[0]], targets))
+        progress(min(s + cfg.segment, n), n)
+    return torch.cat(out), streamer
+
+
+def stream_nll(
+    model: Transformer, ids: torch.Tensor, segment: int, xl_cache: bool = True, progress: Progress = _noop
+) -> torch.Tensor:
+    """The window-only baseline: segments + XL cache, no memory."""
+    return run_stream(model, ids, Config(segment=segment, xl_cache=xl_cache, memory=False), progress)[0]
 
 
 @torch.inference_mode()
@@ -73,6 +163,9 @@ class ScoreResult:
     seconds: float  # model time (load and tokenization excluded)
     mode: str
     token_nlls: torch.Tensor | None = None
+    memory: dict[str, Any] | None = None  # memory settings when memory was on
+    memory_entries: int = 0  # (layer, token) entries in memory at the end
+    retrieval_seconds: float = 0.0
 
     @property
     def ppl(self) -> float:
@@ -97,7 +190,20 @@ class ScoreResult:
             "mode": self.mode,
             "seconds": self.seconds,
             "tokens_per_s": self.tokens_per_s,
+            "memory": self.memory,
+            "memory_entries": self.memory_entries,
+            "retrieval_seconds": self.retrieval_seconds,
         }
+
+    def curve(self, segment: int) -> list[dict[str, Any]]:
+        """Mean NLL and perplexity per block of `segment` scored tokens (perplexity vs position)."""
+        assert self.token_nlls is not None
+        rows = []
+        for i, s in enumerate(range(0, self.scored, segment)):
+            block = self.token_nlls[s : s + segment]
+            nll = float(block.mean())
+            rows.append({"segment": i, "start": s + 1, "tokens": block.shape[0], "nll": nll, "ppl": math.exp(nll)})
+        return rows
 
 
 def tokenize_for_scoring(lm: LoadedModel, text: str, max_tokens: int = 0) -> tuple[list[int], int]:
@@ -115,10 +221,11 @@ def score_ids(lm: LoadedModel, ids: list[int], n_bytes: int, cfg: Config, progre
     cfg.validate_for(lm.args.context_length)
     x = torch.tensor(ids, dtype=torch.long, device=lm.device)
     t0 = time.perf_counter()
+    streamer = None
     if cfg.context == "full":
         nll = full_nll(lm.model, x, lm.args.context_length, progress)
     else:
-        nll = stream_nll(lm.model, x, cfg.segment, cfg.xl_cache, progress)
+        nll, streamer = run_stream(lm.model, x, cfg, progress)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -129,8 +236,11 @@ def score_ids(lm: LoadedModel, ids: list[int], n_bytes: int, cfg: Config, progre
         nll=float(nll.mean()),
         bytes=n_bytes,
         seconds=seconds,
-        mode=cfg.context,
+        mode=cfg.context if cfg.context == "full" or not streamer.layers else "memory",
         token_nlls=nll,
+        memory=cfg.memory_settings() if streamer and streamer.layers else None,
+        memory_entries=streamer.memory_entries if streamer else 0,
+        retrieval_seconds=streamer.retrieval_seconds if streamer else 0.0,
     )
 
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from memtx_cli.errors import MemtxError
 
@@ -143,13 +145,68 @@ class SegmentOutput:
     kv: list[LayerKV] = field(default_factory=list)  # this segment's raw K/V, one per layer
 
 
-def local_mask(t: int, cache_len: int, device: torch.device) -> torch.Tensor | None:
-    """Causal mask (T, L+T) for queries at window positions L..L+T-1; None when L == 0."""
-    if cache_len == 0:
-        return None
-    q = torch.arange(t, device=device)[:, None] + cache_len
-    k = torch.arange(cache_len + t, device=device)[None, :]
-    return k <= q  # True = may attend
+@dataclass
+class MemoryRead:
+    """What a memory layer needs for one segment (the engine builds it).
+
+    `memory` is duck-typed (memory.py's LayerMemory): `len(memory)` and
+    `retrieve(q (KV, Q, D), k) -> keys (KV, Q, k, D), values, positions (KV, Q, k), valid`.
+    """
+
+    memory: Any
+    top_k: int
+    q_pos: torch.Tensor  # (T,) absolute positions of the segment's tokens
+    scheme: str = "fixed"  # memory positions: fixed | true | clamped (see memory_scores)
+    distance: int = 1024  # fixed: where every memory sits; clamped: the largest distance used
+    combine: str = "joint"  # joint (one softmax) | gate (paper: sigmoid-gated mix of two)
+
+
+def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """RoPE-rotate x (..., D) by per-row distances `dist` (broadcast to x's leading shape)."""
+    ang = dist.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
+    ang = torch.cat([ang, ang], dim=-1)
+    return apply_rope(x, ang.cos(), ang.sin())
+
+
+def memory_search_vectors(q_raw: torch.Tensor, mem: MemoryRead, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Search vectors (KV, G*T, D) from raw queries (KV, G, T, D), so that inner-product search
+    ranks memories the way attention will score them.
+
+    fixed / clamped: the query rotated as if every memory sat `distance` tokens back
+    (InfLLM's trick; the index holds raw keys). true: the query rotated by its absolute
+    position (the index holds keys rotated by theirs: R(a)q . R(b)k = q . R(b-a)k).
+    """
+    kv, g, t, d = q_raw.shape
+    if mem.scheme == "true":
+        qs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t))
+    else:
+        qs = rotate_by(q_raw, inv_freq, torch.full((kv, g, t), mem.distance, device=q_raw.device))
+    return qs.reshape(kv, g * t, d)
+
+
+def memory_scores(
+    q_raw: torch.Tensor,  # (KV, G*T, D)
+    q_search: torch.Tensor,  # (KV, G*T, D) from memory_search_vectors
+    keys: torch.Tensor,  # (KV, G*T, k, D) retrieved raw keys
+    pos: torch.Tensor,  # (KV, G*T, k) their absolute positions
+    q_pos: torch.Tensor,  # (KV, G*T) the queries' absolute positions
+    mem: MemoryRead,
+    inv_freq: torch.Tensor,
+) -> torch.Tensor:  # (KV, G*T, k), unscaled
+    """Attention logits of queries against their retrieved memories, by position scheme.
+
+    fixed: every memory at `distance` (the search vector already carries that rotation).
+    true: the real distance a - b (exact, as in full attention; past the trained context the
+    model sees distances it never learned). clamped: the real distance up to `distance`, then
+    `distance` -- exact within the trained context, bounded beyond it.
+    """
+    if mem.scheme == "fixed":
+        return torch.einsum("hqd,hqkd->hqk", q_search, keys)
+    dist = q_pos[..., None] - pos  # (KV, G*T, k): a - b > 0
+    if mem.scheme == "clamped":
+        dist = dist.clamp(max=mem.distance)
+    # <R(a-b) q, k> = <q, R(b-a) k>: rotate each retrieved key by minus its distance.
+    return torch.einsum("hqd,hqkd->hqk", q_raw, rotate_by(keys, inv_freq, -dist))
 
 
 class Attention(nn.Module):
@@ -161,6 +218,9 @@ class Attention(nn.Module):
         out = (self.n_heads + 2 * self.n_kv) * self.hd
         self.wqkv = nn.Linear(args.dim, out, bias=args.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.hd, args.dim, bias=False)
+        # Memory gate b_h (paper: g = sigmoid(b_h) mixes memory and local attention per head);
+        # created by Transformer.add_memory_gates for memory layers only.
+        self.mem_gate: nn.Parameter | None = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k (B, KV, T, D), v (B, KV, T, D); no RoPE yet."""
@@ -177,44 +237,73 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, C)
         cache: LayerKV | None,
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin for window positions 0..L+T-1
+        mem: MemoryRead | None = None,
+        inv_freq: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, LayerKV]:
         b, t, _ = x.shape
-        q, k, v = self.project(x)
+        q_raw, k, v = self.project(x)
         new = LayerKV(k, v)
         if cache is not None and cache.length:
             k = torch.cat([cache.k, k], dim=2)  # (B, KV, L+T, D)
             v = torch.cat([cache.v, v], dim=2)
         cache_len = k.shape[2] - t
         cos, sin = rope
-        q = apply_rope(q, cos[cache_len:], sin[cache_len:])
+        q = apply_rope(q_raw, cos[cache_len:], sin[cache_len:])
         k = apply_rope(k, cos, sin)
-        y = grouped_attention(q, k, v, local_mask(t, cache_len, x.device))  # (B, H, T, D)
+        if mem is not None and len(mem.memory) > 0:
+            y = self.memorizing_attention(q, k, v, q_raw, mem, inv_freq)
+        else:
+            y = grouped_attention(q, k, v)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
         return self.wo(y), new
+
+    def memorizing_attention(
+        self,
+        q: torch.Tensor,  # (1, H, T, D) rotated by window position
+        k: torch.Tensor,  # (1, KV, S, D) rotated local keys (sinks + XL cache + segment)
+        v: torch.Tensor,  # (1, KV, S, D)
+        q_raw: torch.Tensor,  # (1, H, T, D) before RoPE
+        mem: MemoryRead,
+        inv_freq: torch.Tensor,
+    ) -> torch.Tensor:  # (1, H, T, D)
+        """Local causal attention plus the top-k memories of every query (one document: B=1)."""
+        _, h, t, d = q.shape
+        kv, g, s = self.n_kv, h // self.n_kv, k.shape[2]
+        scale = 1.0 / math.sqrt(d)
+        qr = q_raw[0].view(kv, g, t, d)  # query heads of a group are adjacent
+        qs = memory_search_vectors(qr, mem, inv_freq)  # (KV, G*T, D)
+        mk, mv, mpos, valid = mem.memory.retrieve(qs, mem.top_k)  # (KV, G*T, k, D), (KV, G*T, k)
+        q_pos = mem.q_pos.view(1, 1, t).expand(kv, g, t).reshape(kv, g * t)
+        m_scores = memory_scores(qr.reshape(kv, g * t, d), qs, mk.to(q.dtype), mpos, q_pos, mem, inv_freq)
+        m_scores = (m_scores * scale).masked_fill(~valid, float("-inf"))  # (KV, G*T, k)
+        mv = mv.to(q.dtype)
+        if mem.combine == "gate":
+            local = grouped_attention(q, k, v)  # (1, H, T, D)
+            m_out = torch.einsum("hqk,hqkd->hqd", torch.softmax(m_scores.float(), -1).to(q.dtype), mv)
+            gate = torch.sigmoid(self.mem_gate).to(q.dtype).view(1, h, 1, 1)  # (1, H, 1, 1)
+            return gate * m_out.view(1, h, t, d) + (1 - gate) * local
+        # joint: one softmax over [local keys, retrieved memories].
+        l_scores = (q[0].reshape(kv, g * t, d) @ k[0].transpose(-1, -2)) * scale  # (KV, G*T, S)
+        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)  # (T, S)
+        l_scores = l_scores.masked_fill(~causal.repeat(g, 1), float("-inf"))
+        p = torch.softmax(torch.cat([l_scores.float(), m_scores.float()], -1), -1).to(q.dtype)
+        out = p[..., :s] @ v[0] + torch.einsum("hqk,hqkd->hqd", p[..., s:], mv)  # (KV, G*T, D)
+        return out.view(1, h, t, d)
 
 
 def grouped_attention(
     q: torch.Tensor,  # (B, H, T, D)
-    k: torch.Tensor,  # (B, KV, S, D)
+    k: torch.Tensor,  # (B, KV, S, D), S >= T: the last T keys are the queries' own tokens
     v: torch.Tensor,  # (B, KV, S, D)
-    mask: torch.Tensor | None,  # (T, S) bool, or None for plain causal (S == T)
-) -> torch.Tensor:
-    """GQA without copying K/V: fold the G query heads of a group into the query axis.
-
-    q (B, KV*G, T, D) -> (B, KV, G*T, D) attends to its group's K/V (B, KV, S, D) in one SDPA
-    call, so nothing loops over heads and K/V are never repeated G times.
-    """
-    b, h, t, d = q.shape
-    kv = k.shape[1]
-    g = h // kv
-    qg = q.reshape(b, kv, g * t, d)
-    if mask is None:
-        if g == 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    m = mask.repeat(g, 1)  # (G*T, S)
-    y = F.scaled_dot_product_attention(qg, k, v, attn_mask=m)  # (B, KV, G*T, D)
-    return y.reshape(b, h, t, d)
+) -> torch.Tensor:  # (B, H, T, D)
+    """Causal GQA attention of T queries over S keys, aligned bottom-right (query i sits at key
+    position S - T + i). One SDPA call: `enable_gqa` shares each KV head with its G query heads
+    without copying K/V, and the causal bias lets the flash kernel skip masked blocks (measured
+    1.7x faster in float32 than an explicit boolean mask at T=512, S=1024; 1.8x at T=S=2048)."""
+    t, s = q.shape[2], k.shape[2]
+    if s == t:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s), enable_gqa=True)
 
 
 class FeedForward(nn.Module):
@@ -239,9 +328,14 @@ class Block(nn.Module):
         self.ffn = FeedForward(args)
 
     def forward(
-        self, x: torch.Tensor, cache: LayerKV | None, rope: tuple[torch.Tensor, torch.Tensor]
+        self,
+        x: torch.Tensor,
+        cache: LayerKV | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mem: MemoryRead | None = None,
+        inv_freq: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, LayerKV]:
-        a, kv = self.attn(self.attn_norm(x), cache, rope)
+        a, kv = self.attn(self.attn_norm(x), cache, rope, mem, inv_freq)
         x = x + a
         x = x + self.ffn(self.ffn_norm(x))
         return x, kv
@@ -265,15 +359,25 @@ class Transformer(nn.Module):
         self,
         ids: torch.Tensor,  # (B, T) token ids
         cache: list[LayerKV] | None = None,  # previous segment's raw K/V per layer (XL cache)
+        memory: dict[int, MemoryRead] | None = None,  # layer index -> its memory read
     ) -> SegmentOutput:
         x = self.embed(ids)  # (B, T, C)
         cache_len = cache[0].length if cache else 0
         rope = self.rope(cache_len + ids.shape[1], ids.device)
         kvs: list[LayerKV] = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cache[i] if cache else None, rope)
+            mem = memory.get(i) if memory else None
+            x, kv = layer(x, cache[i] if cache else None, rope, mem, self.inv_freq)
             kvs.append(kv)
         return SegmentOutput(self.norm(x), kvs)
+
+    def add_memory_gates(self, layers: list[int], init: float) -> None:
+        """Give memory layers their per-head gate bias b_h (g = sigmoid(b_h)), if absent."""
+        for i in layers:
+            attn = self.layers[i].attn
+            if attn.mem_gate is None:
+                w = self.embed.weight
+                attn.mem_gate = nn.Parameter(torch.full((attn.n_heads,), float(init), device=w.device))
 
     def output_weight(self) -> torch.Tensor:  # (V, C)
         return self.embed.weight if self.head is None else self.head.weight
@@ -286,15 +390,21 @@ class Transformer(nn.Module):
         return self.logits(self.forward_segment(ids).hidden)
 
 
-def token_nll(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def token_nll(
+    model: Transformer, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024, rows: int = 8
+) -> torch.Tensor:
     """Per-token negative log-likelihood (N,) of `targets` (N,) given `hidden` (N, C).
 
-    The head runs in chunks so a long segment never holds a full (N, V) float32 logit matrix;
-    log-softmax runs in float32 whatever the model dtype.
+    The head runs on `chunk` rows at a time (big enough for an efficient GEMM; a full (N, V)
+    logit matrix is never held), then the float32 log-softmax runs `rows` rows at a time so its
+    working set (8 x 49152 x 4 B = 1.5 MB) stays in cache: the softmax is memory-bound, and this
+    measured 2.7x faster than one cross_entropy call over the chunk (bfloat16, 1024 tokens).
     """
     w = model.output_weight()
     out = []
     for s in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[s : s + chunk], w).float()  # (n, V)
-        out.append(F.cross_entropy(logits, targets[s : s + chunk], reduction="none"))
+        logits = F.linear(hidden[s : s + chunk], w)  # (n, V), model dtype
+        tgt = targets[s : s + chunk]
+        for r in range(0, logits.shape[0], rows):
+            out.append(F.cross_entropy(logits[r : r + rows].float(), tgt[r : r + rows], reduction="none"))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

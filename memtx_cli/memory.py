@@ -1,0 +1,231 @@
+"""kNN memory: per (memory layer, KV head) a FAISS index over keys, values aligned by id.
+
+A `LayerMemory` holds, for one memory layer and all its KV heads:
+- raw keys (no RoPE) and values in growable torch buffers, row r = entry id r;
+- absolute token positions per entry (for the `true` / `clamped` position schemes);
+- one FAISS index per KV head over the keys it is searched by, with explicit ids.
+
+Search is batched: all queries of a segment for all G query heads of a KV group go to that
+head's index in one call. The model only calls `retrieve`; it never sees FAISS.
+
+Index kinds (`--index`): `flat` (exact inner product, the reference), `ivf` (IVF with
+sqrt-scaled lists, trained once enough keys have arrived; exact search until then), `hnsw`
+(HNSW32), or any FAISS factory string (e.g. `IVF256,SQ8`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from memtx_cli.errors import MemtxError
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def check_index_kind(kind: str) -> None:
+    """Refuse an unknown index kind early, with the list of what works."""
+    if kind in INDEX_KINDS:
+        return
+    faiss = _faiss()
+    try:
+        faiss.index_factory(8, kind, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise MemtxError(
+            f"unknown index kind {kind!r}: use flat, ivf, hnsw or a FAISS factory string such as 'IVF256,Flat'"
+        ) from None
+
+
+@dataclass
+class IndexSpec:
+    kind: str = "flat"
+    nprobe: int = 32  # IVF lists searched per query (recall measured in benchmarks/recall)
+    ivf_train_at: int = 8192  # keys per head before IVF is trained; exact search until then
+    hnsw_ef: int = 64  # HNSW efSearch
+
+
+class HeadIndex:
+    """The FAISS index of one (layer, KV head), with ids = entry ids."""
+
+    def __init__(self, dim: int, spec: IndexSpec, use_gpu: bool = False) -> None:
+        self.dim, self.spec, self.use_gpu = dim, spec, use_gpu
+        self.index = None  # built lazily (IVF needs training data)
+        self.pending: list[np.ndarray] = []  # keys waiting for IVF training (searched exactly)
+        self.pending_ids: list[np.ndarray] = []
+        self._build_now()
+
+    def _factory(self, n_train: int) -> str:
+        kind = self.spec.kind
+        if kind == "flat":
+            return "IDMap2,Flat"
+        if kind == "hnsw":
+            return "IDMap2,HNSW32,Flat"
+        if kind == "ivf":
+            nlist = 1 << max(4, round(math.log2(4 * math.sqrt(max(n_train, 1)))))
+            return f"IVF{nlist},Flat"
+        return kind
+
+    def _needs_training(self) -> bool:
+        return self.spec.kind not in ("flat", "hnsw") and not self.spec.kind.startswith(("IDMap", "Flat", "HNSW"))
+
+    def _build_now(self) -> None:
+        if not self._needs_training():
+            self.index = self._make(self._factory(0))
+
+    def _make(self, factory: str):
+        faiss = _faiss()
+        idx = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if not _supports_ids(idx):
+            idx = faiss.IndexIDMap2(idx)
+        ivf = faiss.try_extract_index_ivf(idx)
+        if ivf is not None:
+            ivf.nprobe = self.spec.nprobe
+        hnsw = _find_hnsw(idx)
+        if hnsw is not None:
+            hnsw.hnsw.efSearch = self.spec.hnsw_ef
+        if self.use_gpu and hasattr(faiss, "StandardGpuResources"):
+            idx = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, idx)
+        return idx
+
+    @property
+    def ntotal(self) -> int:
+        return (self.index.ntotal if self.index is not None else 0) + sum(len(p) for p in self.pending)
+
+    def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
+        if self.index is not None:
+            self.index.add_with_ids(keys, ids)
+            return
+        self.pending.append(keys)
+        self.pending_ids.append(ids)
+        n = sum(len(p) for p in self.pending)
+        if n >= self.spec.ivf_train_at:
+            allk = np.concatenate(self.pending)
+            alli = np.concatenate(self.pending_ids)
+            self.index = self._make(self._factory(n))
+            self.index.train(allk)
+            self.index.add_with_ids(allk, alli)
+            self.pending, self.pending_ids = [], []
+
+    def search(self, queries: np.ndarray, k: int, all_keys: torch.Tensor) -> np.ndarray:
+        """ids (Q, k) of the top-k keys by inner product; -1 where fewer than k exist."""
+        if self.index is not None:
+            _, ids = self.index.search(queries, k)
+            return ids
+        # Untrained IVF: exact search over the pending keys (few by construction).
+        n = all_keys.shape[0]
+        scores = torch.from_numpy(queries) @ all_keys[:n].float().T  # (Q, N)
+        kk = min(k, n)
+        top = scores.topk(kk, dim=-1).indices.numpy()
+        if kk < k:
+            top = np.concatenate([top, -np.ones((top.shape[0], k - kk), dtype=top.dtype)], 1)
+        return top
+
+
+def _supports_ids(idx) -> bool:
+    faiss = _faiss()
+    return isinstance(idx, faiss.IndexIDMap | faiss.IndexIDMap2) or faiss.try_extract_index_ivf(idx) is not None
+
+
+def _find_hnsw(idx):
+    faiss = _faiss()
+    cur = idx
+    for _ in range(4):
+        down = faiss.downcast_index(cur)
+        if isinstance(down, faiss.IndexHNSW):
+            return down
+        if hasattr(down, "index"):
+            cur = down.index
+        else:
+            return None
+    return None
+
+
+class LayerMemory:
+    """Memory of one layer: all KV heads, raw keys + values + positions, one index per head."""
+
+    def __init__(
+        self,
+        n_kv: int,
+        head_dim: int,
+        spec: IndexSpec,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.n_kv, self.head_dim, self.spec = n_kv, head_dim, spec
+        self.device = torch.device(device)
+        self.n = 0
+        cap = 1024
+        self.keys = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)  # raw, no RoPE
+        self.values = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)
+        self.positions = torch.empty(cap, dtype=torch.long, device=self.device)
+        self.heads = [HeadIndex(head_dim, spec, use_gpu=self.device.type == "cuda") for _ in range(n_kv)]
+        self.search_seconds = 0.0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _grow(self, need: int) -> None:
+        cap = self.keys.shape[1]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            buf = torch.empty(self.n_kv, new, self.head_dim, dtype=old.dtype, device=old.device)
+            buf[:, : self.n] = old[:, : self.n]
+            setattr(self, name, buf)
+        pos = torch.empty(new, dtype=torch.long, device=self.device)
+        pos[: self.n] = self.positions[: self.n]
+        self.positions = pos
+
+    def add(
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, index_keys: torch.Tensor | None = None
+    ) -> None:
+        """Append entries. k, v: (KV, T, D) raw; positions (T,) absolute; index_keys: what the
+        index should hold (defaults to k; the `true` scheme passes keys rotated by position)."""
+        t = k.shape[1]
+        if t == 0:
+            return
+        self._grow(self.n + t)
+        self.keys[:, self.n : self.n + t] = k
+        self.values[:, self.n : self.n + t] = v
+        self.positions[self.n : self.n + t] = positions
+        ids = np.arange(self.n, self.n + t, dtype=np.int64)
+        ik = (index_keys if index_keys is not None else k).detach().float().cpu().numpy()
+        for h, head in enumerate(self.heads):
+            head.add(np.ascontiguousarray(ik[h]), ids)
+        self.n += t
+
+    def retrieve(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k entries for every query. q: (KV, Q, D) search vectors (Q = G*T: a GQA group's
+        queries share their head's index, one search call per head).
+
+        Returns raw keys (KV, Q, k, D), values (KV, Q, k, D), positions (KV, Q, k) and a
+        validity mask (KV, Q, k) (False where the memory holds fewer than k entries).
+        """
+        import time
+
+        t0 = time.perf_counter()
+        qn = q.detach().float().cpu().numpy()
+        ids = np.stack(
+            [self.heads[h].search(np.ascontiguousarray(qn[h]), k, self.keys[h, : self.n]) for h in range(self.n_kv)]
+        )  # (KV, Q, k)
+        self.search_seconds += time.perf_counter() - t0
+        idt = torch.from_numpy(ids).to(self.device)
+        valid = idt >= 0
+        idt = idt.clamp(min=0)
+        kv, nq, kk = idt.shape
+        flat = idt.reshape(kv, nq * kk)
+        gk = torch.stack([self.keys[h].index_select(0, flat[h]) for h in range(kv)]).view(kv, nq, kk, -1)
+        gv = torch.stack([self.values[h].index_select(0, flat[h]) for h in range(kv)]).view(kv, nq, kk, -1)
+        gp = self.positions.index_select(0, idt.reshape(-1)).view(kv, nq, kk)
+        return gk, gv, gp, valid

@@ -1,0 +1,127 @@
+"""Memorizing attention: exactness against full attention, the memory's bookkeeping, FAISS recall."""
+
+import numpy as np
+import pytest
+import torch
+
+from memtx_cli.config import Config
+from memtx_cli.engine import run_stream, stream_nll
+from memtx_cli.errors import MemtxError
+from memtx_cli.memory import IndexSpec, LayerMemory
+from test_model import naive_logits, nll_from_logits, window_mask
+
+
+def cfg(**kw):
+    base = dict(segment=8, memory=True, memory_layers="all", index="flat", top_k=1000, positions="true", sinks=0)
+    base.update(kw)
+    return Config(**base)
+
+
+@pytest.mark.parametrize("positions", ["true", "clamped"])
+@pytest.mark.parametrize("xl", [True, False])
+def test_memory_with_exact_search_equals_full_attention(tiny_model, positions, xl):
+    """Flat index, top-k >= memory size, true positions inside the trained context: window +
+    memory sees every earlier token at its real distance, so it IS full causal attention."""
+    torch.manual_seed(7)
+    ids = torch.randint(0, 300, (61,))
+    causal = torch.ones(61, 61, dtype=torch.bool).tril()
+    with torch.no_grad():
+        ref = nll_from_logits(naive_logits(tiny_model, ids, causal), ids)
+    got, streamer = run_stream(tiny_model, ids, cfg(positions=positions, xl_cache=xl))
+    assert streamer.memory_entries > 0
+    torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-5)
+
+
+def test_memory_off_equals_window_baseline(tiny_model):
+    torch.manual_seed(8)
+    ids = torch.randint(0, 300, (50,))
+    with torch.no_grad():
+        ref = nll_from_logits(naive_logits(tiny_model, ids, window_mask(50, 8)), ids)
+    got, streamer = run_stream(tiny_model, ids, cfg(memory=False))
+    assert streamer.memory_entries == 0
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(stream_nll(tiny_model, ids, 8).double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_small_top_k_and_fixed_positions_change_the_result(tiny_model):
+    torch.manual_seed(9)
+    ids = torch.randint(0, 300, (60,))
+    full, _ = run_stream(tiny_model, ids, cfg())
+    for c in (cfg(top_k=2), cfg(positions="fixed"), cfg(combine="gate")):
+        got, _ = run_stream(tiny_model, ids, c)
+        assert got.shape == full.shape and torch.isfinite(got).all()
+        assert not torch.allclose(got, full)
+    # The first two segments have no memory yet (query before add; XL cache holds the last one).
+    window, _ = run_stream(tiny_model, ids, cfg(memory=False))
+    torch.testing.assert_close(run_stream(tiny_model, ids, cfg(top_k=2))[0][:15], window[:15])
+
+
+def test_memory_layers_subset_and_entries(tiny_model):
+    ids = torch.randint(0, 300, (40,))
+    _, s = run_stream(tiny_model, ids, cfg(memory_layers="1"))
+    assert list(s.memories) == [1]
+    # 5 segments of 8 with an XL cache: segments 0-3 left the cache, the last one is still in it.
+    assert s.memory_entries == 32
+
+
+def test_sinks_stay_out_of_memory(tiny_model):
+    ids = torch.randint(0, 300, (40,))
+    _, s = run_stream(tiny_model, ids, cfg(memory_layers="0", sinks=3))
+    mem = s.memories[0]
+    assert len(mem) == 29 and int(mem.positions[: len(mem)].min()) == 3
+
+
+def test_values_stay_aligned_with_ids():
+    torch.manual_seed(10)
+    mem = LayerMemory(2, 16, IndexSpec("flat"))
+    keys = torch.randn(2, 300, 16)
+    vals = torch.randn(2, 300, 16)
+    for s in range(0, 300, 50):
+        mem.add(keys[:, s : s + 50], vals[:, s : s + 50], torch.arange(s, s + 50))
+    q = keys[:, [5, 123, 299]] * 10  # a key's own direction, scaled: it is its own top hit
+    gk, gv, gp, valid = mem.retrieve(q, 4)
+    assert valid.all()
+    for h in range(2):
+        assert gp[h, :, 0].tolist() == [5, 123, 299]
+        torch.testing.assert_close(gv[h, :, 0], vals[h, [5, 123, 299]])
+        torch.testing.assert_close(gk[h, :, 0], keys[h, [5, 123, 299]])
+
+
+def test_fewer_entries_than_k_are_masked():
+    mem = LayerMemory(1, 8, IndexSpec("flat"))
+    mem.add(torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.arange(3))
+    _, _, _, valid = mem.retrieve(torch.randn(1, 5, 8), 10)
+    assert valid.sum(-1).tolist() == [[3] * 5]
+
+
+def recall_at_k(spec, n=20000, d=64, k=32, seed=0):
+    rng = np.random.default_rng(seed)
+    keys = torch.from_numpy(rng.standard_normal((1, n, d)).astype(np.float32))
+    q = torch.from_numpy(rng.standard_normal((1, 256, d)).astype(np.float32))
+    exact = (q[0] @ keys[0].T).topk(k, -1).indices.numpy()
+    mem = LayerMemory(1, d, spec)
+    for s in range(0, n, 2000):
+        mem.add(keys[:, s : s + 2000], keys[:, s : s + 2000], torch.arange(s, s + 2000))
+    _, _, pos, _ = mem.retrieve(q, k)
+    got = pos[0].numpy()
+    return np.mean([len(set(a) & set(b)) / k for a, b in zip(got, exact, strict=True)])
+
+
+def test_flat_recall_is_exact():
+    assert recall_at_k(IndexSpec("flat")) == 1.0
+
+
+@pytest.mark.parametrize(
+    "spec,floor", [(IndexSpec("ivf", nprobe=64, ivf_train_at=4096), 0.6), (IndexSpec("hnsw", hnsw_ef=128), 0.6)]
+)
+def test_approximate_recall_on_random_keys(spec, floor):
+    """Random 64-d Gaussian keys are the worst case for ANN (no clusters); real model keys are
+    far easier (benchmarks/recall). This only guards against a broken index."""
+    r = recall_at_k(spec)
+    print(f"{spec.kind}: recall@32 = {r:.3f}")
+    assert r >= floor
+
+
+def test_unknown_index_kind(tiny_model):
+    with pytest.raises(MemtxError, match="unknown index kind"):
+        run_stream(tiny_model, torch.randint(0, 300, (20,)), cfg(index="NoSuchIndex"))
