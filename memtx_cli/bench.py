@@ -145,3 +145,153 @@ def run_throughput(
         "repeats": repeats,
         "rows": rows,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: quality (window / memory / full) and cost, on real documents of three genres
+
+CORPUS = REPO.parent / "shared/corpus"
+GENRE_DOCS = {
+    "book": "books/austen_persuasion.txt",
+    "code": "code/lua54_interpreter_repo.c.txt",
+    "legal": "legal/spdx_license_list_texts.txt",
+}
+
+
+def run_memory_bench(
+    lengths: list[int],
+    genres: list[str],
+    cfg: Any,
+    model: str | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    """Perplexity and tokens/s of window-only vs memory (and full attention up to the trained
+    context) on the first N tokens of a document per genre; `cfg` holds the memory settings."""
+    import dataclasses
+    import math
+
+    from memtx_cli.engine import run_stream
+
+    lm = load_model(model or cfg.model, device=cfg.device, dtype=cfg.dtype)
+    rows = []
+    for genre in genres:
+        if genre not in GENRE_DOCS:
+            raise MemtxError(f"unknown genre {genre!r} (use {', '.join(GENRE_DOCS)})")
+        path = CORPUS / GENRE_DOCS[genre]
+        if not path.is_file():
+            raise MemtxError(f"{path} not found: the memory benchmark reads ../shared/corpus")
+        all_ids = lm.tokenizer.encode(path.read_text(encoding="utf-8"))
+        for n in lengths:
+            if n > len(all_ids):
+                log(f"{genre}: only {len(all_ids)} tokens, skipping {n}")
+                continue
+            ids = torch.tensor(all_ids[:n], device=lm.device)
+            row: dict[str, Any] = {"genre": genre, "doc": path.name, "tokens": n}
+            for name, c in (
+                ("window", dataclasses.replace(cfg, memory=False)),
+                ("memory", dataclasses.replace(cfg, memory=True)),
+            ):
+                t = time.perf_counter()
+                nll, st = run_stream(lm.model, ids, c)
+                sec = time.perf_counter() - t
+                row[f"ppl_{name}"] = float(nll.double().mean().exp())
+                row[f"tokens_per_s_{name}"] = n / sec
+                if name == "memory":
+                    row["retrieval_seconds"] = st.retrieval_seconds
+                    row["memory_seconds"] = sec
+            row["memory_cost"] = 1 - row["tokens_per_s_memory"] / row["tokens_per_s_window"]
+            if n <= lm.args.context_length:
+                nll = full_nll(lm.model, ids, lm.args.context_length)
+                row["ppl_full"] = float(nll.double().mean().exp())
+                lw, lmem, lf = (math.log(row[k]) for k in ("ppl_window", "ppl_memory", "ppl_full"))
+                row["gap_recovered"] = (lw - lmem) / (lw - lf) if lw != lf else float("nan")
+            log(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            rows.append(row)
+    return {
+        "model": lm.name,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "settings": cfg.memory_settings(),
+        "rows": rows,
+    }
+
+
+def run_recall(
+    tokens: int,
+    genre: str,
+    kinds: list[str],
+    cfg: Any,
+    k: int = 32,
+    model: str | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    """recall@k of approximate indexes against exact search, on real keys and queries.
+
+    Streams `tokens` tokens of a real document with exact (flat) memory, records the search
+    vectors of the last segment's queries, then searches the same keys with each index kind.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from memtx_cli.engine import Streamer
+    from memtx_cli.memory import HeadIndex, IndexSpec
+    from memtx_cli.model import rotate_by
+
+    lm = load_model(model or cfg.model, device=cfg.device, dtype=cfg.dtype)
+    text = (CORPUS / GENRE_DOCS[genre]).read_text(encoding="utf-8")
+    ids = torch.tensor(lm.tokenizer.encode(text)[:tokens], device=lm.device)
+    c = dataclasses.replace(cfg, memory=True, index="flat")
+    st = Streamer(lm.model, c)
+    seg = c.segment
+    with torch.inference_mode():
+        for s in range(0, len(ids) - seg, seg):
+            st.step(ids[s : s + seg])
+        recorded: dict[int, torch.Tensor] = {}
+        for i, mem in st.memories.items():
+            orig = mem.retrieve
+
+            def rec(q: torch.Tensor, kk: int, i: int = i, orig: Any = orig) -> Any:
+                recorded[i] = q.detach().float().cpu()
+                return orig(q, kk)
+
+            mem.retrieve = rec  # type: ignore[method-assign]
+        st.step(ids[len(ids) - seg :])
+    rows = []
+    for kind in kinds:
+        spec = IndexSpec(kind=kind, nprobe=cfg.nprobe)
+        recalls, build_s, search_s, nq = [], 0.0, 0.0, 0
+        for i, mem in st.memories.items():
+            q = recorded[i]
+            for h in range(mem.n_kv):
+                keys_t = mem.keys[h, : len(mem)].float()
+                if cfg.positions == "true":  # the index holds keys rotated by their positions
+                    keys_t = rotate_by(keys_t, lm.model.inv_freq, mem.positions[: len(mem)])
+                keys = keys_t.cpu().numpy()
+                qh = np.ascontiguousarray(q[h].numpy())
+                exact = mem.heads[h].search(qh, k, mem.keys[h, : len(mem)])
+                t = time.perf_counter()
+                idx = HeadIndex(mem.head_dim, dataclasses.replace(spec, ivf_train_at=min(len(keys), spec.ivf_train_at)))
+                idx.add(np.ascontiguousarray(keys), np.arange(len(keys), dtype=np.int64))
+                build_s += time.perf_counter() - t
+                t = time.perf_counter()
+                got = idx.search(qh, k, mem.keys[h, : len(mem)])
+                search_s += time.perf_counter() - t
+                nq += len(qh)
+                recalls.append(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, exact, strict=True)]))
+        row = {
+            "index": kind,
+            "recall": float(np.mean(recalls)),
+            "build_seconds": build_s,
+            "queries_per_s": nq / search_s if search_s else float("nan"),
+        }
+        log(f"{kind}: recall@{k} {row['recall']:.3f}, build {build_s:.2f} s, {row['queries_per_s']:,.0f} queries/s")
+        rows.append(row)
+    return {
+        "genre": genre,
+        "tokens": tokens,
+        "entries_per_head": len(next(iter(st.memories.values()))),
+        "layers": list(st.memories),
+        "positions": cfg.positions,
+        "k": k,
+        "rows": rows,
+    }

@@ -186,16 +186,81 @@ def build_config(config_file: str | None, model: str | None, flags: dict[str, An
 # Commands
 
 
+def memory_flags(
+    memory: bool | None,
+    memory_layers: str | None,
+    top_k: int | None,
+    index: str | None,
+    nprobe: int | None,
+    combine: str | None,
+    gate_init: float | None,
+    positions: str | None,
+    mem_distance: int | None,
+    sinks: int | None,
+) -> dict[str, Any]:
+    return {
+        "memory": memory,
+        "memory_layers": memory_layers,
+        "top_k": top_k,
+        "index": index,
+        "nprobe": nprobe,
+        "combine": combine,
+        "gate_init": gate_init,
+        "positions": positions,
+        "mem_distance": mem_distance,
+        "sinks": sinks,
+    }
+
+
+MemoryOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--memory/--no-memory",
+        help="kNN memory of the document's own past. --no-memory: the sliding-window baseline. Default: on.",
+    ),
+]
+LayersOpt = Annotated[str | None, typer.Option("--memory-layers", help="Memory layers: all, 8,16,24 or 10-19.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Memories retrieved per query. Default: 32.")]
+IndexOpt = Annotated[str | None, typer.Option("--index", help="flat (exact), ivf, hnsw or a FAISS factory string.")]
+NprobeOpt = Annotated[int | None, typer.Option(help="IVF lists searched per query.")]
+CombineOpt = Annotated[
+    str | None, typer.Option(help="joint (one softmax over local + memory) or gate (paper's sigmoid gate).")
+]
+GateOpt = Annotated[float | None, typer.Option("--gate-init", help="Initial gate bias b (g = sigmoid(b)).")]
+PositionsOpt = Annotated[str | None, typer.Option(help="Memory positions: fixed, true or clamped.")]
+DistanceOpt = Annotated[
+    int | None, typer.Option("--mem-distance", help="fixed: distance memories sit at; clamped: the cap. 0 = auto.")
+]
+SinksOpt = Annotated[int | None, typer.Option(help="First tokens of the document kept visible in every window.")]
+
+
 @app.command()
 @handle_errors
 def score(
     file: Annotated[str, typer.Argument(help="Text file to score, or - for stdin.")],
     model: ModelOpt = None,
+    memory: MemoryOpt = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Run with and without memory; print both and the difference.")
+    ] = False,
+    curve: Annotated[
+        bool, typer.Option("--curve", help="Per-segment perplexity as JSON lines on stdout, before the summary.")
+    ] = False,
+    memory_layers: LayersOpt = None,
+    top_k: TopKOpt = None,
+    index: IndexOpt = None,
+    nprobe: NprobeOpt = None,
+    combine: CombineOpt = None,
+    gate_init: GateOpt = None,
+    positions: PositionsOpt = None,
+    mem_distance: DistanceOpt = None,
+    sinks: SinksOpt = None,
     segment: Annotated[int | None, typer.Option(help="Segment length in tokens. Default: 512.")] = None,
     context: Annotated[
         str | None,
         typer.Option(
-            help="window (segments + XL cache) or full (causal attention up to the trained context). Default: window."
+            help="window (segments + XL cache + memory) or full (causal attention up to the trained context). "
+            "Default: window."
         ),
     ] = None,
     xl_cache: Annotated[
@@ -209,7 +274,8 @@ def score(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Perplexity of a document, streamed segment by segment."""
+    """Perplexity of a document streamed segment by segment, with memory of its own past."""
+    import dataclasses
     import time
 
     from memtx_cli.reader import read_document
@@ -217,53 +283,103 @@ def score(
     doc = read_document(file)  # bad input fails before the model loads
     for w in doc.warnings:
         log(f"memtx: warning: {w}", quiet)
-    cfg = build_config(
-        config,
-        model,
-        {
-            "segment": segment,
-            "context": context,
-            "xl_cache": xl_cache,
-            "max_tokens": max_tokens,
-            "device": device,
-            "dtype": dtype,
-            "threads": threads,
-        },
-    )
-    from memtx_cli.engine import score_text
+    flags = {
+        "segment": segment,
+        "context": context,
+        "xl_cache": xl_cache,
+        "max_tokens": max_tokens,
+        "device": device,
+        "dtype": dtype,
+        "threads": threads,
+        **memory_flags(memory, memory_layers, top_k, index, nprobe, combine, gate_init, positions, mem_distance, sinks),
+    }
+    cfg = build_config(config, model, flags)
+    from memtx_cli.engine import score_ids, tokenize_for_scoring
     from memtx_cli.runtime import load_model
 
     t0 = time.perf_counter()
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
     load_s = time.perf_counter() - t0
-    with progress_bar("scoring", show_progress(quiet)) as cb:
-        res = score_text(lm, doc.text, cfg, cb)
-    out = {
+    ids, n_bytes = tokenize_for_scoring(lm, doc.text, cfg.max_tokens)
+    runs = (
+        {"memory": dataclasses.replace(cfg, memory=True), "window": dataclasses.replace(cfg, memory=False)}
+        if compare
+        else {"main": cfg}
+    )
+    results = {}
+    for name, c in runs.items():
+        with progress_bar(f"scoring ({name})" if compare else "scoring", show_progress(quiet)) as cb:
+            results[name] = score_ids(lm, ids, n_bytes, c, cb)
+    base = {
         "file": doc.name,
         "model": lm.name,
-        **res.to_dict(),
         "dtype": lm.describe()["dtype"],
         "device": str(lm.device),
         "segment": cfg.segment if cfg.context == "window" else lm.args.context_length,
         "xl_cache": cfg.xl_cache,
         "load_seconds": load_s,
     }
+    if curve:
+        seg = base["segment"]
+        curves = {name: r.curve(seg) for name, r in results.items()}
+        first = next(iter(curves.values()))
+        for i, row in enumerate(first):
+            if compare:
+                row = {
+                    "segment": row["segment"],
+                    "start": row["start"],
+                    "tokens": row["tokens"],
+                    **{f"{k}_{n}": curves[n][i][k] for n in curves for k in ("nll", "ppl")},
+                }
+            print_json(row)
+    if compare:
+        m, w = results["memory"], results["window"]
+        out = {
+            **base,
+            "memory": m.to_dict(),
+            "window": w.to_dict(),
+            "nll_delta": m.nll - w.nll,
+            "ppl_ratio": m.ppl / w.ppl,
+        }
+        if as_json:
+            print_json(out)
+            return
+        print_table(
+            f"memtx score --compare: {doc.name}",
+            [
+                ("model", f"{lm.name} ({base['dtype']}, {base['device']})"),
+                ("tokens", f"{m.tokens:,}"),
+                ("perplexity, window only", f"{w.ppl:.4f}"),
+                ("perplexity, with memory", f"{m.ppl:.4f}"),
+                ("memory / window", f"{m.ppl / w.ppl:.3f} ({100 * (m.ppl / w.ppl - 1):+.1f}%)"),
+                ("bits per byte (window -> memory)", f"{w.bits_per_byte:.4f} -> {m.bits_per_byte:.4f}"),
+                ("tokens/s (window, memory)", f"{w.tokens_per_s:,.0f}, {m.tokens_per_s:,.0f}"),
+                ("memory entries", f"{m.memory_entries:,}"),
+                ("retrieval seconds", f"{m.retrieval_seconds:.2f}"),
+            ],
+        )
+        return
+    res = results["main"]
+    out = {**base, **res.to_dict()}
     if as_json:
         print_json(out)
         return
+    mem_desc = ""
+    if res.memory:
+        mm = res.memory
+        mem_desc = (
+            f", memory: layers {mm['memory_layers']}, top-{mm['top_k']} {mm['index']}, {mm['positions']} positions"
+        )
     print_table(
         f"memtx score: {doc.name}",
         [
-            ("model", f"{lm.name} ({out['dtype']}, {out['device']})"),
-            (
-                "mode",
-                f"{res.mode} (segment {out['segment']}{', XL cache' if cfg.xl_cache and res.mode == 'window' else ''})",
-            ),
+            ("model", f"{lm.name} ({base['dtype']}, {base['device']})"),
+            ("mode", f"{res.mode} (segment {base['segment']}{mem_desc})"),
             ("tokens", f"{res.tokens:,}"),
             ("mean NLL (nats)", f"{res.nll:.4f}"),
             ("perplexity", f"{res.ppl:.4f}"),
             ("bits per byte", f"{res.bits_per_byte:.4f}"),
-            ("seconds", f"{res.seconds:.2f} (+{load_s:.1f} load)"),
+            ("seconds", f"{res.seconds:.2f} (+{load_s:.1f} load; {res.retrieval_seconds:.2f} retrieval)"),
             ("tokens/s", f"{res.tokens_per_s:,.0f}"),
         ],
     )
@@ -375,6 +491,109 @@ def bench_throughput(
             f"{r['ppl_full']:.4f}",
         )
     Console(soft_wrap=True).print(t)
+
+
+@bench_app.command("memory")
+@handle_errors
+def bench_memory(
+    lengths: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "8192,32768,65536",
+    genres: Annotated[str, typer.Option(help="Comma-separated: book, code, legal.")] = "book,code,legal",
+    model: ModelOpt = None,
+    memory_layers: LayersOpt = None,
+    top_k: TopKOpt = None,
+    index: IndexOpt = None,
+    nprobe: NprobeOpt = None,
+    combine: CombineOpt = None,
+    positions: PositionsOpt = None,
+    mem_distance: DistanceOpt = None,
+    sinks: SinksOpt = None,
+    dtype: DtypeOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Perplexity window-only vs memory vs full attention, and the cost of memory, on real text."""
+    from memtx_cli.bench import run_memory_bench
+
+    flags = {
+        "dtype": dtype,
+        **memory_flags(None, memory_layers, top_k, index, nprobe, combine, None, positions, mem_distance, sinks),
+    }
+    cfg = build_config(config, model, flags)
+    res = run_memory_bench([int(x) for x in lengths.split(",")], genres.split(","), cfg, log=lambda m: log(m, quiet))
+    if as_json:
+        print_json(res)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    st = res["settings"]
+    t = Table(
+        title=f"memory benchmark ({res['dtype']}): layers {st['memory_layers']}, top-{st['top_k']} {st['index']}, "
+        f"{st['positions']} positions, sinks {st['sinks']}"
+    )
+    for col in (
+        "genre",
+        "tokens",
+        "ppl window",
+        "ppl memory",
+        "ppl full",
+        "gap recovered",
+        "tok/s window",
+        "tok/s memory",
+        "cost",
+        "retrieval s",
+    ):
+        t.add_column(col, justify="right")
+    for r in res["rows"]:
+        t.add_row(
+            r["genre"],
+            f"{r['tokens']:,}",
+            f"{r['ppl_window']:.3f}",
+            f"{r['ppl_memory']:.3f}",
+            f"{r['ppl_full']:.3f}" if "ppl_full" in r else "-",
+            f"{100 * r['gap_recovered']:.0f}%" if "gap_recovered" in r else "-",
+            f"{r['tokens_per_s_window']:,.0f}",
+            f"{r['tokens_per_s_memory']:,.0f}",
+            f"{100 * r['memory_cost']:.0f}%",
+            f"{r['retrieval_seconds']:.1f}",
+        )
+    Console(soft_wrap=True).print(t)
+
+
+@bench_app.command("recall")
+@handle_errors
+def bench_recall(
+    tokens: Annotated[int, typer.Option(help="Tokens streamed into memory before the query segment.")] = 32768,
+    genre: Annotated[str, typer.Option(help="book, code or legal.")] = "code",
+    kinds: Annotated[
+        str, typer.Option(help="Comma-separated index kinds to compare with exact search.")
+    ] = "ivf,hnsw,IVF256,SQ8",
+    k: Annotated[int, typer.Option(help="recall@k.")] = 32,
+    model: ModelOpt = None,
+    memory_layers: LayersOpt = None,
+    nprobe: NprobeOpt = None,
+    positions: PositionsOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """recall@k of approximate FAISS indexes against exact search, on real keys from the model."""
+    from memtx_cli.bench import run_recall
+
+    flags = memory_flags(None, memory_layers, None, None, nprobe, None, None, positions, None, None)
+    cfg = build_config(config, model, flags)
+    res = run_recall(tokens, genre, kinds.split(";"), cfg, k=k, log=lambda m: log(m, quiet))
+    if as_json:
+        print_json(res)
+        return
+    print_table(
+        f"recall@{k} vs exact, {res['entries_per_head']:,} real keys per head ({genre}, layers {res['layers']})",
+        [
+            (r["index"], f"{r['recall']:.3f} ({r['queries_per_s']:,.0f} queries/s, build {r['build_seconds']:.1f} s)")
+            for r in res["rows"]
+        ],
+    )
 
 
 def main() -> None:

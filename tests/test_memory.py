@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from test_model import naive_logits, nll_from_logits, window_mask
 
 from memtx_cli.config import Config
 from memtx_cli.engine import run_stream, stream_nll
 from memtx_cli.errors import MemtxError
 from memtx_cli.memory import IndexSpec, LayerMemory
-from test_model import naive_logits, nll_from_logits, window_mask
 
 
 def cfg(**kw):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import tiny_args
 
 from memtx_cli.engine import full_nll, stream_nll
-from memtx_cli.model import apply_rope, grouped_attention, rope_cos_sin
+from memtx_cli.model import apply_rope, grouped_attention, local_bias, rope_cos_sin
 from memtx_cli.runtime import build_model
 from memtx_cli.weights import _unpermute
 
@@ -82,11 +82,11 @@ def test_grouped_attention_equals_repeated_heads():
     v = torch.randn(2, 2, 9, 8)
     mask = torch.arange(9)[None, :] <= torch.arange(5)[:, None] + 4  # query i sits at key 4 + i
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
-    torch.testing.assert_close(grouped_attention(q, k, v), ref)
+    torch.testing.assert_close(grouped_attention(q, k, v, local_bias(5, 9, q.dtype, q.device)), ref)
     causal_ref = F.scaled_dot_product_attention(
         q, k[:, :, :5].repeat_interleave(3, 1), v[:, :, :5].repeat_interleave(3, 1), is_causal=True
     )
-    torch.testing.assert_close(grouped_attention(q, k[:, :, :5], v[:, :, :5]), causal_ref)
+    torch.testing.assert_close(grouped_attention(q, k[:, :, :5], v[:, :, :5], None), causal_ref)
 
 
 def test_rope_is_relative():
