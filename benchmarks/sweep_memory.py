@@ -30,14 +30,14 @@ SETTINGS = {
     "window": dict(memory=False),
     "window+sinks4": dict(memory=False, sinks=4),
     "all/fixed": dict(memory_layers="all", positions="fixed"),
-    "all/true": dict(memory_layers="all", positions="true"),
-    "all/clamped": dict(memory_layers="all", positions="clamped"),
     "all/fixed+sinks4": dict(memory_layers="all", positions="fixed", sinks=4),
+    "all/true+sinks4": dict(memory_layers="all", positions="true", sinks=4),
     "all/clamped+sinks4": dict(memory_layers="all", positions="clamped", sinks=4),
-    "8,16,24/clamped": dict(memory_layers="8,16,24", positions="clamped"),
-    "every3/clamped": dict(memory_layers="2,5,8,11,14,17,20,23,26,29", positions="clamped"),
-    "0-14/clamped": dict(memory_layers="0-14", positions="clamped"),
-    "15-29/clamped": dict(memory_layers="15-29", positions="clamped"),
+    "every3/clamped+sinks4": dict(memory_layers="2,5,8,11,14,17,20,23,26,29", positions="clamped", sinks=4),
+    "8,16,24/clamped+sinks4": dict(memory_layers="8,16,24", positions="clamped", sinks=4),
+    "0-14/clamped+sinks4": dict(memory_layers="0-14", positions="clamped", sinks=4),
+    "15-29/clamped+sinks4": dict(memory_layers="15-29", positions="clamped", sinks=4),
+    "every3/fixed+sinks4": dict(memory_layers="2,5,8,11,14,17,20,23,26,29", positions="fixed", sinks=4),
 }
 
 

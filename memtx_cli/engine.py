@@ -51,9 +51,9 @@ class Streamer:
             model.add_memory_gates(self.layers, cfg.gate_init)
         dev = model.embed.weight.device
         spec = IndexSpec(kind=cfg.index, nprobe=cfg.nprobe)
-        self.memories = {
-            i: LayerMemory(a.n_kv_heads, a.head_dim, spec, model.embed.weight.dtype, dev) for i in self.layers
-        }
+        rotated = cfg.positions != "fixed"  # true / clamped score memories at real distances
+        wdt = model.embed.weight.dtype
+        self.memories = {i: LayerMemory(a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated) for i in self.layers}
         # Where memories sit (fixed) / the largest distance used (clamped): just outside the
         # local window by default, i.e. the window's span (sinks + cache + segment).
         window = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
@@ -111,10 +111,8 @@ class Streamer:
         pos = torch.arange(start + skip, start + n, device=leaving[0].k.device)
         for i, mem in self.memories.items():
             k, v = leaving[i].k[0, :, skip:], leaving[i].v[0, :, skip:]  # (KV, n, D)
-            index_keys = (
-                rotate_by(k, self.model.inv_freq, pos.expand(k.shape[0], -1)) if self.cfg.positions == "true" else None
-            )
-            mem.add(k, v, pos, index_keys)
+            rk = rotate_by(k, self.model.inv_freq, pos.expand(k.shape[0], -1)) if mem.rkeys is not None else None
+            mem.add(k, v, pos, rk, index_rotated=self.cfg.positions == "true")
 
 
 @torch.inference_mode()

@@ -149,6 +149,17 @@ def _find_hnsw(idx):
     return None
 
 
+@dataclass
+class Retrieved:
+    """The top-k memories of every query: (KV, Q, k, D) tensors, (KV, Q, k) positions/valid."""
+
+    keys: torch.Tensor  # raw keys
+    rkeys: torch.Tensor | None  # keys rotated by their absolute positions (true / clamped)
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor  # False where the memory holds fewer than k entries
+
+
 class LayerMemory:
     """Memory of one layer: all KV heads, raw keys + values + positions, one index per head."""
 
@@ -159,6 +170,7 @@ class LayerMemory:
         spec: IndexSpec,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        rotated: bool = False,
     ) -> None:
         self.n_kv, self.head_dim, self.spec = n_kv, head_dim, spec
         self.device = torch.device(device)
@@ -166,6 +178,9 @@ class LayerMemory:
         cap = 1024
         self.keys = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)  # raw, no RoPE
         self.values = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)
+        # Keys rotated by their absolute positions (true / clamped schemes): scoring a retrieved
+        # memory at its real distance is then one dot product, no per-pair RoPE.
+        self.rkeys = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device) if rotated else None
         self.positions = torch.empty(cap, dtype=torch.long, device=self.device)
         self.heads = [HeadIndex(head_dim, spec, use_gpu=self.device.type == "cuda") for _ in range(n_kv)]
         self.search_seconds = 0.0
@@ -178,8 +193,10 @@ class LayerMemory:
         if need <= cap:
             return
         new = max(need, 2 * cap)
-        for name in ("keys", "values"):
+        for name in ("keys", "values", "rkeys"):
             old = getattr(self, name)
+            if old is None:
+                continue
             buf = torch.empty(self.n_kv, new, self.head_dim, dtype=old.dtype, device=old.device)
             buf[:, : self.n] = old[:, : self.n]
             setattr(self, name, buf)
@@ -188,10 +205,16 @@ class LayerMemory:
         self.positions = pos
 
     def add(
-        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, index_keys: torch.Tensor | None = None
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotated_k: torch.Tensor | None = None,
+        index_rotated: bool = False,
     ) -> None:
-        """Append entries. k, v: (KV, T, D) raw; positions (T,) absolute; index_keys: what the
-        index should hold (defaults to k; the `true` scheme passes keys rotated by position)."""
+        """Append entries. k, v: (KV, T, D) raw; positions (T,) absolute; rotated_k: k rotated
+        by `positions` (kept when the memory was made with rotated=True); index_rotated: the
+        index holds rotated_k instead of k (the `true` scheme)."""
         t = k.shape[1]
         if t == 0:
             return
@@ -199,19 +222,17 @@ class LayerMemory:
         self.keys[:, self.n : self.n + t] = k
         self.values[:, self.n : self.n + t] = v
         self.positions[self.n : self.n + t] = positions
+        if self.rkeys is not None:
+            self.rkeys[:, self.n : self.n + t] = rotated_k
         ids = np.arange(self.n, self.n + t, dtype=np.int64)
-        ik = (index_keys if index_keys is not None else k).detach().float().cpu().numpy()
+        ik = (rotated_k if index_rotated else k).detach().float().cpu().numpy()
         for h, head in enumerate(self.heads):
             head.add(np.ascontiguousarray(ik[h]), ids)
         self.n += t
 
-    def retrieve(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def retrieve(self, q: torch.Tensor, k: int) -> Retrieved:
         """Top-k entries for every query. q: (KV, Q, D) search vectors (Q = G*T: a GQA group's
-        queries share their head's index, one search call per head).
-
-        Returns raw keys (KV, Q, k, D), values (KV, Q, k, D), positions (KV, Q, k) and a
-        validity mask (KV, Q, k) (False where the memory holds fewer than k entries).
-        """
+        queries share their head's index, one search call per head)."""
         import time
 
         t0 = time.perf_counter()
@@ -224,8 +245,17 @@ class LayerMemory:
         valid = idt >= 0
         idt = idt.clamp(min=0)
         kv, nq, kk = idt.shape
-        flat = idt.reshape(kv, nq * kk)
-        gk = torch.stack([self.keys[h].index_select(0, flat[h]) for h in range(kv)]).view(kv, nq, kk, -1)
-        gv = torch.stack([self.values[h].index_select(0, flat[h]) for h in range(kv)]).view(kv, nq, kk, -1)
-        gp = self.positions.index_select(0, idt.reshape(-1)).view(kv, nq, kk)
-        return gk, gv, gp, valid
+        cap = self.keys.shape[1]
+        # One index_select per buffer: row h*cap + id of the (KV*cap, D) view is head h's entry id.
+        flat = (idt + torch.arange(kv, device=self.device).view(kv, 1, 1) * cap).reshape(-1)
+
+        def gather(buf: torch.Tensor) -> torch.Tensor:  # (KV, cap, D) -> (KV, Q, k, D)
+            return buf.view(kv * cap, -1).index_select(0, flat).view(kv, nq, kk, -1)
+
+        return Retrieved(
+            keys=gather(self.keys),
+            rkeys=gather(self.rkeys) if self.rkeys is not None else None,
+            values=gather(self.values),
+            positions=self.positions.index_select(0, idt.reshape(-1)).view(kv, nq, kk),
+            valid=valid,
+        )

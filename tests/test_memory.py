@@ -79,19 +79,19 @@ def test_values_stay_aligned_with_ids():
     for s in range(0, 300, 50):
         mem.add(keys[:, s : s + 50], vals[:, s : s + 50], torch.arange(s, s + 50))
     q = keys[:, [5, 123, 299]] * 10  # a key's own direction, scaled: it is its own top hit
-    gk, gv, gp, valid = mem.retrieve(q, 4)
-    assert valid.all()
+    got = mem.retrieve(q, 4)
+    assert got.valid.all()
     for h in range(2):
-        assert gp[h, :, 0].tolist() == [5, 123, 299]
-        torch.testing.assert_close(gv[h, :, 0], vals[h, [5, 123, 299]])
-        torch.testing.assert_close(gk[h, :, 0], keys[h, [5, 123, 299]])
+        assert got.positions[h, :, 0].tolist() == [5, 123, 299]
+        torch.testing.assert_close(got.values[h, :, 0], vals[h, [5, 123, 299]])
+        torch.testing.assert_close(got.keys[h, :, 0], keys[h, [5, 123, 299]])
 
 
 def test_fewer_entries_than_k_are_masked():
     mem = LayerMemory(1, 8, IndexSpec("flat"))
     mem.add(torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.arange(3))
-    _, _, _, valid = mem.retrieve(torch.randn(1, 5, 8), 10)
-    assert valid.sum(-1).tolist() == [[3] * 5]
+    got = mem.retrieve(torch.randn(1, 5, 8), 10)
+    assert got.valid.sum(-1).tolist() == [[3] * 5]
 
 
 def recall_at_k(spec, n=20000, d=64, k=32, seed=0):
@@ -102,8 +102,7 @@ def recall_at_k(spec, n=20000, d=64, k=32, seed=0):
     mem = LayerMemory(1, d, spec)
     for s in range(0, n, 2000):
         mem.add(keys[:, s : s + 2000], keys[:, s : s + 2000], torch.arange(s, s + 2000))
-    _, _, pos, _ = mem.retrieve(q, k)
-    got = pos[0].numpy()
+    got = mem.retrieve(q, k).positions[0].numpy()
     return np.mean([len(set(a) & set(b)) / k for a, b in zip(got, exact, strict=True)])
 
 
