@@ -34,7 +34,7 @@ SETTINGS = {
     "all/true+sinks4": dict(memory_layers="all", positions="true", sinks=4),
     "all/clamped+sinks4": dict(memory_layers="all", positions="clamped", sinks=4),
     "every3/clamped+sinks4": dict(memory_layers="2,5,8,11,14,17,20,23,26,29", positions="clamped", sinks=4),
-    "8,16,24/clamped+sinks4": dict(memory_layers="8,16,24", positions="clamped", sinks=4),
+    "8-16-24/clamped+sinks4": dict(memory_layers="8,16,24", positions="clamped", sinks=4),
     "0-14/clamped+sinks4": dict(memory_layers="0-14", positions="clamped", sinks=4),
     "15-29/clamped+sinks4": dict(memory_layers="15-29", positions="clamped", sinks=4),
     "every3/fixed+sinks4": dict(memory_layers="2,5,8,11,14,17,20,23,26,29", positions="fixed", sinks=4),
@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--docs", default=",".join(DOCS))
-    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--settings", default=";".join(SETTINGS))
     ap.add_argument("--full", action="store_true", help="also full attention (N <= trained context)")
     ap.add_argument("--dtype", default="auto")
     a = ap.parse_args()
@@ -59,7 +59,7 @@ def main() -> None:
             row = {"doc": genre, "setting": "full", "tokens": len(ids), "ppl": float(nll.double().mean().exp()),
                    "tokens_per_s": len(ids) / (time.perf_counter() - t)}
             print(json.dumps(row), flush=True)
-        for name in a.settings.split(","):
+        for name in a.settings.split(";"):
             cfg = replace(Config(), **SETTINGS[name])
             t = time.perf_counter()
             nll, st = run_stream(lm.model, ids, cfg)

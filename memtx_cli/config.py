@@ -43,6 +43,7 @@ class Config:
     gate_init: float = 0.0  # initial gate bias b_h: g = sigmoid(b_h) = 0.5
     positions: str = "fixed"  # memory position scheme: fixed | true | clamped
     mem_distance: int = 0  # fixed: distance memories sit at; clamped: cap (0 = auto)
+    shared_search: bool = False  # one search per token per GQA group instead of per query head
     sinks: int = 0  # first tokens of a document kept visible in every window (StreamingLLM)
 
     def __post_init__(self) -> None:

@@ -87,7 +87,9 @@ class Streamer:
         t = ids.shape[0]
         q_pos = torch.arange(self.pos, self.pos + t, device=ids.device)
         reads = {
-            i: MemoryRead(m, self.cfg.top_k, q_pos, self.cfg.positions, self.distance, self.cfg.combine)
+            i: MemoryRead(
+                m, self.cfg.top_k, q_pos, self.cfg.positions, self.distance, self.cfg.combine, self.cfg.shared_search
+            )
             for i, m in self.memories.items()
         }
         res = self.model.forward_segment(ids[None], self._local_cache(), reads or None)

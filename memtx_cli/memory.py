@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from memtx_cli.errors import MemtxError
+from memtx_cli.model import Retrieval
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
@@ -149,17 +150,6 @@ def _find_hnsw(idx):
     return None
 
 
-@dataclass
-class Retrieved:
-    """The top-k memories of every query: (KV, Q, k, D) tensors, (KV, Q, k) positions/valid."""
-
-    keys: torch.Tensor  # raw keys
-    rkeys: torch.Tensor | None  # keys rotated by their absolute positions (true / clamped)
-    values: torch.Tensor
-    positions: torch.Tensor
-    valid: torch.Tensor  # False where the memory holds fewer than k entries
-
-
 class LayerMemory:
     """Memory of one layer: all KV heads, raw keys + values + positions, one index per head."""
 
@@ -230,7 +220,7 @@ class LayerMemory:
             head.add(np.ascontiguousarray(ik[h]), ids)
         self.n += t
 
-    def retrieve(self, q: torch.Tensor, k: int) -> Retrieved:
+    def retrieve(self, q: torch.Tensor, k: int) -> Retrieval:
         """Top-k entries for every query. q: (KV, Q, D) search vectors (Q = G*T: a GQA group's
         queries share their head's index, one search call per head)."""
         import time
@@ -252,7 +242,7 @@ class LayerMemory:
         def gather(buf: torch.Tensor) -> torch.Tensor:  # (KV, cap, D) -> (KV, Q, k, D)
             return buf.view(kv * cap, -1).index_select(0, flat).view(kv, nq, kk, -1)
 
-        return Retrieved(
+        return Retrieval(
             keys=gather(self.keys),
             rkeys=gather(self.rkeys) if self.rkeys is not None else None,
             values=gather(self.values),

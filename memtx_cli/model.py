@@ -147,7 +147,8 @@ class MemoryRead:
     """What a memory layer needs for one segment (the engine builds it).
 
     `memory` is duck-typed (memory.py's LayerMemory): `len(memory)` and
-    `retrieve(q (KV, Q, D), k) -> keys (KV, Q, k, D), values, positions (KV, Q, k), valid`.
+    `retrieve(q (KV, Q, D), k) -> Retrieval` with (KV, Q, k, D) keys/rkeys/values and (KV, Q, k)
+    positions/valid.
     """
 
     memory: Any
@@ -156,6 +157,25 @@ class MemoryRead:
     scheme: str = "fixed"  # memory positions: fixed | true | clamped (see memory_scores)
     distance: int = 1024  # fixed: where every memory sits; clamped: the largest distance used
     combine: str = "joint"  # joint (one softmax) | gate (paper: sigmoid-gated mix of two)
+    shared: bool = False  # one search per token for a whole GQA group (sum of its queries)
+
+
+@dataclass
+class Retrieval:
+    """The top-k memories of every query, as a memory returns them: (KV, Q, k, D) tensors and
+    (KV, Q, k) positions / validity; `grouped` views them as (KV, Gs, T, k, ...)."""
+
+    keys: torch.Tensor  # raw keys
+    rkeys: torch.Tensor | None  # keys rotated by their absolute positions (true / clamped)
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor  # False where the memory holds fewer than k entries
+
+    def grouped(self, kv: int, gs: int, t: int) -> Retrieval:
+        def view(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.view(kv, gs, t, *x.shape[2:])
+
+        return Retrieval(view(self.keys), view(self.rkeys), view(self.values), view(self.positions), view(self.valid))
 
 
 def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
@@ -166,45 +186,57 @@ def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, dist: torch.Tensor) -> to
 
 
 def memory_search_vectors(q_raw: torch.Tensor, mem: MemoryRead, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Search vectors (KV, G*T, D) from raw queries (KV, G, T, D), so that inner-product search
-    ranks memories the way attention will score them.
+    """Search vectors (KV, Gs, T, D) from raw queries (KV, G, T, D), so that inner-product
+    search ranks memories the way attention will score them. Gs = G, or 1 when the group
+    shares one search (the sum of its G vectors: inner products add up, so the shared top-k
+    are the memories the group attends to most on average).
 
     fixed / clamped: the query rotated as if every memory sat `distance` tokens back
     (InfLLM's trick; the index holds raw keys). true: the query rotated by its absolute
     position (the index holds keys rotated by theirs: R(a)q . R(b)k = q . R(b-a)k).
     """
     kv, g, t, d = q_raw.shape
-    if mem.scheme == "true":
-        qs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t))
-    else:
-        qs = rotate_by(q_raw, inv_freq, torch.full((kv, g, t), mem.distance, device=q_raw.device))
-    return qs.reshape(kv, g * t, d)
+    if mem.shared:
+        q_raw = q_raw.sum(1, keepdim=True)  # (KV, 1, T, D)
+    gs = q_raw.shape[1]
+    dist = mem.q_pos.view(1, 1, t) if mem.scheme == "true" else torch.full((1, 1, t), mem.distance, device=q_raw.device)
+    return rotate_by(q_raw, inv_freq, dist.expand(kv, gs, t))
 
 
-def memory_scores(
-    q_raw: torch.Tensor, q_search: torch.Tensor, got: Any, mem: MemoryRead, inv_freq: torch.Tensor
-) -> torch.Tensor:
-    """Attention logits (KV, G*T, k), unscaled, of queries against their retrieved memories.
+def pair_dot(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q (KV, G, T, D) . keys (KV, Gs, T, k, D) -> (KV, G, T, k); Gs = 1 shares keys in a group."""
+    if keys.shape[1] == 1:  # one bmm per (head, token): (G, D) @ (D, k)
+        return torch.einsum("hgtd,htkd->hgtk", q, keys[:, 0])
+    return torch.einsum("hgtd,hgtkd->hgtk", q, keys)
 
-    q_raw (KV, G, T, D) before RoPE; q_search (KV, G*T, D) from memory_search_vectors; got: the
-    memory's `Retrieved`. Position schemes:
-    fixed: every memory at `distance` (the search vector already carries that rotation).
-    true: the real distance a - b: R(a)q . R(b)k, with keys stored rotated (exact, as in full
-    attention; past the trained context the model sees distances it never learned).
-    clamped: the real distance up to `distance`, then `distance`: exact within the trained
-    context, bounded beyond it.
+
+def pair_mix(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Weights w (KV, G, T, k) over values (KV, Gs, T, k, D) -> (KV, G, T, D)."""
+    if values.shape[1] == 1:
+        return torch.einsum("hgtk,htkd->hgtd", w, values[:, 0])
+    return torch.einsum("hgtk,hgtkd->hgtd", w, values)
+
+
+def memory_scores(q_raw: torch.Tensor, got: Any, mem: MemoryRead, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Attention logits (KV, G, T, k), unscaled, of queries q_raw (KV, G, T, D, before RoPE)
+    against their retrieved memories `got` (tensors (KV, Gs, T, k, ...)). Position schemes:
+
+    fixed: every memory at `distance`. true: the real distance a - b, as R(a)q . R(b)k with
+    keys stored rotated (exact, as in full attention; past the trained context the model sees
+    distances it never learned). clamped: the real distance up to `distance`, then `distance`:
+    exact within the trained context, bounded beyond it.
     """
     kv, g, t, d = q_raw.shape
-    dt = q_search.dtype
+    dt = q_raw.dtype
+    q_far = rotate_by(q_raw, inv_freq, torch.full((kv, g, t), mem.distance, device=q_raw.device))
     if mem.scheme == "fixed":
-        return torch.einsum("hqd,hqkd->hqk", q_search, got.keys.to(dt))
-    q_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t)).reshape(kv, g * t, d)
-    s_true = torch.einsum("hqd,hqkd->hqk", q_abs, got.rkeys.to(dt))
+        return pair_dot(q_far, got.keys.to(dt))
+    q_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t))
+    s_true = pair_dot(q_abs, got.rkeys.to(dt))
     if mem.scheme == "true":
         return s_true
-    s_far = torch.einsum("hqd,hqkd->hqk", q_search, got.keys.to(dt))  # at `distance`
-    q_pos = mem.q_pos.view(1, 1, t).expand(kv, g, t).reshape(kv, g * t, 1)
-    return torch.where(q_pos - got.positions <= mem.distance, s_true, s_far)
+    near = (mem.q_pos.view(1, 1, t, 1) - got.positions) <= mem.distance  # (KV, Gs, T, k)
+    return torch.where(near, s_true, pair_dot(q_far, got.keys.to(dt)))
 
 
 class Attention(nn.Module):
@@ -271,30 +303,32 @@ class Attention(nn.Module):
         kv, g, s = self.n_kv, h // self.n_kv, k.shape[2]
         scale = 1.0 / math.sqrt(d)
         qr = q_raw[0].view(kv, g, t, d)  # query heads of a group are adjacent
-        qs = memory_search_vectors(qr, mem, inv_freq)  # (KV, G*T, D)
-        got = mem.memory.retrieve(qs, mem.top_k)  # (KV, G*T, k, D) keys and values
-        m_scores = memory_scores(qr, qs, got, mem, inv_freq)
-        m_scores = (m_scores * scale).masked_fill(~got.valid, float("-inf"))  # (KV, G*T, k)
-        mv = got.values.to(q.dtype)
+        qs = memory_search_vectors(qr, mem, inv_freq)  # (KV, Gs, T, D)
+        gs = qs.shape[1]
+        got = mem.memory.retrieve(qs.reshape(kv, gs * t, d), mem.top_k)  # (KV, Gs*T, k, ...)
+        got = got.grouped(kv, gs, t)
+        m_scores = memory_scores(qr, got, mem, inv_freq) * scale  # (KV, G, T, k)
+        m_scores = m_scores.float().masked_fill(~got.valid, float("-inf"))
+        mv = got.values.to(q.dtype)  # (KV, Gs, T, k, D)
         if mem.combine == "gate":
             local = grouped_attention(q, k, v, bias)  # (1, H, T, D)
-            m_out = torch.einsum("hqk,hqkd->hqd", torch.softmax(m_scores.float(), -1).to(q.dtype), mv)
+            m_out = pair_mix(torch.softmax(m_scores, -1).to(q.dtype), mv)  # (KV, G, T, D)
             gate = torch.sigmoid(self.mem_gate).to(q.dtype).view(1, h, 1, 1)  # (1, H, 1, 1)
-            return gate * m_out.view(1, h, t, d) + (1 - gate) * local
+            return gate * m_out.reshape(1, h, t, d) + (1 - gate) * local
         # joint: one softmax over [local keys, retrieved memories], computed as local attention
         # with its log-sum-exp, then merged with the memory part (flash-attention style).
         if bias is None:
             bias = local_bias(t, s + 1, q.dtype, q.device)[:, 1:]  # plain causal (S == T)
         qg = q.reshape(1, kv, g * t, d)  # fold a group's G heads into the query axis
         out_l, lse = attention_with_lse(qg, k, v, bias.repeat(g, 1), scale)  # (KV, G*T, D), (KV, G*T)
-        m_max = m_scores.float().amax(-1)
-        top = torch.maximum(lse, m_max)  # (KV, G*T)
+        lse = lse.view(kv, g, t)
+        top = torch.maximum(lse, m_scores.amax(-1))  # (KV, G, T)
         w_l = torch.exp(lse - top)
-        w_m = torch.exp(m_scores.float() - top[..., None])  # (KV, G*T, k)
-        den = w_l + w_m.sum(-1)  # (KV, G*T)
-        # Normalise first, then mix in the model dtype: no float32 copy of the (KV, G*T, k, D) values.
-        m_part = torch.einsum("hqk,hqkd->hqd", (w_m / den[..., None]).to(q.dtype), mv)
-        out = (w_l / den)[..., None].to(q.dtype) * out_l + m_part
+        w_m = torch.exp(m_scores - top[..., None])  # (KV, G, T, k)
+        den = w_l + w_m.sum(-1)
+        # Normalise first, then mix in the model dtype: no float32 copy of the retrieved values.
+        m_part = pair_mix((w_m / den[..., None]).to(q.dtype), mv)  # (KV, G, T, D)
+        out = (w_l / den)[..., None].to(q.dtype) * out_l.view(kv, g, t, d) + m_part
         return out.reshape(1, h, t, d)
 
 

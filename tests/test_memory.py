@@ -19,7 +19,8 @@ def cfg(**kw):
 
 @pytest.mark.parametrize("positions", ["true", "clamped"])
 @pytest.mark.parametrize("xl", [True, False])
-def test_memory_with_exact_search_equals_full_attention(tiny_model, positions, xl):
+@pytest.mark.parametrize("shared", [False, True])
+def test_memory_with_exact_search_equals_full_attention(tiny_model, positions, xl, shared):
     """Flat index, top-k >= memory size, true positions inside the trained context: window +
     memory sees every earlier token at its real distance, so it IS full causal attention."""
     torch.manual_seed(7)
@@ -27,7 +28,7 @@ def test_memory_with_exact_search_equals_full_attention(tiny_model, positions, x
     causal = torch.ones(61, 61, dtype=torch.bool).tril()
     with torch.no_grad():
         ref = nll_from_logits(naive_logits(tiny_model, ids, causal), ids)
-    got, streamer = run_stream(tiny_model, ids, cfg(positions=positions, xl_cache=xl))
+    got, streamer = run_stream(tiny_model, ids, cfg(positions=positions, xl_cache=xl, shared_search=shared))
     assert streamer.memory_entries > 0
     torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-5)
 
