@@ -38,6 +38,15 @@ SETTINGS = {
     "0-14/clamped+sinks4": dict(memory_layers="0-14", positions="clamped", sinks=4),
     "15-29/clamped+sinks4": dict(memory_layers="15-29", positions="clamped", sinks=4),
     "every3/fixed+sinks4": dict(memory_layers="2,5,8,11,14,17,20,23,26,29", positions="fixed", sinks=4),
+    "20-29/clamped+sinks4": dict(memory_layers="20-29", positions="clamped", sinks=4),
+    "24-29/clamped+sinks4": dict(memory_layers="24-29", positions="clamped", sinks=4),
+    "16-19-22-25-28/clamped+sinks4": dict(memory_layers="16,19,22,25,28", positions="clamped", sinks=4),
+    "15-29/clamped+sinks4+shared": dict(memory_layers="15-29", positions="clamped", sinks=4, shared_search=True),
+    "20-29/clamped+sinks4+shared": dict(memory_layers="20-29", positions="clamped", sinks=4, shared_search=True),
+    "20-29/clamped+sinks4+shared+ivf": dict(
+        memory_layers="20-29", positions="clamped", sinks=4, shared_search=True, index="ivf"
+    ),
+    "20-29/fixed+sinks4+shared": dict(memory_layers="20-29", positions="fixed", sinks=4, shared_search=True),
 }
 
 
@@ -56,16 +65,28 @@ def main() -> None:
         if a.full:
             t = time.perf_counter()
             nll = full_nll(lm.model, ids, lm.args.context_length)
-            row = {"doc": genre, "setting": "full", "tokens": len(ids), "ppl": float(nll.double().mean().exp()),
-                   "tokens_per_s": len(ids) / (time.perf_counter() - t)}
+            row = {
+                "doc": genre,
+                "setting": "full",
+                "tokens": len(ids),
+                "ppl": float(nll.double().mean().exp()),
+                "tokens_per_s": len(ids) / (time.perf_counter() - t),
+            }
             print(json.dumps(row), flush=True)
         for name in a.settings.split(";"):
             cfg = replace(Config(), **SETTINGS[name])
             t = time.perf_counter()
             nll, st = run_stream(lm.model, ids, cfg)
             sec = time.perf_counter() - t
-            row = {"doc": genre, "setting": name, "tokens": len(ids), "ppl": float(nll.double().mean().exp()),
-                   "tokens_per_s": len(ids) / sec, "retrieval_s": st.retrieval_seconds, "seconds": sec}
+            row = {
+                "doc": genre,
+                "setting": name,
+                "tokens": len(ids),
+                "ppl": float(nll.double().mean().exp()),
+                "tokens_per_s": len(ids) / sec,
+                "retrieval_s": st.retrieval_seconds,
+                "seconds": sec,
+            }
             print(json.dumps(row), flush=True)
             print(f"{genre} {name}: ppl {row['ppl']:.3f} ({row['tokens_per_s']:.0f} tok/s)", file=sys.stderr)
 

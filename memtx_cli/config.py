@@ -35,16 +35,25 @@ class Config:
     max_tokens: int = 0  # 0 = the whole document
     # --- memory (Memorizing Transformers); defaults chosen by benchmarks/, see README ---
     memory: bool = True  # kNN memory of everything that left the XL cache
-    memory_layers: str = "all"  # "all", "8,16,24", "10-19", mixed "4,20-29"
+    # Upper half of the layers: on SmolLM2 at 8K tokens, layers 15-29 gave 29.34 on a book
+    # where all 30 gave 29.35 and layers 0-14 30.49 (worse than no memory with sinks, 30.28).
+    memory_layers: str = "auto"  # "auto" (upper half), "all", "8,16,24", "10-19", "4,20-29"
     top_k: int = 32  # memories retrieved per query (paper: 32)
-    index: str = "flat"  # flat | ivf | hnsw | a FAISS factory string
+    # IVF: exact search until 8192 keys per head have arrived, then IVF (nprobe 32); flat
+    # search cost grows with the document and dominated memory time past 8K tokens.
+    index: str = "ivf"  # flat | ivf | hnsw | a FAISS factory string
     nprobe: int = 32  # IVF lists searched per query
     combine: str = "joint"  # joint softmax (training-free) | gate (paper's sigmoid gate)
     gate_init: float = 0.0  # initial gate bias b_h: g = sigmoid(b_h) = 0.5
+    # fixed beat clamped/true on code and book at 8K with 10 memory layers (4.42 vs 4.57;
+    # 29.73 vs 29.95) and, unlike true positions, holds past the trained context.
     positions: str = "fixed"  # memory position scheme: fixed | true | clamped
     mem_distance: int = 0  # fixed: distance memories sit at; clamped: cap (0 = auto)
-    shared_search: bool = False  # one search per token per GQA group instead of per query head
-    sinks: int = 0  # first tokens of a document kept visible in every window (StreamingLLM)
+    # One search per token for a GQA group (sum of its queries): half the time, nearly the
+    # same perplexity (layers 15-29: 4.14 vs 4.10 on code, 29.46 vs 29.34 on a book).
+    shared_search: bool = True
+    # Attention sinks: window-only perplexity 46.9 -> 30.3 on a book, 6.90 -> 4.73 on code.
+    sinks: int = 4  # first tokens of a document kept visible in every window (StreamingLLM)
 
     def __post_init__(self) -> None:
         if self.segment < 1:
@@ -165,6 +174,8 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     spec = str(spec).strip().lower()
     if spec in ("all", "*"):
         return list(range(n_layers))
+    if spec == "auto":
+        return list(range(n_layers // 2, n_layers))
     out: set[int] = set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)

@@ -137,8 +137,9 @@ def run_stream(
 def stream_nll(
     model: Transformer, ids: torch.Tensor, segment: int, xl_cache: bool = True, progress: Progress = _noop
 ) -> torch.Tensor:
-    """The window-only baseline: segments + XL cache, no memory."""
-    return run_stream(model, ids, Config(segment=segment, xl_cache=xl_cache, memory=False), progress)[0]
+    """The plain sliding-window baseline: segments + XL cache, no memory, no sinks."""
+    cfg = Config(segment=segment, xl_cache=xl_cache, memory=False, sinks=0)
+    return run_stream(model, ids, cfg, progress)[0]
 
 
 @torch.inference_mode()

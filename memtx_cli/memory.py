@@ -71,7 +71,8 @@ class HeadIndex:
         if kind == "hnsw":
             return "IDMap2,HNSW32,Flat"
         if kind == "ivf":
-            nlist = 1 << max(4, round(math.log2(4 * math.sqrt(max(n_train, 1)))))
+            # ~4 sqrt(N) lists, but at least 39 training keys per list (FAISS's k-means floor).
+            nlist = 1 << max(4, int(math.log2(max(16, min(4 * math.sqrt(n_train), n_train / 39)))))
             return f"IVF{nlist},Flat"
         return kind
 
