@@ -270,8 +270,13 @@ def run_recall(
                 qh = np.ascontiguousarray(q[h].numpy())
                 exact = mem.heads[h].search(qh, k, mem.keys[h, : len(mem)])
                 t = time.perf_counter()
-                idx = HeadIndex(mem.head_dim, dataclasses.replace(spec, ivf_train_at=min(len(keys), spec.ivf_train_at)))
-                idx.add(np.ascontiguousarray(keys), np.arange(len(keys), dtype=np.int64))
+                # Added segment by segment, as streaming does: IVF trains once ivf_train_at keys arrived.
+                idx = HeadIndex(mem.head_dim, spec)
+                for s0 in range(0, len(keys), seg):
+                    idx.add(
+                        np.ascontiguousarray(keys[s0 : s0 + seg]),
+                        np.arange(s0, min(s0 + seg, len(keys)), dtype=np.int64),
+                    )
                 build_s += time.perf_counter() - t
                 t = time.perf_counter()
                 got = idx.search(qh, k, mem.keys[h, : len(mem)])

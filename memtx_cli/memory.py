@@ -49,7 +49,7 @@ def check_index_kind(kind: str) -> None:
 @dataclass
 class IndexSpec:
     kind: str = "flat"
-    nprobe: int = 32  # IVF lists searched per query (recall measured in benchmarks/recall)
+    nprobe: int = 48  # IVF lists searched per query (recall: memtx bench recall)
     ivf_train_at: int = 8192  # keys per head before IVF is trained; exact search until then
     hnsw_ef: int = 64  # HNSW efSearch
 
