@@ -1,9 +1,9 @@
 """Render benchmark result files as the markdown tables in README.md.
 
-    python benchmarks/report.py throughput benchmarks/results/throughput.json
-    python benchmarks/report.py memory benchmarks/results/memory_default.json
-    python benchmarks/report.py recall benchmarks/results/recall_code_32k.json
-    python benchmarks/report.py sweep benchmarks/results/sweep_8k*.jsonl
+python benchmarks/report.py throughput benchmarks/results/throughput.json
+python benchmarks/report.py memory benchmarks/results/memory_default.json
+python benchmarks/report.py recall benchmarks/results/recall_code_32k.json
+python benchmarks/report.py sweep benchmarks/results/sweep_8k*.jsonl
 """
 
 from __future__ import annotations
@@ -15,31 +15,43 @@ import sys
 def throughput(r: dict) -> None:
     p = r["peak_gflops"]
     print(f"matmul peak measured in the same run: float32 {p['float32']:.0f}, bfloat16 {p['bfloat16']:.0f} GFLOP/s\n")
-    print("| dtype | tokens | memtx window (no memory) | memtx full | transformers | full / transformers | full, % of peak | ppl full (memtx / transformers) |")
+    print(
+        "| dtype | tokens | memtx window (no memory) | memtx full | transformers | full / transformers | full, % of peak | ppl full (memtx / transformers) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for x in r["rows"]:
         tf = x.get("transformers_tokens_per_s")
         ratio = f"{x['full_tokens_per_s'] / tf:.2f}x" if tf else "-"
-        print(f"| {x['dtype']} | {x['tokens']} | {x['window_tokens_per_s']:,.0f} | {x['full_tokens_per_s']:,.0f} | "
-              f"{tf:,.0f} | {ratio} | {100 * x['full_fraction_of_peak']:.0f}% | {x['ppl_full']:.4f} / {x.get('ppl_transformers', 0):.4f} |")
+        print(
+            f"| {x['dtype']} | {x['tokens']} | {x['window_tokens_per_s']:,.0f} | {x['full_tokens_per_s']:,.0f} | "
+            f"{tf:,.0f} | {ratio} | {100 * x['full_fraction_of_peak']:.0f}% | {x['ppl_full']:.4f} / {x.get('ppl_transformers', 0):.4f} |"
+        )
 
 
 def memory(r: dict) -> None:
     s = r["settings"]
-    print(f"settings: layers {s['memory_layers']}, top-{s['top_k']}, index {s['index']} (nprobe {s['nprobe']}), "
-          f"{s['positions']} positions, shared search {s['shared_search']}, sinks {s['sinks']}, dtype {r['dtype']}\n")
-    print("| genre | tokens | ppl window (+sinks) | ppl memory | ppl full | gap recovered | tok/s window | tok/s memory | memory cost | retrieval s |")
+    print(
+        f"settings: layers {s['memory_layers']}, top-{s['top_k']}, index {s['index']} (nprobe {s['nprobe']}), "
+        f"{s['positions']} positions, shared search {s.get('shared_search', True)}, sinks {s['sinks']}, dtype {r['dtype']}\n"
+    )
+    print(
+        "| genre | tokens | ppl window (+sinks) | ppl memory | ppl full | gap recovered | tok/s window | tok/s memory | memory cost | retrieval s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for x in r["rows"]:
         full = f"{x['ppl_full']:.3f}" if "ppl_full" in x else "-"
         gap = f"{100 * x['gap_recovered']:.0f}%" if "gap_recovered" in x else "-"
-        print(f"| {x['genre']} | {x['tokens']:,} | {x['ppl_window']:.3f} | {x['ppl_memory']:.3f} | {full} | {gap} | "
-              f"{x['tokens_per_s_window']:,.0f} | {x['tokens_per_s_memory']:,.0f} | {100 * x['memory_cost']:.0f}% | {x['retrieval_seconds']:.1f} |")
+        print(
+            f"| {x['genre']} | {x['tokens']:,} | {x['ppl_window']:.3f} | {x['ppl_memory']:.3f} | {full} | {gap} | "
+            f"{x['tokens_per_s_window']:,.0f} | {x['tokens_per_s_memory']:,.0f} | {100 * x['memory_cost']:.0f}% | {x['retrieval_seconds']:.1f} |"
+        )
 
 
 def recall(r: dict) -> None:
-    print(f"{r['entries_per_head']:,} real keys per head ({r['genre']}), queries of the next segment, layers "
-          f"{r['layers'][0]}-{r['layers'][-1]}, {r['positions']} positions, recall@{r['k']} against exact search\n")
+    print(
+        f"{r['entries_per_head']:,} real keys per head ({r['genre']}), queries of the next segment, layers "
+        f"{r['layers'][0]}-{r['layers'][-1]}, {r['positions']} positions, recall@{r['k']} against exact search\n"
+    )
     print("| index | recall | queries/s | build s |")
     print("|---|---|---|---|")
     for x in r["rows"]:

@@ -101,6 +101,7 @@ class Config:
             "gate_init",
             "positions",
             "mem_distance",
+            "shared_search",
             "sinks",
             "segment",
             "xl_cache",
