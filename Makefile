@@ -27,7 +27,7 @@ setup-dev: $(VENV)/.dev
 demo: setup
 	$(VENV)/bin/memtx models
 	@for f in sample_docs/books/*.txt sample_docs/code/*.c sample_docs/legal/*.txt; do \
-		$(VENV)/bin/memtx score "$$f" || exit 1; done
+		$(VENV)/bin/memtx score "$$f" --compare || exit 1; done
 
 lint: setup-dev
 	$(VENV)/bin/ruff check memtx_cli tests benchmarks
