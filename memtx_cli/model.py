@@ -80,8 +80,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
-        # torch's fused kernel accumulates the mean of squares in float32 even for bfloat16
-        # input (what the reference implementations do by upcasting), in one pass.
+        if x.dtype == torch.float32:
+            # Plain ops measured faster than the fused kernel in float32 (0.27 vs 0.40 ms at
+            # 1024 x 576, 2 threads).
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # bfloat16: the fused kernel is faster (0.44 vs 0.58 ms) and accumulates the mean of
+        # squares in float32, as the reference implementations do by upcasting.
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
