@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,6 @@ class ModelRef:
 
     card: ModelCard
     weights: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_card(path: Path) -> ModelCard:

@@ -62,7 +62,8 @@ class HeadIndex:
         self.index = None  # built lazily (IVF needs training data)
         self.pending: list[np.ndarray] = []  # keys waiting for IVF training (searched exactly)
         self.pending_ids: list[np.ndarray] = []
-        self._build_now()
+        if not self._needs_training():
+            self.index = self._make(self._factory(0))
 
     def _factory(self, n_train: int) -> str:
         kind = self.spec.kind
@@ -78,10 +79,6 @@ class HeadIndex:
 
     def _needs_training(self) -> bool:
         return self.spec.kind not in ("flat", "hnsw") and not self.spec.kind.startswith(("IDMap", "Flat", "HNSW"))
-
-    def _build_now(self) -> None:
-        if not self._needs_training():
-            self.index = self._make(self._factory(0))
 
     def _make(self, factory: str):
         faiss = _faiss()

@@ -232,15 +232,19 @@ def memory_scores(q_raw: torch.Tensor, got: Any, mem: MemoryRead, inv_freq: torc
     """
     kv, g, t, d = q_raw.shape
     dt = q_raw.dtype
-    q_far = rotate_by(q_raw, inv_freq, torch.full((kv, g, t), mem.distance, device=q_raw.device))
-    if mem.scheme == "fixed":
+
+    def at_distance() -> torch.Tensor:  # every memory `distance` tokens back
+        q_far = rotate_by(q_raw, inv_freq, torch.full((kv, g, t), mem.distance, device=q_raw.device))
         return pair_dot(q_far, got.keys.to(dt))
+
+    if mem.scheme == "fixed":
+        return at_distance()
     q_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t))
     s_true = pair_dot(q_abs, got.rkeys.to(dt))
     if mem.scheme == "true":
         return s_true
     near = (mem.q_pos.view(1, 1, t, 1) - got.positions) <= mem.distance  # (KV, Gs, T, k)
-    return torch.where(near, s_true, pair_dot(q_far, got.keys.to(dt)))
+    return torch.where(near, s_true, at_distance())
 
 
 class Attention(nn.Module):

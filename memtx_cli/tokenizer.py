@@ -9,6 +9,7 @@ that reproduces llama.cpp's ids exactly (tests/test_tokenizer.py checks all of G
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,29 +41,20 @@ class TextTokenizer:
         if special:
             return self.tok.encode(text, add_special_tokens=False).ids
         # Plain text: special-token strings in a document are text, not control tokens.
-        return self._encode_plain(text)
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self._encode_plain_enc(text)
+        enc = self._plain.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)
 
-    def _encode_plain_enc(self, text: str) -> Any:
-        return self._plain.encode(text, add_special_tokens=False)
-
-    def _encode_plain(self, text: str) -> list[int]:
-        return self._encode_plain_enc(text).ids
-
     def __post_init__(self) -> None:
         # A copy without added tokens, so "<|im_end|>" inside a document is split like text.
         from tokenizers import Tokenizer
 
-        raw = self.tok.to_str()
-        import json
-
-        spec = json.loads(raw)
+        spec = json.loads(self.tok.to_str())
         spec["added_tokens"] = []
         self._plain = Tokenizer.from_str(json.dumps(spec))
 
@@ -138,8 +130,6 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any]) -> TextTokenizer:
 
 def tokenizer_from_hf_dir(path: Path, config: dict[str, Any]) -> TextTokenizer:
     """Load `tokenizer.json` (and `tokenizer_config.json` for BOS/EOS) from a HF directory."""
-    import json
-
     from tokenizers import Tokenizer
 
     tj = path / "tokenizer.json"
