@@ -1,7 +1,7 @@
 """Render benchmark result files as the markdown tables in README.md.
 
 python benchmarks/report.py throughput benchmarks/results/throughput.json
-python benchmarks/report.py memory benchmarks/results/memory_default.json
+python benchmarks/report.py memory benchmarks/results/memory_block.json
 python benchmarks/report.py recall benchmarks/results/recall_code_32k.json
 python benchmarks/report.py sweep benchmarks/results/sweep_8k*.jsonl
 """
@@ -30,10 +30,11 @@ def throughput(r: dict) -> None:
 
 def memory(r: dict) -> None:
     s = r["settings"]
-    print(
-        f"settings: layers {s['memory_layers']}, top-{s['top_k']}, index {s['index']} (nprobe {s['nprobe']}), "
-        f"{s['positions']} positions, shared search {s.get('shared_search', True)}, sinks {s['sinks']}, dtype {r['dtype']}\n"
-    )
+    if s.get("retrieval", "token") == "block":
+        how = f"block retrieval: {s['blocks']} blocks of {s['block_size']} per {s['block_chunk']} queries (exact search over block means)"
+    else:
+        how = f"token retrieval: top-{s['top_k']}, index {s['index']} (nprobe {s['nprobe']}), shared search {s.get('shared_search', True)}"
+    print(f"settings: layers {s['memory_layers']}, {how}, {s['positions']} positions, sinks {s['sinks']}, dtype {r['dtype']}\n")
     print(
         "| genre | tokens | ppl window (+sinks) | ppl memory | ppl full | gap recovered | tok/s window | tok/s memory | memory cost | retrieval s |"
     )

@@ -186,30 +186,15 @@ def build_config(config_file: str | None, model: str | None, flags: dict[str, An
 # Commands
 
 
-def memory_flags(
-    memory: bool | None,
-    memory_layers: str | None,
-    top_k: int | None,
-    index: str | None,
-    nprobe: int | None,
-    combine: str | None,
-    gate_init: float | None,
-    positions: str | None,
-    mem_distance: int | None,
-    sinks: int | None,
-) -> dict[str, Any]:
-    return {
-        "memory": memory,
-        "memory_layers": memory_layers,
-        "top_k": top_k,
-        "index": index,
-        "nprobe": nprobe,
-        "combine": combine,
-        "gate_init": gate_init,
-        "positions": positions,
-        "mem_distance": mem_distance,
-        "sinks": sinks,
-    }
+def describe_retrieval(st: dict[str, Any]) -> str:
+    if st.get("retrieval") == "block":
+        return f"{st['blocks']} blocks of {st['block_size']} per {st['block_chunk']} queries"
+    return f"top-{st['top_k']} {st['index']}"
+
+
+def memory_flags(**flags: Any) -> dict[str, Any]:
+    """The memory settings given on the command line (None = not given, the config decides)."""
+    return dict(flags)
 
 
 MemoryOpt = Annotated[
@@ -232,6 +217,15 @@ DistanceOpt = Annotated[
     int | None, typer.Option("--mem-distance", help="fixed: distance memories sit at; clamped: the cap. 0 = auto.")
 ]
 SinksOpt = Annotated[int | None, typer.Option(help="First tokens of the document kept visible in every window.")]
+RetrievalOpt = Annotated[
+    str | None,
+    typer.Option(help="token: each query's own top-k (paper); block: query chunks pick whole blocks (InfLLM)."),
+]
+BlockSizeOpt = Annotated[int | None, typer.Option("--block-size", help="block retrieval: tokens per block.")]
+BlocksOpt = Annotated[int | None, typer.Option("--blocks", help="block retrieval: blocks attended per query chunk.")]
+BlockChunkOpt = Annotated[
+    int | None, typer.Option("--block-chunk", help="block retrieval: queries that pick their blocks together.")
+]
 
 
 @app.command()
@@ -255,6 +249,10 @@ def score(
     positions: PositionsOpt = None,
     mem_distance: DistanceOpt = None,
     sinks: SinksOpt = None,
+    retrieval: RetrievalOpt = None,
+    block_size: BlockSizeOpt = None,
+    blocks: BlocksOpt = None,
+    block_chunk: BlockChunkOpt = None,
     segment: Annotated[int | None, typer.Option(help="Segment length in tokens. Default: 512.")] = None,
     context: Annotated[
         str | None,
@@ -291,7 +289,22 @@ def score(
         "device": device,
         "dtype": dtype,
         "threads": threads,
-        **memory_flags(memory, memory_layers, top_k, index, nprobe, combine, gate_init, positions, mem_distance, sinks),
+        **memory_flags(
+            memory=memory,
+            memory_layers=memory_layers,
+            top_k=top_k,
+            index=index,
+            nprobe=nprobe,
+            combine=combine,
+            gate_init=gate_init,
+            positions=positions,
+            mem_distance=mem_distance,
+            sinks=sinks,
+            retrieval=retrieval,
+            block_size=block_size,
+            blocks=blocks,
+            block_chunk=block_chunk,
+        ),
     }
     cfg = build_config(config, model, flags)
     from memtx_cli.engine import score_ids, tokenize_for_scoring
@@ -367,9 +380,7 @@ def score(
     mem_desc = ""
     if res.memory:
         mm = res.memory
-        mem_desc = (
-            f", memory: layers {mm['memory_layers']}, top-{mm['top_k']} {mm['index']}, {mm['positions']} positions"
-        )
+        mem_desc = f", memory: layers {mm['memory_layers']}, {describe_retrieval(mm)}, {mm['positions']} positions"
     print_table(
         f"memtx score: {doc.name}",
         [
@@ -507,6 +518,10 @@ def bench_memory(
     positions: PositionsOpt = None,
     mem_distance: DistanceOpt = None,
     sinks: SinksOpt = None,
+    retrieval: RetrievalOpt = None,
+    block_size: BlockSizeOpt = None,
+    blocks: BlocksOpt = None,
+    block_chunk: BlockChunkOpt = None,
     dtype: DtypeOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -517,7 +532,20 @@ def bench_memory(
 
     flags = {
         "dtype": dtype,
-        **memory_flags(None, memory_layers, top_k, index, nprobe, combine, None, positions, mem_distance, sinks),
+        **memory_flags(
+            memory_layers=memory_layers,
+            top_k=top_k,
+            index=index,
+            nprobe=nprobe,
+            combine=combine,
+            positions=positions,
+            mem_distance=mem_distance,
+            sinks=sinks,
+            retrieval=retrieval,
+            block_size=block_size,
+            blocks=blocks,
+            block_chunk=block_chunk,
+        ),
     }
     cfg = build_config(config, model, flags)
     res = run_memory_bench([int(x) for x in lengths.split(",")], genres.split(","), cfg, log=lambda m: log(m, quiet))
@@ -529,7 +557,7 @@ def bench_memory(
 
     st = res["settings"]
     t = Table(
-        title=f"memory benchmark ({res['dtype']}): layers {st['memory_layers']}, top-{st['top_k']} {st['index']}, "
+        title=f"memory benchmark ({res['dtype']}): layers {st['memory_layers']}, {describe_retrieval(st)}, "
         f"{st['positions']} positions, sinks {st['sinks']}"
     )
     for col in (
@@ -567,13 +595,20 @@ def bench_recall(
     tokens: Annotated[int, typer.Option(help="Tokens streamed into memory before the query segment.")] = 32768,
     genre: Annotated[str, typer.Option(help="book, code or legal.")] = "code",
     kinds: Annotated[
-        str, typer.Option(help="Comma-separated index kinds to compare with exact search.")
-    ] = "ivf,hnsw,IVF256,SQ8",
+        str,
+        typer.Option(
+            help="Semicolon-separated index kinds to compare with exact search (factory strings hold "
+            "commas); 'block' = token recall of block retrieval."
+        ),
+    ] = "ivf;hnsw;IVF256,SQ8;block",
     k: Annotated[int, typer.Option(help="recall@k.")] = 32,
     model: ModelOpt = None,
     memory_layers: LayersOpt = None,
     nprobe: NprobeOpt = None,
     positions: PositionsOpt = None,
+    block_size: BlockSizeOpt = None,
+    blocks: BlocksOpt = None,
+    block_chunk: BlockChunkOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -581,7 +616,14 @@ def bench_recall(
     """recall@k of approximate FAISS indexes against exact search, on real keys from the model."""
     from memtx_cli.bench import run_recall
 
-    flags = memory_flags(None, memory_layers, None, None, nprobe, None, None, positions, None, None)
+    flags = memory_flags(
+        memory_layers=memory_layers,
+        nprobe=nprobe,
+        positions=positions,
+        block_size=block_size,
+        blocks=blocks,
+        block_chunk=block_chunk,
+    )
     cfg = build_config(config, model, flags)
     res = run_recall(tokens, genre, kinds.split(";"), cfg, k=k, log=lambda m: log(m, quiet))
     if as_json:

@@ -53,7 +53,8 @@ class Streamer:
         spec = IndexSpec(kind=cfg.index, nprobe=cfg.nprobe)
         rotated = cfg.positions != "fixed"  # true / clamped score memories at real distances
         wdt = model.embed.weight.dtype
-        self.memories = {i: LayerMemory(a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated) for i in self.layers}
+        bs = cfg.block_size if cfg.retrieval == "block" else 0
+        self.memories = {i: LayerMemory(a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated, bs) for i in self.layers}
         # Where memories sit (fixed) / the largest distance used (clamped): just outside the
         # local window by default, i.e. the window's span (sinks + cache + segment).
         window = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
@@ -88,7 +89,16 @@ class Streamer:
         q_pos = torch.arange(self.pos, self.pos + t, device=ids.device)
         reads = {
             i: MemoryRead(
-                m, self.cfg.top_k, q_pos, self.cfg.positions, self.distance, self.cfg.combine, self.cfg.shared_search
+                m,
+                self.cfg.top_k,
+                q_pos,
+                self.cfg.positions,
+                self.distance,
+                self.cfg.combine,
+                self.cfg.shared_search,
+                self.cfg.retrieval,
+                self.cfg.blocks,
+                self.cfg.block_chunk,
             )
             for i, m in self.memories.items()
         }

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from memtx_cli.errors import MemtxError
-from memtx_cli.model import Retrieval
+from memtx_cli.model import BlockRetrieval, Retrieval
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
@@ -159,18 +159,30 @@ class LayerMemory:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         rotated: bool = False,
+        block_size: int = 0,
     ) -> None:
         self.n_kv, self.head_dim, self.spec = n_kv, head_dim, spec
+        # block_size > 0: block retrieval. Entries are grouped in blocks of consecutive ids, each
+        # represented by the mean of its (searched) keys; no per-token index is kept.
+        self.block_size = block_size
         self.device = torch.device(device)
         self.n = 0
         cap = 1024
-        self.keys = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)  # raw, no RoPE
-        self.values = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)
+        # Zero-filled: block retrieval gathers whole blocks, the unused tail of a partial block
+        # included (masked out, but NaN garbage would still poison the softmax).
+        self.keys = torch.zeros(n_kv, cap, head_dim, dtype=dtype, device=self.device)  # raw, no RoPE
+        self.values = torch.zeros(n_kv, cap, head_dim, dtype=dtype, device=self.device)
         # Keys rotated by their absolute positions (true / clamped schemes): scoring a retrieved
         # memory at its real distance is then one dot product, no per-pair RoPE.
-        self.rkeys = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device) if rotated else None
+        self.rkeys = torch.zeros(n_kv, cap, head_dim, dtype=dtype, device=self.device) if rotated else None
         self.positions = torch.empty(cap, dtype=torch.long, device=self.device)
-        self.heads = [HeadIndex(head_dim, spec, use_gpu=self.device.type == "cuda") for _ in range(n_kv)]
+        self.heads = (
+            [] if block_size else [HeadIndex(head_dim, spec, use_gpu=self.device.type == "cuda") for _ in range(n_kv)]
+        )
+        if block_size and cap % block_size:
+            raise MemtxError(f"block size {block_size} must divide {cap}")
+        # Block representatives (KV, blocks, D), float32: mean of each block's searched keys.
+        self.reps = torch.empty(n_kv, cap // max(1, block_size), head_dim, device=self.device) if block_size else None
         self.search_seconds = 0.0
 
     def __len__(self) -> int:
@@ -180,17 +192,22 @@ class LayerMemory:
         cap = self.keys.shape[1]
         if need <= cap:
             return
-        new = max(need, 2 * cap)
+        new = -(-max(need, 2 * cap) // 1024) * 1024  # whole blocks (block sizes divide 1024)
         for name in ("keys", "values", "rkeys"):
             old = getattr(self, name)
             if old is None:
                 continue
-            buf = torch.empty(self.n_kv, new, self.head_dim, dtype=old.dtype, device=old.device)
+            buf = torch.zeros(self.n_kv, new, self.head_dim, dtype=old.dtype, device=old.device)
             buf[:, : self.n] = old[:, : self.n]
             setattr(self, name, buf)
         pos = torch.empty(new, dtype=torch.long, device=self.device)
         pos[: self.n] = self.positions[: self.n]
         self.positions = pos
+        if self.reps is not None:
+            reps = torch.empty(self.n_kv, new // self.block_size, self.head_dim, device=self.device)
+            nb = -(-self.n // self.block_size)
+            reps[:, :nb] = self.reps[:, :nb]
+            self.reps = reps
 
     def add(
         self,
@@ -212,11 +229,64 @@ class LayerMemory:
         self.positions[self.n : self.n + t] = positions
         if self.rkeys is not None:
             self.rkeys[:, self.n : self.n + t] = rotated_k
-        ids = np.arange(self.n, self.n + t, dtype=np.int64)
+        old = self.n
+        self.n += t
+        if self.reps is not None:
+            self._update_reps(old, rotated_k if index_rotated else None)
+            return
+        ids = np.arange(old, old + t, dtype=np.int64)
         ik = (rotated_k if index_rotated else k).detach().float().cpu().numpy()
         for h, head in enumerate(self.heads):
             head.add(np.ascontiguousarray(ik[h]), ids)
-        self.n += t
+
+    def _update_reps(self, old: int, rotated: torch.Tensor | None) -> None:
+        """Recompute the representatives of the blocks that entries old..n touched."""
+        b = self.block_size
+        src = self.rkeys if rotated is not None else self.keys  # what the search compares with
+        first, last = old // b, -(-self.n // b)  # blocks [first, last)
+        full_end = self.n // b
+        if full_end > first:
+            x = src[:, first * b : full_end * b].float().view(self.n_kv, full_end - first, b, -1)
+            self.reps[:, first:full_end] = x.mean(2)
+        if last > full_end:  # a partial block at the end
+            self.reps[:, full_end] = src[:, full_end * b : self.n].float().mean(1)
+
+    def retrieve_blocks(self, q: torch.Tensor, n_blocks: int, scale: float) -> BlockRetrieval:
+        """Per KV head and query chunk, the `n_blocks` blocks most relevant to the chunk's
+        queries q (KV, C, Q, D); returns (KV*C, M, ...) with M = n_blocks x block size.
+
+        Relevance of a block = the sum over the chunk's queries of their scores against the
+        block's representative (the mean of its keys), i.e. the chunk's total attention logit
+        on the block's keys. It is linear, so it is one vector per chunk: (sum of queries) . rep.
+        Measured at 8K tokens against a softmax vote (each query's unit mass split over the
+        blocks): 7.82 / 4.07 / 29.15 vs 7.84 / 4.06 / 29.14 (legal / code / book).
+        """
+        import time
+
+        t0 = time.perf_counter()
+        b = self.block_size
+        kv, nc = q.shape[:2]
+        nb = -(-self.n // b)
+        relevance = q.float().sum(2) @ self.reps[:, :nb].transpose(-1, -2)  # (KV, C, nb)
+        m = min(n_blocks, nb)
+        pick = relevance.topk(m, dim=-1).indices.sort(-1).values  # (KV, C, m), in document order
+        capb = self.keys.shape[1] // b
+        flat = (pick + torch.arange(kv, device=self.device).view(kv, 1, 1) * capb).reshape(-1)
+
+        def gather(buf: torch.Tensor) -> torch.Tensor:  # (KV, cap, D) -> (KV*C, m*b, D)
+            # Rows of whole blocks (b*D contiguous elements): a 2-D index_select, 2.5x faster
+            # than gathering (b, D) slabs from a 3-D view.
+            return buf.view(kv * capb, -1).index_select(0, flat).view(kv * nc, m * b, -1)
+
+        ids = (pick[..., None] * b + torch.arange(b, device=self.device)).view(kv * nc, m * b)
+        out = BlockRetrieval(
+            keys=gather(self.keys),
+            rkeys=gather(self.rkeys) if self.rkeys is not None else None,
+            values=gather(self.values),
+            valid=ids < self.n,
+        )
+        self.search_seconds += time.perf_counter() - t0
+        return out
 
     def retrieve(self, q: torch.Tensor, k: int) -> Retrieval:
         """Top-k entries for every query. q: (KV, Q, D) search vectors (Q = G*T: a GQA group's

@@ -162,6 +162,9 @@ class MemoryRead:
     distance: int = 1024  # fixed: where every memory sits; clamped: the largest distance used
     combine: str = "joint"  # joint (one softmax) | gate (paper: sigmoid-gated mix of two)
     shared: bool = False  # one search per token for a whole GQA group (sum of its queries)
+    retrieval: str = "token"  # token: top-k per query | block: top blocks per segment (InfLLM)
+    blocks: int = 32  # block retrieval: blocks selected per query chunk and KV head
+    chunk: int = 512  # block retrieval: consecutive queries that select blocks together
 
 
 @dataclass
@@ -180,6 +183,17 @@ class Retrieval:
             return None if x is None else x.view(kv, gs, t, *x.shape[2:])
 
         return Retrieval(view(self.keys), view(self.rkeys), view(self.values), view(self.positions), view(self.valid))
+
+
+@dataclass
+class BlockRetrieval:
+    """Whole blocks of memory shared by all queries of a segment (per KV head): (KV, M, D)
+    tensors, M = selected blocks x block size, and (KV, M) validity (a block may be partial)."""
+
+    keys: torch.Tensor  # raw keys
+    rkeys: torch.Tensor | None  # keys rotated by their absolute positions (true scheme)
+    values: torch.Tensor
+    valid: torch.Tensor
 
 
 def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
@@ -312,6 +326,8 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(d)
         qr = q_raw[0].view(kv, g, t, d)  # query heads of a group are adjacent
         qs = memory_search_vectors(qr, mem, inv_freq)  # (KV, Gs, T, D)
+        if mem.retrieval == "block":
+            return self.block_memory_attention(q, k, v, bias, qr, qs, mem, inv_freq)
         gs = qs.shape[1]
         got = mem.memory.retrieve(qs.reshape(kv, gs * t, d), mem.top_k)  # (KV, Gs*T, k, ...)
         got = got.grouped(kv, gs, t)
@@ -337,6 +353,69 @@ class Attention(nn.Module):
         # Normalise first, then mix in the model dtype: no float32 copy of the retrieved values.
         m_part = pair_mix((w_m / den[..., None]).to(q.dtype), mv)  # (KV, G, T, D)
         out = (w_l / den)[..., None].to(q.dtype) * out_l.view(kv, g, t, d) + m_part
+        return out.reshape(1, h, t, d)
+
+    def block_memory_attention(
+        self,
+        q: torch.Tensor,  # (1, H, T, D) rotated by window position
+        k: torch.Tensor,  # (1, KV, S, D)
+        v: torch.Tensor,  # (1, KV, S, D)
+        bias: torch.Tensor | None,  # (T, S)
+        qr: torch.Tensor,  # (KV, G, T, D) before RoPE
+        qs: torch.Tensor,  # (KV, Gs, T, D) search vectors
+        mem: MemoryRead,
+        inv_freq: torch.Tensor,
+    ) -> torch.Tensor:  # (1, H, T, D)
+        """Block retrieval (InfLLM-style): each chunk of `chunk` consecutive queries picks the
+        `blocks` most relevant blocks of memory per KV head, then attends to every token in
+        them. Memory attention is one dense flash-attention call with the (KV, chunk) pairs as
+        batch heads, instead of a gather per query; the search runs over block
+        representatives (N / block size of them), not over every key."""
+        kv, g, t, d = qr.shape
+        h, gs = kv * g, qs.shape[1]
+        c = min(mem.chunk, t)
+        nc = -(-t // c)
+        pad = nc * c - t  # the last chunk padded with zero queries (they vote uniformly)
+        scale = 1.0 / math.sqrt(d)
+
+        def chunked(x: torch.Tensor) -> torch.Tensor:  # (KV, X, T, D) -> (KV*nc, X*c, D)
+            x = F.pad(x, (0, 0, 0, pad)).view(kv, x.shape[1], nc, c, d)
+            return x.transpose(1, 2).reshape(kv * nc, -1, d)
+
+        got = mem.memory.retrieve_blocks(chunked(qs).view(kv, nc, gs * c, d), mem.blocks, scale)  # (KV*nc, M, ..)
+        if mem.scheme == "true":  # R(a)q . R(b)k: the real distance
+            qm = rotate_by(qr, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t))
+            km = got.rkeys
+        else:  # every memory `distance` tokens back
+            qm = rotate_by(qr, inv_freq, torch.full((kv, g, t), mem.distance, device=qr.device))
+            km = got.keys
+        m_bias = None  # a mask only when a partial block was picked: it costs ~20% in the kernel
+        if not bool(got.valid.all()):
+            m_bias = torch.zeros(kv * nc, 1, got.valid.shape[1], dtype=q.dtype, device=q.device)
+            m_bias.masked_fill_(~got.valid[:, None], float("-inf"))
+        out_m, lse_m = attention_with_lse(
+            chunked(qm.to(q.dtype))[None], km[None].to(q.dtype), got.values[None].to(q.dtype), m_bias, scale
+        )  # (KV*nc, G*c, D), (KV*nc, G*c)
+
+        def unchunked(x: torch.Tensor) -> torch.Tensor:  # (KV*nc, G*c, ...) -> (KV, G, T, ...)
+            x = x.view(kv, nc, g, c, *x.shape[2:]).transpose(1, 2).reshape(kv, g, nc * c, *x.shape[2:])
+            return x[:, :, :t]
+
+        out_m, lse_m = unchunked(out_m), unchunked(lse_m)
+        if mem.combine == "gate":
+            local = grouped_attention(q, k, v, bias)
+            gate = torch.sigmoid(self.mem_gate).to(q.dtype).view(1, h, 1, 1)
+            return gate * out_m.reshape(1, h, t, d) + (1 - gate) * local
+        if bias is None:
+            bias = local_bias(t, k.shape[2] + 1, q.dtype, q.device)[:, 1:]
+        qg = q.reshape(1, kv, g * t, d)
+        out_l, lse_l = attention_with_lse(qg, k, v, bias.repeat(g, 1), scale)  # (KV, G*T, D), (KV, G*T)
+        out_l, lse_l = out_l.view(kv, g, t, d), lse_l.view(kv, g, t)
+        # One softmax over [local, memory]: merge the two partial attentions by their lse.
+        top = torch.maximum(lse_l, lse_m)
+        w_l, w_m = torch.exp(lse_l - top), torch.exp(lse_m - top)
+        den = w_l + w_m
+        out = (w_l / den)[..., None].to(q.dtype) * out_l + (w_m / den)[..., None].to(q.dtype) * out_m
         return out.reshape(1, h, t, d)
 
 
@@ -368,7 +447,7 @@ def attention_with_lse(
     q: torch.Tensor,  # (1, KV, Q, D)
     k: torch.Tensor,  # (1, KV, S, D)
     v: torch.Tensor,  # (1, KV, S, D)
-    bias: torch.Tensor,  # (Q, S) additive
+    bias: torch.Tensor | None,  # additive, broadcastable to (KV, Q, S): (Q, S) or (KV, 1, S)
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (KV, Q, D) in q's dtype, (KV, Q) float32
     """Attention output and its log-sum-exp, for merging with retrieved memories.
@@ -378,10 +457,12 @@ def attention_with_lse(
     """
     if q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+            q, k, v, 0.0, False, attn_mask=bias[None] if bias is not None and bias.dim() == 3 else bias, scale=scale
         )
         return out[0], lse[0].float()
-    scores = (q[0] @ k[0].transpose(-1, -2)).float() * scale + bias.float()  # (KV, Q, S)
+    scores = (q[0] @ k[0].transpose(-1, -2)).float() * scale  # (KV, Q, S)
+    if bias is not None:
+        scores = scores + bias.float()
     lse = torch.logsumexp(scores, -1)
     return (torch.exp(scores - lse[..., None]).to(q.dtype) @ v[0]), lse
 

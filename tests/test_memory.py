@@ -1,5 +1,7 @@
 """Memorizing attention: exactness against full attention, the memory's bookkeeping, FAISS recall."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,16 @@ from memtx_cli.memory import IndexSpec, LayerMemory
 
 
 def cfg(**kw):
-    base = dict(segment=8, memory=True, memory_layers="all", index="flat", top_k=1000, positions="true", sinks=0)
+    base = dict(
+        segment=8,
+        memory=True,
+        memory_layers="all",
+        index="flat",
+        top_k=1000,
+        positions="true",
+        sinks=0,
+        retrieval="token",
+    )
     base.update(kw)
     return Config(**base)
 
@@ -125,3 +136,79 @@ def test_approximate_recall_on_random_keys(spec, floor):
 def test_unknown_index_kind(tiny_model):
     with pytest.raises(MemtxError, match="unknown index kind"):
         run_stream(tiny_model, torch.randint(0, 300, (20,)), cfg(index="NoSuchIndex"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Block retrieval (InfLLM-style)
+
+
+@pytest.mark.parametrize("xl", [True, False])
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_block_retrieval_of_every_block_equals_full_attention(tiny_model, xl, chunk):
+    """Every block selected (blocks x block size >= memory), true positions: the memory part is
+    every earlier token at its real distance, so block mode is full causal attention too. Block
+    size 4 with segments of 8 minus nothing leaves partial blocks only at the end; chunk 3 pads
+    the last query chunk."""
+    torch.manual_seed(11)
+    ids = torch.randint(0, 300, (61,))
+    causal = torch.ones(61, 61, dtype=torch.bool).tril()
+    with torch.no_grad():
+        ref = nll_from_logits(naive_logits(tiny_model, ids, causal), ids)
+    c = cfg(retrieval="block", block_size=4, blocks=1000, block_chunk=chunk, xl_cache=xl)
+    got, streamer = run_stream(tiny_model, ids, c)
+    assert streamer.memory_entries > 0
+    torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-5)
+
+
+def test_block_retrieval_with_sinks_masks_partial_blocks(tiny_model):
+    """Sinks shift the memory off block boundaries: partial blocks must be masked, not zero-scored."""
+    torch.manual_seed(12)
+    ids = torch.randint(0, 300, (61,))
+    c = cfg(sinks=3, segment=8)
+    got_token, _ = run_stream(tiny_model, ids, c)  # top-k >= memory: every memory
+    got_block, _ = run_stream(tiny_model, ids, dataclasses.replace(c, retrieval="block", block_size=4, blocks=1000))
+    torch.testing.assert_close(got_block, got_token, atol=5e-5, rtol=1e-5)
+
+
+def test_block_selection_matches_brute_force():
+    """retrieve_blocks picks, per chunk and head, the blocks whose mean key has the largest inner
+    product with the chunk's summed queries, and returns their keys/values in document order."""
+    torch.manual_seed(13)
+    mem = LayerMemory(2, 16, IndexSpec("flat"), block_size=8)
+    keys, vals = torch.randn(2, 203, 16), torch.randn(2, 203, 16)
+    for s in range(0, 203, 50):  # 26 blocks, the last one partial (3 entries)
+        e = min(s + 50, 203)
+        mem.add(keys[:, s:e], vals[:, s:e], torch.arange(s, e))
+    q = torch.randn(2, 3, 5, 16)  # (KV, chunks, queries, D)
+    got = mem.retrieve_blocks(q, 4, 0.25)
+    assert got.keys.shape == (6, 32, 16)
+    for h in range(2):
+        padded = torch.cat([keys[h], torch.zeros(5, 16)]).view(26, 8, 16)
+        counts = torch.tensor([8] * 25 + [3]).float()
+        means = padded.sum(1) / counts[:, None]
+        for c in range(3):
+            want = (q[h, c].sum(0) @ means.T).topk(4).indices.sort().values
+            ids = (want[:, None] * 8 + torch.arange(8)).reshape(-1)
+            ok = ids < 203
+            row = h * 3 + c
+            assert got.valid[row].tolist() == ok.tolist()
+            torch.testing.assert_close(got.keys[row][ok], keys[h, ids[ok]])
+            torch.testing.assert_close(got.values[row][ok], vals[h, ids[ok]])
+            assert (got.keys[row][~ok] == 0).all()  # the unused tail is zero, never garbage
+
+
+def test_block_memory_grows_by_whole_blocks():
+    mem = LayerMemory(1, 8, IndexSpec("flat"), block_size=32)
+    mem.add(torch.randn(1, 2500, 8), torch.randn(1, 2500, 8), torch.arange(2500))  # > 2x capacity
+    mem.add(torch.randn(1, 7, 8), torch.randn(1, 7, 8), torch.arange(2500, 2507))
+    assert mem.keys.shape[1] % 32 == 0 and len(mem) == 2507
+    torch.testing.assert_close(mem.reps[0, 78], mem.keys[0, 2496:2507].mean(0))
+
+
+def test_block_retrieval_bad_settings():
+    with pytest.raises(MemtxError, match="clamped"):
+        cfg(retrieval="block", positions="clamped")
+    with pytest.raises(MemtxError, match="retrieval must be"):
+        cfg(retrieval="blocks")
+    with pytest.raises(MemtxError, match="block-size"):
+        cfg(retrieval="block", block_size=48)
