@@ -34,7 +34,9 @@ def memory(r: dict) -> None:
         how = f"block retrieval: {s['blocks']} blocks of {s['block_size']} per {s['block_chunk']} queries (exact search over block means)"
     else:
         how = f"token retrieval: top-{s['top_k']}, index {s['index']} (nprobe {s['nprobe']}), shared search {s.get('shared_search', True)}"
-    print(f"settings: layers {s['memory_layers']}, {how}, {s['positions']} positions, sinks {s['sinks']}, dtype {r['dtype']}\n")
+    print(
+        f"settings: layers {s['memory_layers']}, {how}, {s['positions']} positions, sinks {s['sinks']}, dtype {r['dtype']}\n"
+    )
     print(
         "| genre | tokens | ppl window (+sinks) | ppl memory | ppl full | gap recovered | tok/s window | tok/s memory | memory cost | retrieval s |"
     )

@@ -210,6 +210,8 @@ class Bank:
             raise MemtxError(f"bank {path}: manifest.yaml is damaged ({str(e).splitlines()[0]})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise MemtxError(f"bank {path}: manifest.yaml is damaged or not a memtx bank manifest")
+        if manifest.get("checksum") != manifest_checksum(manifest):
+            raise MemtxError(f"bank {path}: manifest.yaml is damaged (checksum mismatch)")
         if manifest.get("version") != VERSION:
             raise MemtxError(f"bank {path}: format version {manifest.get('version')} is not supported (want {VERSION})")
         try:
@@ -355,7 +357,9 @@ class Bank:
             for fi, name in enumerate(self.data_files):
                 bad = [int(b) for b in live if self.block_crc(name, int(b)) != self.crc[b, fi]]
                 if bad:
-                    problems.append(f"{name} is damaged: checksum mismatch in {len(bad)} block(s), first block {bad[0]}")
+                    problems.append(
+                        f"{name} is damaged: checksum mismatch in {len(bad)} block(s), first block {bad[0]}"
+                    )
             prov = self.provenance()
             if prov is not None and not problems:
                 for b in live:
@@ -500,6 +504,8 @@ class Bank:
             documents=len(self.docs),
             updated_at=now(),
         )
+        m.pop("checksum", None)
+        m["checksum"] = manifest_checksum(m)
         import yaml
 
         _write_atomic(self.path / "manifest.yaml", yaml.safe_dump(m, sort_keys=False).encode("utf-8"))
@@ -578,6 +584,12 @@ class Bank:
         }
 
 
+def manifest_checksum(m: dict[str, Any]) -> str:
+    """sha256 of the manifest's content without its own checksum (canonical JSON)."""
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -592,3 +604,68 @@ def check_model(bank: Bank, model: dict[str, Any]) -> None:
                 f"{str(mine.get(key))[:12]}), not {model.get('name')!r} ({str(model.get(key))[:12]}); "
                 f"use --model {mine.get('name')} or rebuild the bank"
             )
+
+
+def verify_bank(path: str | Path) -> list[str]:
+    """Every problem found in a bank (empty = healthy); never raises for damage."""
+    try:
+        bank = Bank.open(path, writer=False, verify=False)
+    except MemtxError as e:
+        return [str(e)]
+    try:
+        return bank.check(full=True)
+    finally:
+        bank.close()
+
+
+def merge_banks(sources: list[Path], out: Path) -> dict[str, Any]:
+    """A new bank holding the documents of all `sources` (identical content kept once)."""
+    if not sources:
+        raise MemtxError("bank merge needs at least one bank")
+    if Bank.is_bank(out) or (out.exists() and any(out.iterdir())):
+        raise MemtxError(f"{out} already exists; bank merge writes a new bank")
+    opened = [Bank.open(p, verify=True) for p in sources]
+    try:
+        first = opened[0]
+        for b in opened[1:]:
+            check_model(first, b.manifest["model"])
+            if asdict(b.geo) != asdict(first.geo):
+                raise MemtxError(f"bank {b.path} has different memory layers or block size than {first.path}")
+        dst = Bank.create(out, first.manifest["model"], first.geo, first.manifest["config"], {"capacity": 0})
+        try:
+            for src in opened:
+                for rec in sorted(src.docs.values(), key=lambda d: d.id):
+                    _copy_document(src, rec, dst)
+            return {"documents": len(dst.docs), "entries": dst.entries}
+        finally:
+            dst.close()
+    finally:
+        for b in opened:
+            b.close()
+
+
+def _copy_document(src: Bank, rec: DocRecord, dst: Bank) -> None:
+    same = next((d for d in dst.docs.values() if d.sha256 == rec.sha256), None)
+    if same is not None:
+        for p in [rec.path, *rec.aliases]:
+            if p != same.path and p not in same.aliases:
+                same.aliases.append(p)
+        dst.commit()
+        return
+    doc_id = int(dst.manifest["next_doc_id"])
+    bs = src.geo.block_size
+    new_blocks, valid = [], []
+    for b in rec.blocks:
+        n = int(src.blocks[b, B_VALID])
+        rows = slice(b * bs, b * bs + n)
+        kv = {ly: (np.asarray(src.keys(ly)[rows]), np.asarray(src.values(ly)[rows])) for ly in src.geo.layers}
+        prov = np.array(src.provenance()[b * bs : b * bs + n])
+        prov[:, 0] = doc_id
+        (nb,) = dst.allocate(1, set(new_blocks))
+        dst.write_block(nb, doc_id, kv, prov)
+        new_blocks.append(nb)
+        valid.append(n)
+    dst.attach_blocks(doc_id, new_blocks, valid)
+    d = DocRecord(**{**asdict(rec), "id": doc_id, "blocks": new_blocks})
+    dst.add_document(d)
+    dst.commit()

@@ -186,6 +186,20 @@ def build_config(config_file: str | None, model: str | None, flags: dict[str, An
 # Commands
 
 
+def open_bank_for_reading(path: str) -> Any:
+    """Open a bank read-only and verified (before the model loads: a bad bank fails fast)."""
+    from memtx_cli.bank import Bank
+
+    return Bank.open(path, writer=False, verify=True)
+
+
+def check_bank_model(bank: Any, lm: Any) -> None:
+    from memtx_cli.bank import check_model
+    from memtx_cli.ingest import model_identity
+
+    check_model(bank, model_identity(lm))
+
+
 def describe_retrieval(st: dict[str, Any]) -> str:
     if st.get("retrieval") == "block":
         return f"{st['blocks']} blocks of {st['block_size']} per {st['block_chunk']} queries"
@@ -197,12 +211,12 @@ def memory_flags(**flags: Any) -> dict[str, Any]:
     return dict(flags)
 
 
-MemoryOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--memory/--no-memory",
-        help="kNN memory of the document's own past. --no-memory: the sliding-window baseline. Default: on.",
-    ),
+BankOpt = Annotated[
+    str | None,
+    typer.Option("--memory", help="A memory bank (from memtx ingest) to read, besides the document's own past."),
+]
+NoMemoryOpt = Annotated[
+    bool, typer.Option("--no-memory", help="No kNN memory: the sliding-window baseline over the same segments.")
 ]
 LayersOpt = Annotated[str | None, typer.Option("--memory-layers", help="Memory layers: all, 8,16,24 or 10-19.")]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Memories retrieved per query. Default: 32.")]
@@ -233,7 +247,8 @@ BlockChunkOpt = Annotated[
 def score(
     file: Annotated[str, typer.Argument(help="Text file to score, or - for stdin.")],
     model: ModelOpt = None,
-    memory: MemoryOpt = None,
+    bank: BankOpt = None,
+    no_memory: NoMemoryOpt = False,
     compare: Annotated[
         bool, typer.Option("--compare", help="Run with and without memory; print both and the difference.")
     ] = False,
@@ -272,7 +287,7 @@ def score(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Perplexity of a document streamed segment by segment, with memory of its own past."""
+    """Perplexity of a document streamed segment by segment, with memory of its own past (and of a bank)."""
     import dataclasses
     import time
 
@@ -290,7 +305,7 @@ def score(
         "dtype": dtype,
         "threads": threads,
         **memory_flags(
-            memory=memory,
+            memory=False if no_memory else None,
             memory_layers=memory_layers,
             top_k=top_k,
             index=index,
@@ -307,6 +322,7 @@ def score(
         ),
     }
     cfg = build_config(config, model, flags)
+    the_bank = open_bank_for_reading(bank) if bank else None
     from memtx_cli.engine import score_ids, tokenize_for_scoring
     from memtx_cli.runtime import load_model
 
@@ -314,6 +330,8 @@ def score(
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
     load_s = time.perf_counter() - t0
     ids, n_bytes = tokenize_for_scoring(lm, doc.text, cfg.max_tokens)
+    if the_bank is not None:
+        check_bank_model(the_bank, lm)
     runs = (
         {"memory": dataclasses.replace(cfg, memory=True), "window": dataclasses.replace(cfg, memory=False)}
         if compare
@@ -322,7 +340,7 @@ def score(
     results = {}
     for name, c in runs.items():
         with progress_bar(f"scoring ({name})" if compare else "scoring", show_progress(quiet)) as cb:
-            results[name] = score_ids(lm, ids, n_bytes, c, cb)
+            results[name] = score_ids(lm, ids, n_bytes, c, cb, the_bank)
     base = {
         "file": doc.name,
         "model": lm.name,
@@ -436,6 +454,203 @@ def models(as_json: JsonOpt = False) -> None:
             "" if r["installed"] else r["install"],
         )
     Console(soft_wrap=True).print(t)
+
+
+@app.command()
+@handle_errors
+def ingest(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories (recursive), or - for paths on stdin.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="The bank directory to create or extend.")],
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="Only files matching this glob (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Skip files matching this glob (repeatable).")
+    ] = None,
+    capacity: Annotated[int, typer.Option(help="Keep at most N entries (tokens); 0 = no limit.")] = 0,
+    evict: Annotated[str, typer.Option(help="Eviction when over capacity: fifo, lru or reservoir.")] = "fifo",
+    model: ModelOpt = None,
+    memory_layers: LayersOpt = None,
+    block_size: BlockSizeOpt = None,
+    blocks: BlocksOpt = None,
+    block_chunk: BlockChunkOpt = None,
+    sinks: SinksOpt = None,
+    segment: Annotated[int | None, typer.Option(help="Segment length in tokens. Default: 512.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Ingest only the first N tokens of each document.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    config: ConfigOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List skipped files and why.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build or extend a memory bank: stream documents through the model and keep their memories."""
+    from pathlib import Path
+
+    from memtx_cli.bank import EVICTION
+    from memtx_cli.corpus import select_files
+
+    if evict not in EVICTION:
+        raise MemtxError(f"--evict must be one of {', '.join(EVICTION)}, got {evict!r}")
+    if capacity < 0:
+        raise MemtxError(f"--capacity must be >= 0, got {capacity}")
+    out_p = Path(out)
+    sel = select_files(paths, include, exclude, out_p)  # bad paths fail before anything is written
+    flags = {
+        "segment": segment,
+        "device": device,
+        "dtype": dtype,
+        "threads": threads,
+        **memory_flags(
+            memory_layers=memory_layers, block_size=block_size, blocks=blocks, block_chunk=block_chunk, sinks=sinks
+        ),
+    }
+    cfg = build_config(config, model, flags)
+    from memtx_cli.ingest import ingest as run_ingest
+    from memtx_cli.ingest import open_or_create_bank
+    from memtx_cli.runtime import load_model
+
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    bank = open_or_create_bank(out_p, lm, cfg, capacity, evict)
+    try:
+        with ingest_progress(show_progress(quiet)) as cb:
+            rep = run_ingest(lm, bank, sel.files, cfg, cb, max_tokens=max_tokens or 0)
+        info = bank.info()
+    finally:
+        bank.close()
+    rep.skipped = sel.skipped + rep.skipped
+    for w in rep.warnings:
+        log(f"memtx: warning: {w}", quiet)
+    if verbose:
+        for path, why in rep.skipped:
+            log(f"skipped {path}: {why}", quiet)
+    if as_json:
+        print_json({"bank": str(out_p), **rep.to_dict(), "entries": info["entries"], "documents": info["documents"]})
+        return
+    print_table(
+        f"memtx ingest -> {out_p}",
+        [
+            ("documents added", f"{len(rep.added)}"),
+            ("unchanged (skipped)", f"{len(rep.unchanged)}"),
+            ("duplicates (aliased)", f"{len(rep.aliased)}"),
+            ("replaced (changed)", f"{len(rep.replaced)}"),
+            ("skipped (binary, unreadable, ...)", f"{len(rep.skipped)}" + ("" if verbose else " (-v lists them)")),
+            ("tokens", f"{rep.tokens:,}"),
+            ("tokens/s", f"{rep.tokens_per_s:,.0f}"),
+            ("evicted blocks", f"{rep.evicted_blocks}"),
+            ("bank documents / entries", f"{info['documents']} / {info['entries']:,}"),
+        ],
+    )
+
+
+@contextmanager
+def ingest_progress(enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Documents, tokens, tokens/s and ETA of the current document, on stderr."""
+    if not enabled:
+        yield lambda e: None
+        return
+    with progress_bar("ingesting", True) as bar:
+
+        def update(e: dict[str, Any]) -> None:
+            bar(e["done"], e["total"])
+
+        yield update
+
+
+bank_app = typer.Typer(help="Inspect and manage memory banks.", no_args_is_help=True)
+app.add_typer(bank_app, name="bank")
+BankArg = Annotated[str, typer.Argument(help="The bank directory.")]
+
+
+@bank_app.command("info")
+@handle_errors
+def bank_info(bank: BankArg, as_json: JsonOpt = False) -> None:
+    """Documents, entries, bytes on disk, bytes per token, model and settings of a bank."""
+    from memtx_cli.bank import Bank
+
+    with Bank.open(bank, verify=False) as b:
+        info = b.info()
+        docs = [
+            {"id": d.id, "path": d.path, "tokens": d.tokens, "entries": d.entries, "aliases": d.aliases}
+            for d in b.docs.values()
+        ]
+    if as_json:
+        print_json({**info, "docs": docs})
+        return
+    bpt = info["bytes_per_token"]
+    print_table(
+        f"memtx bank: {bank}",
+        [
+            ("documents", f"{info['documents']}"),
+            ("entries (tokens in memory)", f"{info['entries']:,}"),
+            ("blocks", f"{info['blocks']:,} of {info['block_size']}"),
+            ("bytes on disk", f"{info['bytes_on_disk']:,}"),
+            ("bytes per token", f"{bpt:,.0f}" if bpt else "-"),
+            ("model", f"{info['model']['name']} ({info['model']['weights_fingerprint'][:12]})"),
+            ("memory layers", f"{info['layers'][0]}-{info['layers'][-1]}" if info["layers"] else "-"),
+            ("kv heads x head dim", f"{info['kv_heads']} x {info['head_dim']}, {info['dtype']}"),
+            ("eviction", f"{info['eviction']}"),
+        ],
+    )
+
+
+@bank_app.command("verify")
+@handle_errors
+def bank_verify(bank: BankArg, as_json: JsonOpt = False) -> None:
+    """Check a bank: manifest, state checksums, id alignment, every block's crc32."""
+    from memtx_cli.bank import verify_bank
+
+    problems = verify_bank(bank)
+    if as_json:
+        print_json({"bank": bank, "ok": not problems, "problems": problems})
+    elif not problems:
+        print(f"{bank}: ok")
+    else:
+        for p in problems:
+            print(f"{bank}: {p}")
+    if problems:
+        raise typer.Exit(1)
+
+
+@bank_app.command("rm")
+@handle_errors
+def bank_rm(
+    bank: BankArg,
+    docs: Annotated[list[str], typer.Argument(help="Documents to remove: path (as ingested) or id.")],
+) -> None:
+    """Remove documents (and their memories) from a bank."""
+    from pathlib import Path
+
+    from memtx_cli.bank import Bank
+
+    with Bank.open(bank, writer=True, verify=False) as b:
+        targets = []
+        for key in docs:
+            rec = b.find_doc(key) or b.find_doc(str(Path(key).resolve()))
+            if rec is None:
+                raise MemtxError(f"no document {key!r} in {bank} (see memtx bank info {bank})")
+            targets.append(rec)
+        for rec in targets:
+            if rec.id in b.docs:
+                b.remove_document(rec.id)
+        b.commit()
+    print(f"removed {len(targets)} document(s) from {bank}")
+
+
+@bank_app.command("merge")
+@handle_errors
+def bank_merge(
+    banks: Annotated[list[str], typer.Argument(help="Banks to merge (same model and geometry).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="The new bank.")],
+) -> None:
+    """Merge banks into a new one; identical documents are kept once."""
+    from pathlib import Path
+
+    from memtx_cli.bank import merge_banks
+
+    rep = merge_banks([Path(b) for b in banks], Path(out))
+    print(f"merged {len(banks)} banks into {out}: {rep['documents']} documents, {rep['entries']:,} entries")
 
 
 @bench_app.command("throughput")

@@ -39,8 +39,8 @@ class Streamer:
     (StreamingLLM) and are kept out of the memory, so nothing is attended twice.
     """
 
-    def __init__(self, model: Transformer, cfg: Config) -> None:
-        from memtx_cli.memory import IndexSpec, LayerMemory, check_index_kind
+    def __init__(self, model: Transformer, cfg: Config, bank: Any = None) -> None:
+        from memtx_cli.memory import BankLayerMemory, CompositeMemory, IndexSpec, LayerMemory, check_index_kind
 
         self.model, self.cfg = model, cfg
         a = model.args
@@ -55,6 +55,12 @@ class Streamer:
         wdt = model.embed.weight.dtype
         bs = cfg.block_size if cfg.retrieval == "block" else 0
         self.memories = {i: LayerMemory(a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated, bs) for i in self.layers}
+        self.bank_memories: dict[int, Any] = {}
+        if bank is not None:  # a bank on disk, read-only, joins the document's own memory
+            check_bank_settings(bank, cfg, self.layers)
+            for i in self.layers:
+                self.bank_memories[i] = BankLayerMemory(bank, i, wdt, dev)
+                self.memories[i] = CompositeMemory(self.memories[i], self.bank_memories[i])
         # Where memories sit (fixed) / the largest distance used (clamped): just outside the
         # local window by default, i.e. the window's span (sinks + cache + segment).
         window = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
@@ -103,6 +109,7 @@ class Streamer:
             for i, m in self.memories.items()
         }
         res = self.model.forward_segment(ids[None], self._local_cache(), reads or None)
+        self.last_kv = res.kv  # this segment's raw K/V per layer (ingest writes them to a bank)
         self._advance(res.kv, t)
         return res.hidden[0]
 
@@ -127,13 +134,28 @@ class Streamer:
             mem.add(k, v, pos, rk, index_rotated=self.cfg.positions == "true")
 
 
+def check_bank_settings(bank: Any, cfg: Config, layers: list[int]) -> None:
+    """A bank serves block retrieval at fixed positions, in the layers it was built with."""
+    if cfg.retrieval != "block" or cfg.positions != "fixed":
+        raise MemtxError("--memory BANK works with --retrieval block and --positions fixed (the defaults)")
+    if cfg.block_size != bank.geo.block_size:
+        raise MemtxError(f"bank {bank.path} has blocks of {bank.geo.block_size}; drop --block-size {cfg.block_size}")
+    missing = sorted(set(layers) - set(bank.geo.layers))
+    if missing:
+        lo, hi = min(bank.geo.layers), max(bank.geo.layers)
+        raise MemtxError(
+            f"bank {bank.path} holds memory layers {lo}-{hi}; memory layer(s) {missing} are not in it "
+            "(choose --memory-layers within the bank's)"
+        )
+
+
 @torch.inference_mode()
 def run_stream(
-    model: Transformer, ids: torch.Tensor, cfg: Config, progress: Progress = _noop
+    model: Transformer, ids: torch.Tensor, cfg: Config, progress: Progress = _noop, bank: Any = None
 ) -> tuple[torch.Tensor, Streamer]:
     """Per-token NLL (N-1,) of ids[1:] (N,), streaming segments as `cfg` says (XL cache,
-    sinks, memory), and the streamer (memory size, retrieval time)."""
-    streamer = Streamer(model, cfg)
+    sinks, memory, and a bank read-only), and the streamer (memory size, retrieval time)."""
+    streamer = Streamer(model, cfg, bank)
     n = ids.shape[0]
     out = []
     for s in range(0, n, cfg.segment):
@@ -177,6 +199,7 @@ class ScoreResult:
     memory: dict[str, Any] | None = None  # memory settings when memory was on
     memory_entries: int = 0  # (layer, token) entries in memory at the end
     retrieval_seconds: float = 0.0
+    bank: dict[str, Any] | None = None  # the bank read (path, entries, documents)
 
     @property
     def ppl(self) -> float:
@@ -204,6 +227,7 @@ class ScoreResult:
             "memory": self.memory,
             "memory_entries": self.memory_entries,
             "retrieval_seconds": self.retrieval_seconds,
+            "bank": self.bank,
         }
 
     def curve(self, segment: int) -> list[dict[str, Any]]:
@@ -228,7 +252,9 @@ def tokenize_for_scoring(lm: LoadedModel, text: str, max_tokens: int = 0) -> tup
     return ids, len(scored_text.encode("utf-8"))
 
 
-def score_ids(lm: LoadedModel, ids: list[int], n_bytes: int, cfg: Config, progress: Progress = _noop) -> ScoreResult:
+def score_ids(
+    lm: LoadedModel, ids: list[int], n_bytes: int, cfg: Config, progress: Progress = _noop, bank: Any = None
+) -> ScoreResult:
     cfg.validate_for(lm.args.context_length)
     x = torch.tensor(ids, dtype=torch.long, device=lm.device)
     t0 = time.perf_counter()
@@ -236,7 +262,7 @@ def score_ids(lm: LoadedModel, ids: list[int], n_bytes: int, cfg: Config, progre
     if cfg.context == "full":
         nll = full_nll(lm.model, x, lm.args.context_length, progress)
     else:
-        nll, streamer = run_stream(lm.model, x, cfg, progress)
+        nll, streamer = run_stream(lm.model, x, cfg, progress, bank if cfg.memory else None)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -252,6 +278,11 @@ def score_ids(lm: LoadedModel, ids: list[int], n_bytes: int, cfg: Config, progre
         memory=cfg.memory_settings() if streamer and streamer.layers else None,
         memory_entries=streamer.memory_entries if streamer else 0,
         retrieval_seconds=streamer.retrieval_seconds if streamer else 0.0,
+        bank=(
+            {"path": str(bank.path), "entries": bank.entries, "documents": len(bank.docs)}
+            if bank is not None and streamer and streamer.bank_memories
+            else None
+        ),
     )
 
 

@@ -264,12 +264,25 @@ class LayerMemory:
         import time
 
         t0 = time.perf_counter()
-        b = self.block_size
-        kv, nc = q.shape[:2]
-        nb = -(-self.n // b)
-        relevance = q.float().sum(2) @ self.reps[:, :nb].transpose(-1, -2)  # (KV, C, nb)
-        m = min(n_blocks, nb)
+        relevance = self.block_relevance(q.float().sum(2))  # (KV, C, nb)
+        m = min(n_blocks, relevance.shape[-1])
         pick = relevance.topk(m, dim=-1).indices.sort(-1).values  # (KV, C, m), in document order
+        out = self.gather_blocks(pick)
+        self.search_seconds += time.perf_counter() - t0
+        return out
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n // self.block_size)
+
+    def block_relevance(self, qsum: torch.Tensor) -> torch.Tensor:
+        """(KV, C, D) summed chunk queries -> (KV, C, nb) relevance of every block."""
+        return qsum @ self.reps[:, : self.n_blocks].transpose(-1, -2)
+
+    def gather_blocks(self, pick: torch.Tensor) -> BlockRetrieval:
+        """Blocks pick (KV, C, m) -> their entries as (KV*C, m*b, ...) tensors."""
+        b = self.block_size
+        kv, nc, m = pick.shape
         capb = self.keys.shape[1] // b
         flat = (pick + torch.arange(kv, device=self.device).view(kv, 1, 1) * capb).reshape(-1)
 
@@ -279,14 +292,12 @@ class LayerMemory:
             return buf.view(kv * capb, -1).index_select(0, flat).view(kv * nc, m * b, -1)
 
         ids = (pick[..., None] * b + torch.arange(b, device=self.device)).view(kv * nc, m * b)
-        out = BlockRetrieval(
+        return BlockRetrieval(
             keys=gather(self.keys),
             rkeys=gather(self.rkeys) if self.rkeys is not None else None,
             values=gather(self.values),
             valid=ids < self.n,
         )
-        self.search_seconds += time.perf_counter() - t0
-        return out
 
     def retrieve(self, q: torch.Tensor, k: int) -> Retrieval:
         """Top-k entries for every query. q: (KV, Q, D) search vectors (Q = G*T: a GQA group's
@@ -317,3 +328,101 @@ class LayerMemory:
             positions=self.positions.index_select(0, idt.reshape(-1)).view(kv, nq, kk),
             valid=valid,
         )
+
+
+class BankLayerMemory:
+    """One memory layer of an on-disk bank (bank.py), read-only, for block retrieval: the
+    block search runs in the bank's FAISS index of block means, keys/values come from the
+    memory-mapped float16 arrays."""
+
+    def __init__(self, bank, layer: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.bank, self.layer, self.dtype, self.device = bank, layer, dtype, torch.device(device)
+        self.block_size = bank.geo.block_size
+        self.n_kv = bank.geo.n_kv
+        self.search_seconds = 0.0
+        self.hits: dict[int, float] = {}  # block id -> times retrieved (sources, LRU)
+
+    def __len__(self) -> int:
+        return self.bank.entries
+
+    def search(self, qsum: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KV, C, D) summed chunk queries -> scores (KV, C, m) and block ids (KV, C, m),
+        -inf / -1 where the bank has fewer than m blocks."""
+        qn = qsum.detach().float().cpu().numpy()
+        scores, ids = [], []
+        for h in range(self.n_kv):
+            d, i = self.bank.indexes[(self.layer, h)].search(np.ascontiguousarray(qn[h]), m)
+            scores.append(d)
+            ids.append(i)
+        s = torch.from_numpy(np.stack(scores)).to(self.device)
+        i = torch.from_numpy(np.stack(ids)).to(self.device)
+        return s.masked_fill(i < 0, float("-inf")), i
+
+    def gather_blocks(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block ids (KV, C, m) (-1 = none) -> keys, values (KV, C, m*b, D), valid (KV, C, m*b)."""
+        b = self.block_size
+        kv, nc, m = ids.shape
+        idn = ids.cpu().numpy()
+        rows = np.maximum(idn, 0)[..., None] * b + np.arange(b)  # (KV, C, m, b) entry ids
+        heads = np.arange(kv).reshape(kv, 1, 1, 1)
+        keys = self.bank.keys(self.layer)[rows, heads]  # (KV, C, m, b, D) float16
+        values = self.bank.values(self.layer)[rows, heads]
+        n_valid = self.bank.blocks[np.maximum(idn, 0), 1]  # (KV, C, m)
+        valid = (np.arange(b) < n_valid[..., None]) & (idn[..., None] >= 0)
+        for blk in idn[idn >= 0].ravel().tolist():
+            self.hits[blk] = self.hits.get(blk, 0) + 1
+
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.dtype).view(kv, nc, m * b, -1)
+
+        return t(keys), t(values), torch.from_numpy(valid).to(self.device).view(kv, nc, m * b)
+
+
+class CompositeMemory:
+    """A document's own memory plus a bank: block retrieval picks the best blocks of both."""
+
+    def __init__(self, own: LayerMemory, bank: BankLayerMemory) -> None:
+        self.own, self.bank = own, bank
+        self.block_size = own.block_size
+
+    def __len__(self) -> int:
+        return len(self.own) + len(self.bank)
+
+    @property
+    def search_seconds(self) -> float:
+        return self.own.search_seconds + self.bank.search_seconds
+
+    @property
+    def rkeys(self) -> None:
+        return None
+
+    def add(self, *args, **kwargs) -> None:  # the document's own past; the bank is read-only
+        self.own.add(*args, **kwargs)
+
+    def retrieve_blocks(self, q: torch.Tensor, n_blocks: int, scale: float) -> BlockRetrieval:
+        import time
+
+        t0 = time.perf_counter()
+        kv, nc = q.shape[:2]
+        qsum = q.float().sum(2)  # (KV, C, D)
+        m = min(n_blocks, self.own.n_blocks + len(self.bank.bank.live_blocks))
+        own_rel = self.own.block_relevance(qsum)  # (KV, C, nb_own)
+        bank_s, bank_ids = self.bank.search(qsum, m)  # (KV, C, m)
+        n_own = own_rel.shape[-1]
+        top = torch.cat([own_rel, bank_s], -1).topk(m, dim=-1).indices  # (KV, C, m)
+        from_bank = top >= n_own
+        own_pick = torch.where(from_bank, 0, top)
+        bank_pick = torch.where(from_bank, bank_ids.gather(-1, (top - n_own).clamp(min=0)), -1)
+        b = self.block_size
+        sel = from_bank[..., None].expand(kv, nc, m, b).reshape(kv * nc, m * b)
+        bk, bv, bvalid = self.bank.gather_blocks(bank_pick)
+        bk, bv, bvalid = bk.view(kv * nc, m * b, -1), bv.view(kv * nc, m * b, -1), bvalid.view(kv * nc, m * b)
+        if n_own:
+            own = self.own.gather_blocks(own_pick)
+            keys = torch.where(sel[..., None], bk, own.keys.to(bk.dtype))
+            values = torch.where(sel[..., None], bv, own.values.to(bv.dtype))
+            valid = torch.where(sel, bvalid, own.valid)
+        else:
+            keys, values, valid = bk, bv, bvalid
+        self.bank.search_seconds += time.perf_counter() - t0
+        return BlockRetrieval(keys=keys, rkeys=None, values=values, valid=valid)

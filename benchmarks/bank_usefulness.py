@@ -1,0 +1,94 @@
+"""Does a bank help? Hold out a document, ingest its siblings, score it with and without --memory.
+
+    python benchmarks/bank_usefulness.py --out benchmarks/results/bank_usefulness.json
+
+code: the Lua 5.4 interpreter (../shared/corpus/code/lua54_interpreter_repo.c.txt) split back
+into its files; lstrlib.c is held out, the other files form the bank.
+book: Austen's Northanger Abbey forms the bank; the first --book-tokens of Persuasion are scored.
+Everything runs through the real CLI (`memtx ingest`, `memtx score --json`) as subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+MEMTX = [sys.executable, "-m", "memtx_cli"]
+
+
+def run(args: list[str]) -> dict:
+    out = subprocess.run(MEMTX + args + ["--json", "--quiet"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def split_lua(dst: Path) -> list[Path]:
+    text = (CORPUS / "code" / "lua54_interpreter_repo.c.txt").read_text(encoding="utf-8")
+    parts = re.split(r"^/\* ===== FILE: (.+?) ===== \*/\n", text, flags=re.M)
+    files = []
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        p = dst / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(body, encoding="utf-8")
+        files.append(p)
+    return files
+
+
+def case(name: str, bank_inputs: list[str], target: Path, work: Path, max_tokens: int) -> dict:
+    bank = work / f"{name}.idx"
+    t = time.perf_counter()
+    ing = run(["ingest", *bank_inputs, "--out", str(bank)])
+    ingest_s = time.perf_counter() - t
+    info = run(["bank", "info", str(bank)])
+    flags = ["--max-tokens", str(max_tokens)] if max_tokens else []
+    own = run(["score", str(target), *flags])
+    with_bank = run(["score", str(target), "--memory", str(bank), *flags])
+    window = run(["score", str(target), "--no-memory", *flags])
+    row = {
+        "case": name,
+        "target": target.name,
+        "bank_documents": info["documents"],
+        "bank_tokens": info["tokens"],
+        "bank_bytes_per_token": info["bytes_per_token"],
+        "ingest_tokens_per_s": ing["tokens_per_s"],
+        "ingest_seconds": ingest_s,
+        "tokens": own["tokens"],
+        "ppl_window": window["ppl"],
+        "ppl_own_memory": own["ppl"],
+        "ppl_with_bank": with_bank["ppl"],
+        "score_tokens_per_s_own": own["tokens_per_s"],
+        "score_tokens_per_s_bank": with_bank["tokens_per_s"],
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    ap.add_argument("--book-tokens", type=int, default=16384)
+    ap.add_argument("--cases", default="code,book")
+    a = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "code" in a.cases:
+            files = split_lua(work / "lua")
+            held = next(f for f in files if f.name == "lstrlib.c")
+            others = [str(f) for f in files if f != held]
+            rows.append(case("code", others, held, work, 0))
+        if "book" in a.cases:
+            bank_in = [str(CORPUS / "books" / "austen_northangerabbey.txt")]
+            rows.append(case("book", bank_in, CORPUS / "books" / "austen_persuasion.txt", work, a.book_tokens))
+    if a.out:
+        Path(a.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Ingest: stream documents through the engine with memory and keep their K/V in a bank.
+
+Each document streams exactly as `memtx score` streams it (segments, XL cache, sinks, memory of
+its own past), without the output head: only the K/V of the memory layers are kept. Every
+token's K/V go to the bank in blocks of `block_size` consecutive tokens, with provenance
+(document, token offset, character offset). The bank commits after every document.
+
+Per document: unchanged (same path, same sha256) -> no-op; same content already in the bank
+under another path -> recorded as an alias (deduplication); changed -> the old version is
+removed (committed) and the new one ingested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memtx_cli.bank import Bank, DocRecord, Geometry, check_model, now
+from memtx_cli.config import Config
+from memtx_cli.engine import Streamer
+from memtx_cli.errors import MemtxError
+from memtx_cli.reader import decode_text
+from memtx_cli.runtime import LoadedModel
+
+
+@dataclass
+class IngestReport:
+    added: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    aliased: list[str] = field(default_factory=list)  # identical content already in the bank
+    replaced: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    warnings: list[str] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    evicted_blocks: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "added": len(self.added),
+            "unchanged": len(self.unchanged),
+            "aliased": len(self.aliased),
+            "replaced": len(self.replaced),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "warnings": self.warnings,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_s,
+            "evicted_blocks": self.evicted_blocks,
+        }
+
+
+# progress(event) with event = {"doc": i, "docs": n, "path": str, "done": tokens, "total": tokens}
+IngestProgress = Callable[[dict[str, Any]], None]
+
+
+def model_identity(lm: LoadedModel) -> dict[str, Any]:
+    return {
+        "name": lm.name,
+        "weights_fingerprint": lm.fingerprint,
+        "tokenizer_fingerprint": lm.tokenizer.fingerprint,
+        "n_layers": lm.args.n_layers,
+        "context_length": lm.args.context_length,
+    }
+
+
+def open_or_create_bank(path: Path, lm: LoadedModel, cfg: Config, capacity: int, evict: str, seed: int = 0) -> Bank:
+    """Open the bank for writing (checking the model), or create it with cfg's geometry."""
+    if cfg.retrieval != "block" or cfg.positions != "fixed":
+        raise MemtxError("banks hold block memories at fixed positions: use --retrieval block --positions fixed")
+    layers = cfg.layers_for(lm.args.n_layers)
+    if not layers:
+        raise MemtxError("ingest needs memory layers (drop --no-memory)")
+    if Bank.is_bank(path):
+        bank = Bank.open(path, writer=True, verify=False)
+        try:
+            check_model(bank, model_identity(lm))
+            if capacity:  # the capacity / policy of a run applies from now on
+                bank.manifest["eviction"] = {"capacity": capacity, "policy": evict, "seed": seed}
+        except Exception:
+            bank.close()
+            raise
+        return bank
+    if path.exists() and not path.is_dir():
+        raise MemtxError(f"{path} exists and is a file; --out names a bank directory")
+    geo = Geometry(layers, lm.args.n_kv_heads, lm.args.head_dim, cfg.block_size)
+    evict_cfg = {"capacity": capacity, "policy": evict, "seed": seed}
+    return Bank.create(path, model_identity(lm), geo, cfg.to_dict(), evict_cfg)
+
+
+@torch.inference_mode()
+def stream_into_bank(
+    lm: LoadedModel,
+    bank: Bank,
+    doc_id: int,
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    cfg: Config,
+    progress: Callable[[int, int], None] = lambda d, t: None,
+) -> tuple[list[int], list[int]]:
+    """Stream one document, writing its K/V into free blocks; returns (blocks, valid counts).
+    Nothing is committed here."""
+    bs = bank.geo.block_size
+    layers = bank.geo.layers
+    streamer = Streamer(lm.model, cfg)
+    x = torch.tensor(ids, dtype=torch.long, device=lm.device)
+    n = len(ids)
+    pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in layers}
+    pend_n = 0
+    start = 0  # token offset of the first pending entry
+    blocks: list[int] = []
+    valid: list[int] = []
+    char_off = np.asarray([o[0] for o in offsets], dtype=np.int64)
+
+    def flush(final: bool) -> None:
+        nonlocal pend_n, start
+        while pend_n >= bs or (final and pend_n > 0):
+            take = min(bs, pend_n)
+            kv = {}
+            for i in layers:
+                k = np.concatenate([a for a, _ in pending[i]])
+                v = np.concatenate([b for _, b in pending[i]])
+                kv[i] = (k[:take], v[:take])
+                pending[i] = [(k[take:], v[take:])]
+            prov = np.stack(
+                [np.full(take, doc_id), np.arange(start, start + take), char_off[start : start + take]], 1
+            ).astype(np.int64)
+            (b,) = bank.allocate(1, set(blocks))
+            bank.write_block(b, doc_id, kv, prov)
+            blocks.append(b)
+            valid.append(take)
+            start += take
+            pend_n -= take
+
+    # The document's first `sinks` tokens stay out of the bank, as they stay out of its own
+    # memory: their keys draw attention from every query (that is what makes them sinks), so
+    # as memories they would be retrieved for everything.
+    skip = min(cfg.sinks, n)
+    start = skip
+    for s in range(0, n, cfg.segment):
+        streamer.step(x[s : s + cfg.segment])
+        t = min(cfg.segment, n - s)
+        lo = max(0, skip - s)  # rows of this segment that are sinks
+        for i in layers:
+            kv = streamer.last_kv[i]  # (1, KV, T, D) raw
+            k = kv.k[0, :, lo:].transpose(0, 1).to(torch.float16).cpu().numpy()  # (T, KV, D)
+            v = kv.v[0, :, lo:].transpose(0, 1).to(torch.float16).cpu().numpy()
+            pending[i].append((k, v))
+        pend_n += max(0, t - lo)
+        flush(final=False)
+        progress(min(s + cfg.segment, n), n)
+    flush(final=True)
+    return blocks, valid
+
+
+def ingest(
+    lm: LoadedModel,
+    bank: Bank,
+    files: list[Path],
+    cfg: Config,
+    progress: IngestProgress = lambda e: None,
+    max_tokens: int = 0,
+) -> IngestReport:
+    cfg.validate_for(lm.args.context_length)
+    rep = IngestReport()
+    t_start = time.perf_counter()
+    for i, path in enumerate(files):
+        key = str(path)
+        try:
+            data = path.read_bytes()
+        except PermissionError:
+            rep.skipped.append((key, "permission denied"))
+            continue
+        except OSError as e:
+            rep.skipped.append((key, e.strerror or str(e)))
+            continue
+        try:
+            text, warnings = decode_text(data, key)
+        except MemtxError as e:
+            rep.skipped.append((key, "binary" if "binary" in str(e) else "not UTF-8"))
+            continue
+        rep.warnings += warnings
+        if not text.strip():
+            rep.skipped.append((key, "empty"))
+            continue
+        sha = hashlib.sha256(data).hexdigest()
+        existing = bank.find_doc(key)
+        if existing is not None and existing.sha256 == sha:
+            rep.unchanged.append(key)
+            continue
+        if existing is not None:  # changed: drop the old version first, committed
+            if existing.path == key:
+                bank.remove_document(existing.id)
+            else:
+                existing.aliases.remove(key)
+            bank.commit()
+            rep.replaced.append(key)
+        same = next((d for d in bank.docs.values() if d.sha256 == sha), None)
+        if same is not None:
+            same.aliases.append(key)
+            bank.commit()
+            rep.aliased.append(key)
+            continue
+        ids, offsets = lm.tokenizer.encode_with_offsets(text)
+        if max_tokens:
+            ids, offsets = ids[:max_tokens], offsets[:max_tokens]
+        if not ids:
+            rep.skipped.append((key, "empty"))
+            continue
+        doc_id = int(bank.manifest["next_doc_id"])
+
+        def prog(done: int, total: int, i: int = i, key: str = key) -> None:
+            progress({"doc": i, "docs": len(files), "path": key, "done": done, "total": total})
+
+        blocks, valid = stream_into_bank(lm, bank, doc_id, ids, offsets, cfg, prog)
+        bank.attach_blocks(doc_id, blocks, valid)
+        bank.add_document(
+            DocRecord(
+                id=doc_id,
+                path=key,
+                sha256=sha,
+                size=len(data),
+                tokens=len(ids),
+                chars=len(text),
+                entries=sum(valid),
+                blocks=blocks,
+                ingested_at=now(),
+            )
+        )
+        rep.evicted_blocks += len(bank.evict_to_capacity(protect=set(blocks)))
+        bank.commit()
+        rep.added.append(key)
+        rep.tokens += len(ids)
+    rep.seconds = time.perf_counter() - t_start
+    return rep

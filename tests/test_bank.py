@@ -1,0 +1,456 @@
+"""Memory banks: round trips, durability (kill + resume, damaged files), eviction alignment,
+model mismatch, management commands and bad input. A tiny random-weight GGUF model keeps
+these fast; the real model's numbers are in benchmarks/ (README)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import make_tiny, write_gguf
+from typer.testing import CliRunner
+
+from memtx_cli.bank import Bank, DocRecord, Geometry, merge_banks, verify_bank
+from memtx_cli.cli import app
+from memtx_cli.config import merge_config
+from memtx_cli.errors import MemtxError
+from memtx_cli.ingest import ingest, open_or_create_bank
+from memtx_cli.memory import BankLayerMemory, IndexSpec, LayerMemory
+from memtx_cli.runtime import load_model
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
+WORDS = "the of and to in memory bank token layer key value block index query".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    args, state = make_tiny()
+    p = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    write_gguf(p, args, state)
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_gguf):
+    return load_model(str(tiny_gguf), device="cpu", dtype="float32")
+
+
+def make_corpus(root: Path, n_docs: int = 4, words: int = 300, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = [" ".join(rng.choice(WORDS, 12)) for _ in range(words // 12)]
+        (root / f"doc{i}.txt").write_text(f"document {i}\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def tiny_cfg(tiny_gguf, **kw):
+    base = {"model": str(tiny_gguf), "segment": 64, "dtype": "float32", "block_size": 8, "blocks": 4, "block_chunk": 16}
+    base.update(kw)
+    return merge_config(base)
+
+
+def build(tiny_lm, tiny_gguf, corpus: Path, out: Path, capacity: int = 0, evict: str = "fifo", **kw):
+    cfg = tiny_cfg(tiny_gguf, **kw)
+    bank = open_or_create_bank(out, tiny_lm, cfg, capacity, evict)
+    try:
+        rep = ingest(tiny_lm, bank, sorted(corpus.glob("*.txt")), cfg)
+    finally:
+        bank.close()
+    return rep, cfg
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.name != "lock":
+            h.update(p.relative_to(path).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Round trip
+
+
+def test_ingest_round_trip_counts_and_verify(tiny_lm, tiny_gguf, tmp_path):
+    corpus = make_corpus(tmp_path / "c")
+    rep, cfg = build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")
+    assert len(rep.added) == 4
+    with Bank.open(tmp_path / "b.idx") as b:
+        info = b.info()
+        assert info["documents"] == 4
+        for d in b.docs.values():
+            text = Path(d.path).read_text(encoding="utf-8")
+            n_tok = len(tiny_lm.tokenizer.encode(text))
+            assert d.tokens == n_tok and d.entries == n_tok - cfg.sinks  # sinks stay out
+            assert d.sha256 == hashlib.sha256(Path(d.path).read_bytes()).hexdigest()
+        assert info["entries"] == sum(d.entries for d in b.docs.values())
+        assert b.check(full=True) == []
+    assert verify_bank(tmp_path / "b.idx") == []
+
+
+def test_bank_retrieval_equals_in_memory_retrieval(tiny_lm, tiny_gguf, tmp_path):
+    """The bank's block search and gather return the same blocks, keys and values as an
+    in-memory LayerMemory holding the same entries (float16 storage)."""
+    corpus = make_corpus(tmp_path / "c", n_docs=1, words=600)
+    _, cfg = build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")
+    with Bank.open(tmp_path / "b.idx") as b:
+        (doc,) = b.docs.values()
+        layer = b.geo.layers[-1]
+        bs = b.geo.block_size
+        rows = np.concatenate([np.arange(x * bs, x * bs + b.blocks[x, 1]) for x in doc.blocks])
+        keys = torch.from_numpy(np.asarray(b.keys(layer)[rows], np.float32)).transpose(0, 1)  # (KV, N, D)
+        vals = torch.from_numpy(np.asarray(b.values(layer)[rows], np.float32)).transpose(0, 1)
+        mem = LayerMemory(b.geo.n_kv, b.geo.head_dim, IndexSpec("flat"), block_size=bs)
+        mem.add(keys, vals, torch.arange(keys.shape[1]))
+        bm = BankLayerMemory(b, layer, torch.float32)
+        torch.manual_seed(0)
+        qsum = torch.randn(b.geo.n_kv, 3, b.geo.head_dim) * 5  # (KV, chunks, D)
+        rel = mem.block_relevance(qsum)
+        want = rel.topk(4, -1)
+        scores, ids = bm.search(qsum, 4)
+        local_ids = torch.tensor([doc.blocks.index(int(i)) for i in ids.reshape(-1)]).view(ids.shape)
+        assert torch.equal(local_ids, want.indices)  # same blocks, same order
+        torch.testing.assert_close(scores, want.values, rtol=1e-4, atol=1e-4)
+        k, v, valid = bm.gather_blocks(ids)
+        own = mem.gather_blocks(local_ids)
+        assert torch.equal(valid.reshape(own.valid.shape), own.valid)
+        torch.testing.assert_close(k.reshape(own.keys.shape), own.keys)
+        torch.testing.assert_close(v.reshape(own.values.shape), own.values)
+
+
+def test_score_with_bank_reads_it_and_never_modifies_it(tiny_lm, tiny_gguf, tmp_path):
+    corpus = make_corpus(tmp_path / "c")
+    build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")
+    before = tree_digest(tmp_path / "b.idx")
+    target = corpus / "doc0.txt"
+    common = ["--model", str(tiny_gguf), "--segment", "64", "--dtype", "float32", "--block-size", "8", "--json"]
+    r = runner.invoke(app, ["score", str(target), "--memory", str(tmp_path / "b.idx"), *common])
+    assert r.exit_code == 0, r.output
+    import json
+
+    got = json.loads(r.stdout)
+    assert got["bank"]["documents"] == 4 and got["bank"]["entries"] > 0
+    plain = json.loads(runner.invoke(app, ["score", str(target), *common]).stdout)
+    assert got["ppl"] != plain["ppl"]  # the bank changed the attention
+    assert tree_digest(tmp_path / "b.idx") == before
+
+
+def test_unchanged_duplicate_and_changed_documents(tiny_lm, tiny_gguf, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=2)
+    build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")
+    with Bank.open(tmp_path / "b.idx") as b:
+        gen, entries = b.manifest["generation"], b.entries
+    rep, _ = build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")  # unchanged: no-op
+    assert len(rep.unchanged) == 2 and not rep.added
+    with Bank.open(tmp_path / "b.idx") as b:
+        assert b.manifest["generation"] == gen and b.entries == entries
+    shutil.copy(corpus / "doc0.txt", corpus / "copy.txt")  # identical content: an alias
+    (corpus / "doc1.txt").write_text("a changed document\n" * 30, encoding="utf-8")
+    rep, _ = build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")
+    assert [Path(p).name for p in rep.aliased] == ["copy.txt"]
+    assert [Path(p).name for p in rep.replaced] == ["doc1.txt"] and len(rep.added) == 1
+    with Bank.open(tmp_path / "b.idx") as b:
+        assert len(b.docs) == 2
+        d0 = b.find_doc(str(corpus / "doc0.txt"))
+        assert [Path(a).name for a in d0.aliases] == ["copy.txt"]
+        assert b.check() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Durability
+
+
+def ingest_cmd(tiny_gguf, corpus: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "memtx_cli", "ingest", str(corpus), "--out", str(out), "--model", str(tiny_gguf),
+        "--segment", "64", "--dtype", "float32", "--block-size", "8", "--quiet", "--json",
+    ]  # fmt: skip
+
+
+def bank_state(path: Path) -> dict:
+    with Bank.open(path) as b:
+        docs = {Path(d.path).name: (d.sha256, d.entries, tuple(d.blocks)) for d in b.docs.values()}
+        live = b.live_blocks
+        layer = b.geo.layers[0]
+        bs = b.geo.block_size
+        data = {int(x): np.asarray(b.keys(layer)[x * bs : (x + 1) * bs]).copy() for x in live}
+        return {"docs": docs, "entries": b.entries, "live": live.tolist(), "keys": data}
+
+
+def test_killed_ingest_resumes_to_the_same_bank(tiny_gguf, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=6, words=2400)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ref = tmp_path / "ref.idx"
+    subprocess.run(ingest_cmd(tiny_gguf, corpus, ref), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed.idx"
+    proc = subprocess.Popen(ingest_cmd(tiny_gguf, corpus, out), env=env, stdout=subprocess.DEVNULL)
+    killed_mid_doc = False
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "manifest.yaml"
+        if m.is_file():
+            try:
+                docs = (yaml.safe_load(m.read_text()) or {}).get("documents", 0)
+            except yaml.YAMLError:
+                docs = 0
+            if docs >= 2:
+                time.sleep(0.05)  # inside the third document
+                proc.send_signal(signal.SIGKILL)
+                killed_mid_doc = True
+                break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_mid_doc, "ingest finished before it could be killed"
+    assert verify_bank(out) == []  # the committed state is intact
+    with Bank.open(out) as b:
+        assert 2 <= len(b.docs) < 6
+    subprocess.run(ingest_cmd(tiny_gguf, corpus, out), check=True, env=env, capture_output=True)
+    a, b = bank_state(ref), bank_state(out)
+    assert a["docs"] == b["docs"] and a["entries"] == b["entries"] and a["live"] == b["live"]
+    for x in a["keys"]:
+        np.testing.assert_array_equal(a["keys"][x], b["keys"][x])
+
+
+DAMAGE = [
+    ("manifest.yaml", "flip"),
+    ("state/*/docs.json", "flip"),
+    ("state/*/blocks.npy", "flip"),
+    ("state/*/crc.npy", "truncate"),
+    ("state/*/L2_H0.faiss", "flip"),
+    ("L2.keys", "flip"),
+    ("L1.values", "flip"),
+    ("provenance.bin", "flip"),
+    ("L2.keys", "truncate"),
+]
+
+
+@pytest.fixture(scope="module")
+def good_bank(tiny_lm, tiny_gguf, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("good")
+    corpus = make_corpus(root / "c", n_docs=2)
+    build(tiny_lm, tiny_gguf, corpus, root / "good.idx")
+    return root / "good.idx"
+
+
+@pytest.mark.parametrize("pattern,how", DAMAGE)
+def test_damaged_files_are_named_and_refused(good_bank, tiny_gguf, tmp_path, pattern, how):
+    bank = tmp_path / "bank.idx"
+    shutil.copytree(good_bank, bank)
+    (target,) = list(bank.glob(pattern))
+    data = bytearray(target.read_bytes())
+    if how == "flip":
+        i = len(data) // 2 if target.suffix != ".yaml" else data.index(b"entries:") + 9
+        data[i] ^= 0x5A
+    else:
+        data = data[: len(data) // 2]
+    target.write_bytes(bytes(data))
+    problems = verify_bank(bank)
+    assert problems and target.name in " ".join(problems), problems
+    r = runner.invoke(app, ["bank", "verify", str(bank)])
+    assert r.exit_code == 1 and target.name in r.stdout
+    doc = good_bank.parent / "c" / "doc0.txt"
+    score = ["score", str(doc), "--memory", str(bank), "--model", str(tiny_gguf), "--segment", "64"]
+    r = runner.invoke(app, score)
+    assert r.exit_code == 1 and "damaged" in r.stderr and target.name in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_bank_of_another_model_is_refused(good_bank, tmp_path):
+    args, state = make_tiny()
+    state = {k: v * 1.01 for k, v in state.items()}  # other weights, same architecture
+    other = tmp_path / "other.gguf"
+    write_gguf(other, args, state)
+    doc = good_bank.parent / "c" / "doc0.txt"
+    r = runner.invoke(app, ["score", str(doc), "--memory", str(good_bank), "--model", str(other), "--segment", "64"])
+    assert r.exit_code == 1 and "was built with model" in r.stderr
+
+
+def test_second_writer_is_locked_out(good_bank, tmp_path):
+    bank = tmp_path / "b.idx"
+    shutil.copytree(good_bank, bank)
+    with Bank.open(bank, writer=True):
+        with pytest.raises(MemtxError, match="being written by another"):
+            Bank.open(bank, writer=True)
+        Bank.open(bank).close()  # readers are not blocked
+
+
+# ----------------------------------------------------------------------------------------------
+# Capacity and eviction: ids stay aligned with data through many wrap-arounds
+
+
+def synthetic_bank(path: Path, capacity: int, policy: str) -> Bank:
+    geo = Geometry(layers=[0], n_kv=1, head_dim=4, block_size=4)
+    model = {"name": "synthetic", "weights_fingerprint": "w", "tokenizer_fingerprint": "t"}
+    return Bank.create(path, model, geo, {"positions": "fixed"}, {"capacity": capacity, "policy": policy, "seed": 1})
+
+
+@pytest.mark.parametrize("policy", ["fifo", "lru", "reservoir"])
+def test_eviction_keeps_ids_aligned_with_values(tmp_path, policy):
+    bank = synthetic_bank(tmp_path / "b.idx", capacity=40, policy=policy)
+    rng = np.random.default_rng(0)
+    truth: dict[int, tuple[int, int]] = {}  # doc id -> n entries written
+    for d in range(60):  # ~6 docs fit: dozens of wrap-arounds
+        n = int(rng.integers(1, 15))
+        blocks, valid = [], []
+        for s in range(0, n, 4):
+            t = min(4, n - s)
+            offs = np.arange(s, s + t)
+            # every number encodes (document, offset): misalignment cannot go unnoticed
+            k = (d * 1000 + offs)[:, None, None] + np.zeros((t, 1, 4))
+            (b,) = bank.allocate(1, set(blocks))
+            prov = np.stack([np.full(t, d), offs, offs * 10], 1)
+            bank.write_block(b, d, {0: (k.astype(np.float16) / 64, (k + 0.5).astype(np.float16) / 64)}, prov)
+            blocks.append(b)
+            valid.append(t)
+        bank.attach_blocks(d, blocks, valid)
+        bank.add_document(DocRecord(d, f"doc{d}", f"sha{d}", n, n, n, n, blocks, "now"))
+        if policy == "lru" and d % 3 == 0 and len(bank.live_blocks):
+            bank.touch([int(bank.live_blocks[0])])
+        bank.evict_to_capacity(protect=set(blocks))
+        bank.commit()
+        truth[d] = n
+        assert bank.entries <= 40 + 3  # capacity in whole blocks
+        live = bank.live_blocks
+        prov = bank.provenance()
+        keys, vals = bank.keys(0), bank.values(0)
+        for b in live:
+            nv = int(bank.blocks[b, 1])
+            rows = slice(b * 4, b * 4 + nv)
+            doc, offs = prov[rows, 0], prov[rows, 1]
+            assert (doc == bank.blocks[b, 0]).all()
+            np.testing.assert_allclose(keys[rows][:, 0, 0] * 64, doc * 1000 + offs, rtol=1e-3)
+            np.testing.assert_allclose(vals[rows][:, 0, 0] * 64, doc * 1000 + offs + 0.5, rtol=1e-3)
+        # the FAISS index holds exactly the live blocks, each with its own block mean
+        idx = bank.indexes[(0, 0)]
+        for b in live:
+            rep = idx.reconstruct(int(b))
+            nv = int(bank.blocks[b, 1])
+            np.testing.assert_allclose(rep, keys[b * 4 : b * 4 + nv, 0].astype(np.float32).mean(0), rtol=1e-5)
+        assert bank.check(full=True) == []
+    bank.close()
+    if policy == "fifo":  # the newest documents survive
+        with Bank.open(tmp_path / "b.idx") as b:
+            assert max(b.docs) == 59 and min(b.docs) > 40
+
+
+# ----------------------------------------------------------------------------------------------
+# Management
+
+
+def test_bank_rm_merge_and_info(tiny_lm, tiny_gguf, tmp_path):
+    c1 = make_corpus(tmp_path / "c1", n_docs=2, seed=1)
+    c2 = make_corpus(tmp_path / "c2", n_docs=3, seed=2)
+    shutil.copy(c1 / "doc0.txt", c2 / "same.txt")  # in both banks
+    build(tiny_lm, tiny_gguf, c1, tmp_path / "a.idx")
+    build(tiny_lm, tiny_gguf, c2, tmp_path / "b.idx")
+    rep = merge_banks([tmp_path / "a.idx", tmp_path / "b.idx"], tmp_path / "m.idx")
+    assert rep["documents"] == 5  # 2 + 4 - 1 duplicate
+    assert verify_bank(tmp_path / "m.idx") == []
+    r = runner.invoke(app, ["bank", "info", str(tmp_path / "m.idx"), "--json"])
+    import json
+
+    info = json.loads(r.stdout)
+    assert info["documents"] == 5 and info["bytes_per_token"] > 0
+    with Bank.open(tmp_path / "a.idx") as a, Bank.open(tmp_path / "b.idx") as b:
+        assert info["entries"] == a.entries + b.entries - a.find_doc(str(c1 / "doc0.txt")).entries
+    r = runner.invoke(app, ["bank", "rm", str(tmp_path / "m.idx"), str(c2 / "doc1.txt")])
+    assert r.exit_code == 0, r.output
+    info2 = json.loads(runner.invoke(app, ["bank", "info", str(tmp_path / "m.idx"), "--json"]).stdout)
+    assert info2["documents"] == 4 and info2["entries"] < info["entries"]
+    assert verify_bank(tmp_path / "m.idx") == []
+    r = runner.invoke(app, ["bank", "rm", str(tmp_path / "m.idx"), "nope.txt"])
+    assert r.exit_code == 1 and "no document" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear line each, and the bank stays intact
+
+
+def test_bad_ingest_input_leaves_the_bank_intact(good_bank, tiny_gguf, tmp_path):
+    bank = tmp_path / "b.idx"
+    shutil.copytree(good_bank, bank)
+    before = tree_digest(bank)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    base = ["ingest", "--out", str(bank), "--model", str(tiny_gguf), "--segment", "64", "--block-size", "8"]
+    cases = [
+        ([str(tmp_path / "missing.txt")], "no such file"),
+        ([str(tmp_path / "empty")], "no files to ingest"),
+        ([str(bank)], "is the output bank"),
+        ([str(bank / "L1.keys")], "is the output bank"),
+        ([str(tmp_path / "loop")], "symlink loop"),
+    ]
+    for paths, needle in cases:
+        r = runner.invoke(app, [*base[:1], *paths, *base[1:]])
+        assert r.exit_code == 1 and needle in r.stderr, (paths, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert tree_digest(bank) == before
+    assert verify_bank(bank) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(good_bank, tiny_gguf, tmp_path):
+    f = tmp_path / "secret.txt"
+    f.write_text("hidden text\n")
+    f.chmod(0)
+    r = runner.invoke(app, ["ingest", str(f), "--out", str(tmp_path / "x.idx"), "--model", str(tiny_gguf)])
+    assert r.exit_code == 1 and "permission denied" in r.stderr
+
+
+def test_directory_walk_skips_binary_and_gitignored(tiny_lm, tiny_gguf, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=2)
+    (corpus / "blob.bin").write_bytes(b"\0\1\2" * 100)
+    (corpus / ".gitignore").write_text("ignored*.txt\nbuild/\n")
+    (corpus / "ignored1.txt").write_text("should not be read\n")
+    (corpus / "build").mkdir()
+    (corpus / "build" / "out.txt").write_text("build output\n")
+    (corpus / "sub").mkdir()
+    (corpus / "sub" / "note.md").write_text("a note in markdown\n" * 5)
+    r = runner.invoke(
+        app,
+        ["ingest", str(corpus), "--out", str(tmp_path / "b.idx"), "--model", str(tiny_gguf), "--segment", "64",
+         "--block-size", "8", "--exclude", "*.md", "-v", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    import json
+
+    got = json.loads(r.stdout)
+    assert got["added"] == 3  # doc0, doc1, .gitignore itself is text
+    reasons = {Path(s["path"]).name: s["reason"] for s in got["skipped"]}
+    assert reasons["blob.bin"] == "binary" and reasons["ignored1.txt"] == "gitignored"
+    assert reasons["note.md"] == "excluded" and "out.txt" not in reasons  # build/ never entered
+    assert "skipped" in r.stderr
+
+
+def test_ingest_paths_from_stdin(tiny_gguf, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=3)
+    listing = "\n".join(str(p) for p in sorted(corpus.glob("doc[01].txt"))) + "\n"
+    r = runner.invoke(
+        app,
+        ["ingest", "-", "--out", str(tmp_path / "b.idx"), "--model", str(tiny_gguf), "--segment", "64",
+         "--block-size", "8", "--json"],
+        input=listing,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with Bank.open(tmp_path / "b.idx") as b:
+        assert sorted(Path(d.path).name for d in b.docs.values()) == ["doc0.txt", "doc1.txt"]
+
+
+def test_config_dataclass_round_trip_in_manifest(good_bank):
+    with Bank.open(good_bank) as b:
+        cfg = merge_config(b.manifest["config"])
+        assert dataclasses.asdict(cfg) == b.manifest["config"]
