@@ -24,10 +24,17 @@ $(VENV)/.dev: $(VENV)/.base
 setup: $(VENV)/.base
 setup-dev: $(VENV)/.dev
 
+DEMO_BANK ?= .demo/sample_docs.idx
+
 demo: setup
 	$(VENV)/bin/memtx models
 	@for f in sample_docs/books/*.txt sample_docs/code/*.c sample_docs/legal/*.txt; do \
 		$(VENV)/bin/memtx score "$$f" --compare || exit 1; done
+	# A bank of sample_docs/ without lstring.c, then lstring.c scored against it (held out).
+	$(VENV)/bin/memtx ingest sample_docs --exclude lstring.c --out $(DEMO_BANK)
+	$(VENV)/bin/memtx bank verify $(DEMO_BANK)
+	$(VENV)/bin/memtx bank info $(DEMO_BANK)
+	$(VENV)/bin/memtx score sample_docs/code/lstring.c --memory $(DEMO_BANK) --compare
 
 lint: setup-dev
 	$(VENV)/bin/ruff check memtx_cli tests benchmarks
@@ -44,4 +51,4 @@ bench: setup-dev
 	$(VENV)/bin/memtx bench throughput
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """Does a bank help? Hold out a document, ingest its siblings, score it with and without --memory.
 
-    python benchmarks/bank_usefulness.py --out benchmarks/results/bank_usefulness.json
+    python benchmarks/bank_usefulness.py --precision float16,int8 --out benchmarks/results/bank_usefulness.json
 
 code: the Lua 5.4 interpreter (../shared/corpus/code/lua54_interpreter_repo.c.txt) split back
 into its files; lstrlib.c is held out, the other files form the bank.
@@ -40,10 +40,10 @@ def split_lua(dst: Path) -> list[Path]:
     return files
 
 
-def case(name: str, bank_inputs: list[str], target: Path, work: Path, max_tokens: int) -> dict:
-    bank = work / f"{name}.idx"
+def case(name: str, bank_inputs: list[str], target: Path, work: Path, max_tokens: int, precision: str) -> dict:
+    bank = work / f"{name}-{precision}.idx"
     t = time.perf_counter()
-    ing = run(["ingest", *bank_inputs, "--out", str(bank)])
+    ing = run(["ingest", *bank_inputs, "--out", str(bank), "--precision", precision])
     ingest_s = time.perf_counter() - t
     info = run(["bank", "info", str(bank)])
     flags = ["--max-tokens", str(max_tokens)] if max_tokens else []
@@ -52,6 +52,7 @@ def case(name: str, bank_inputs: list[str], target: Path, work: Path, max_tokens
     window = run(["score", str(target), "--no-memory", *flags])
     row = {
         "case": name,
+        "precision": precision,
         "target": target.name,
         "bank_documents": info["documents"],
         "bank_tokens": info["tokens"],
@@ -74,18 +75,24 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--book-tokens", type=int, default=16384)
     ap.add_argument("--cases", default="code,book")
+    ap.add_argument("--precision", default="float16", help="comma-separated: float16,int8")
+    ap.add_argument("--work", default="", help="keep banks here (a rerun reuses them: ingest is idempotent)")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(a.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if "code" in a.cases:
             files = split_lua(work / "lua")
             held = next(f for f in files if f.name == "lstrlib.c")
             others = [str(f) for f in files if f != held]
-            rows.append(case("code", others, held, work, 0))
+            for prec in a.precision.split(","):
+                rows.append(case("code", others, held, work, 0, prec))
         if "book" in a.cases:
             bank_in = [str(CORPUS / "books" / "austen_northangerabbey.txt")]
-            rows.append(case("book", bank_in, CORPUS / "books" / "austen_persuasion.txt", work, a.book_tokens))
+            target = CORPUS / "books" / "austen_persuasion.txt"
+            for prec in a.precision.split(","):
+                rows.append(case("book", bank_in, target, work, a.book_tokens, prec))
     if a.out:
         Path(a.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n", encoding="utf-8")
 

@@ -10,7 +10,8 @@ A bank is a directory (the user names it, e.g. `repo.idx`):
     state/<gen>/crc.npy      (capacity, files) uint32: crc32 of every block in every data file
     state/<gen>/L<l>_H<h>.faiss  per (memory layer, KV head): IDMap2 inner-product index of the
                              block representatives (mean key), ids = block ids
-    L<l>.keys, L<l>.values   (slots, KV, D) raw keys (no RoPE) and values, float16, memory-mapped
+    L<l>.keys, L<l>.values   (slots, KV, D) raw keys (no RoPE) and values, memory-mapped:
+                             float16, or int8 rows with a float16 absmax scale (D + 2 bytes)
     provenance.bin           (slots, 3) int64: document id, token offset, character offset
     lock                     flock'd by the one writer
 
@@ -108,6 +109,35 @@ class Geometry:
         return self.n_kv * self.head_dim * 2
 
 
+PRECISIONS = ("float16", "int8")
+
+
+class Stored:
+    """A keys/values file seen as (slots, KV, D) float16 whatever its precision: indexing
+    decodes (int8 rows carry their float16 absmax scale in their last two bytes)."""
+
+    def __init__(self, mm: np.memmap, precision: str, d: int) -> None:
+        self.mm, self.precision, self.d = mm, precision, d
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        raw = self.mm[idx]
+        if self.precision == "float16":
+            return raw
+        q = raw[..., : self.d].view(np.int8).astype(np.float32)
+        scale = np.ascontiguousarray(raw[..., self.d :]).view(np.float16).astype(np.float32)
+        return (q * scale).astype(np.float16)
+
+    @staticmethod
+    def encode(x: np.ndarray, precision: str) -> np.ndarray:
+        if precision == "float16":
+            return x.astype(np.float16)
+        xf = x.astype(np.float32)
+        scale = (np.abs(xf).max(-1, keepdims=True) / 127.0).astype(np.float16)  # (..., 1)
+        safe = np.where(scale == 0, 1, scale.astype(np.float32))
+        q = np.clip(np.rint(xf / safe), -127, 127).astype(np.int8)
+        return np.concatenate([q.view(np.uint8), scale.view(np.uint8)], -1)
+
+
 class Bank:
     """A bank opened for reading (`Bank.open`) or writing (`Bank.open_writer` / `Bank.create`)."""
 
@@ -118,6 +148,7 @@ class Bank:
         g = manifest["geometry"]
         self.geo = Geometry(list(g["layers"]), int(g["n_kv"]), int(g["head_dim"]), int(g["block_size"]))
         self._lock_fd: int | None = None
+        self._reader_fd: int | None = None
         self.docs: dict[int, DocRecord] = {}
         self.blocks = np.zeros((0, 4), dtype=np.int64)
         self.crc = np.zeros((0, self.n_files), dtype=np.uint32)
@@ -136,8 +167,16 @@ class Bank:
     def n_files(self) -> int:
         return 2 * len(self.geo.layers) + 1
 
+    @property
+    def precision(self) -> str:
+        return self.manifest.get("dtype", "float16")
+
     def _row_bytes(self, name: str) -> int:
-        return 24 if name == "provenance.bin" else self.geo.row_bytes
+        if name == "provenance.bin":
+            return 24
+        if self.precision == "int8":
+            return self.geo.n_kv * (self.geo.head_dim + 2)
+        return self.geo.row_bytes
 
     @property
     def capacity_blocks(self) -> int:  # blocks the data files have room for
@@ -156,7 +195,17 @@ class Bank:
 
     # ------------------------------------------------------------------ create / open
     @classmethod
-    def create(cls, path: Path, model: dict[str, Any], geo: Geometry, config: dict[str, Any], evict: dict) -> Bank:
+    def create(
+        cls,
+        path: Path,
+        model: dict[str, Any],
+        geo: Geometry,
+        config: dict[str, Any],
+        evict: dict,
+        precision: str = "float16",
+    ) -> Bank:
+        if precision not in PRECISIONS:
+            raise MemtxError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise MemtxError(f"{path} exists and is not a memtx bank; choose another --out")
@@ -166,7 +215,7 @@ class Bank:
             "version": VERSION,
             "model": model,
             "geometry": asdict(geo),
-            "dtype": "float16",
+            "dtype": precision,
             "position_scheme": config.get("positions", "fixed"),
             "segment": config.get("segment"),
             "faiss_factory": "IDMap2,Flat",
@@ -196,14 +245,29 @@ class Bank:
     def open(cls, path: str | Path, writer: bool = False, verify: bool = True) -> Bank:
         """Open a bank; checks the manifest, the state files' sha256, the data files' sizes and
         (verify=True) the crc32 of every live block. Any damage is a MemtxError naming the file."""
-        import yaml
-
         path = Path(path)
         mpath = path / "manifest.yaml"
         if not path.exists():
             raise MemtxError(f"no such bank: {path}")
         if not mpath.is_file():
             raise MemtxError(f"{path} is not a memtx bank (no manifest.yaml)")
+        # Readers hold a shared lock for their lifetime, taken before the manifest is read: a
+        # writer never reuses freed blocks while a reader that may still see them is open.
+        # A writer takes its exclusive lock before reading the manifest too: it must see the
+        # state the previous writer committed.
+        fd = _writer_lock(path) if writer else _reader_lock(path)
+        try:
+            bank = cls._open_locked(path, mpath, writer, verify, fd)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        return bank
+
+    @classmethod
+    def _open_locked(cls, path: Path, mpath: Path, writer: bool, verify: bool, fd: int | None) -> Bank:
+        import yaml
+
         try:
             manifest = yaml.safe_load(mpath.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -219,29 +283,28 @@ class Bank:
         except (KeyError, TypeError, ValueError):
             raise MemtxError(f"bank {path}: manifest.yaml is damaged (geometry)") from None
         if writer:
-            bank._lock()
+            bank._lock_fd = fd
+        else:
+            bank._reader_fd = fd
         try:
             bank._load_state()
             problems = bank.check(full=verify)
         except Exception:
-            bank.close()
+            bank._lock_fd = bank._reader_fd = None  # the caller closes fd
             raise
         if problems:
-            bank.close()
+            bank._lock_fd = bank._reader_fd = None
             raise MemtxError(f"bank {path} is damaged: {problems[0]} (run `memtx bank verify {path}`)")
         return bank
 
     def _lock(self) -> None:
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise MemtxError(f"bank {self.path} is being written by another memtx process; try again later") from None
-        self._lock_fd = fd
+        self._lock_fd = _writer_lock(self.path)
 
     def close(self) -> None:
         self._mm.clear()
+        if self._reader_fd is not None:
+            os.close(self._reader_fd)  # closing the descriptor releases the shared lock
+            self._reader_fd = None
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -303,17 +366,19 @@ class Bank:
         p = self.path / name
         if name == "provenance.bin":
             shape, dt = (slots, 3), np.int64
+        elif self.precision == "int8":
+            shape, dt = (slots, self.geo.n_kv, self.geo.head_dim + 2), np.uint8
         else:
             shape, dt = (slots, self.geo.n_kv, self.geo.head_dim), np.float16
         mm = np.memmap(p, dtype=dt, mode="r+" if self.writer else "r", shape=shape)
         self._mm[name] = mm
         return mm
 
-    def keys(self, layer: int) -> np.memmap:
-        return self._array(f"L{layer}.keys")
+    def keys(self, layer: int) -> Stored:
+        return Stored(self._array(f"L{layer}.keys"), self.precision, self.geo.head_dim)
 
-    def values(self, layer: int) -> np.memmap:
-        return self._array(f"L{layer}.values")
+    def values(self, layer: int) -> Stored:
+        return Stored(self._array(f"L{layer}.values"), self.precision, self.geo.head_dim)
 
     def provenance(self) -> np.memmap:
         return self._array("provenance.bin")
@@ -323,6 +388,16 @@ class Bank:
         with open(self.path / name, "rb") as f:
             f.seek(b * rb)
             return zlib.crc32(f.read(rb))
+
+    def file_crcs(self, name: str, blocks: np.ndarray) -> dict[int, int]:
+        """crc32 of the given blocks of one data file, reading it once, in order."""
+        rb = self._row_bytes(name) * self.geo.block_size
+        out = {}
+        with open(self.path / name, "rb") as f:
+            for b in sorted(int(x) for x in blocks):
+                f.seek(b * rb)
+                out[b] = zlib.crc32(f.read(rb))
+        return out
 
     # ------------------------------------------------------------------ checks
     def check(self, full: bool = True) -> list[str]:
@@ -355,7 +430,8 @@ class Bank:
                 problems.append(f"state/L{layer}_H{h}.faiss holds {idx.ntotal} blocks, the bank has {len(live)}")
         if full:
             for fi, name in enumerate(self.data_files):
-                bad = [int(b) for b in live if self.block_crc(name, int(b)) != self.crc[b, fi]]
+                got = self.file_crcs(name, live)
+                bad = [int(b) for b in live if got[int(b)] != self.crc[b, fi]]
                 if bad:
                     problems.append(
                         f"{name} is damaged: checksum mismatch in {len(bad)} block(s), first block {bad[0]}"
@@ -375,7 +451,8 @@ class Bank:
 
     def allocate(self, n: int, reserved: set[int]) -> list[int]:
         """n blocks free in the committed state (lowest ids first), growing the files if needed."""
-        free = [b for b in self.free_blocks() if b not in reserved][:n]
+        reusable = self.free_blocks() if _no_readers(self.path) else []
+        free = [b for b in reusable if b not in reserved][:n]
         if len(free) < n:
             need = n - len(free)
             old = self.capacity_blocks
@@ -407,7 +484,7 @@ class Bank:
             k, v = kv[layer]
             for name, arr in ((f"L{layer}.keys", k), (f"L{layer}.values", v)):
                 mm = self._array(name)
-                mm[b * bs : b * bs + n] = arr
+                mm[b * bs : b * bs + n] = Stored.encode(arr, self.precision)
                 mm[b * bs + n : (b + 1) * bs] = 0
         pm = self.provenance()
         pm[b * bs : b * bs + n] = prov
@@ -606,6 +683,41 @@ def check_model(bank: Bank, model: dict[str, Any]) -> None:
             )
 
 
+def _writer_lock(path: Path) -> int:
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MemtxError(f"bank {path} is being written by another memtx process; try again later") from None
+    return fd
+
+
+def _reader_lock(path: Path) -> int | None:
+    try:
+        fd = os.open(path / "readers", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(path / "readers", os.O_RDONLY)
+        except OSError:
+            return None  # a read-only bank without the file: nobody can write it anyway
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def _no_readers(path: Path) -> bool:
+    """True when no reader holds the bank open (then freed blocks may be overwritten)."""
+    fd = os.open(path / "readers", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def verify_bank(path: str | Path) -> list[str]:
     """Every problem found in a bank (empty = healthy); never raises for damage."""
     try:
@@ -631,7 +743,12 @@ def merge_banks(sources: list[Path], out: Path) -> dict[str, Any]:
             check_model(first, b.manifest["model"])
             if asdict(b.geo) != asdict(first.geo):
                 raise MemtxError(f"bank {b.path} has different memory layers or block size than {first.path}")
-        dst = Bank.create(out, first.manifest["model"], first.geo, first.manifest["config"], {"capacity": 0})
+        for b in opened[1:]:
+            if b.precision != first.precision:
+                raise MemtxError(f"bank {b.path} stores {b.precision}, {first.path} {first.precision}: cannot merge")
+        dst = Bank.create(
+            out, first.manifest["model"], first.geo, first.manifest["config"], {"capacity": 0}, first.precision
+        )
         try:
             for src in opened:
                 for rec in sorted(src.docs.values(), key=lambda d: d.id):

@@ -469,6 +469,9 @@ def ingest(
     ] = None,
     capacity: Annotated[int, typer.Option(help="Keep at most N entries (tokens); 0 = no limit.")] = 0,
     evict: Annotated[str, typer.Option(help="Eviction when over capacity: fifo, lru or reservoir.")] = "fifo",
+    precision: Annotated[
+        str | None, typer.Option(help="Key/value storage of a new bank: float16 (default) or int8 (half the bytes).")
+    ] = None,
     model: ModelOpt = None,
     memory_layers: LayersOpt = None,
     block_size: BlockSizeOpt = None,
@@ -512,9 +515,9 @@ def ingest(
     from memtx_cli.runtime import load_model
 
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
-    bank = open_or_create_bank(out_p, lm, cfg, capacity, evict)
+    bank = open_or_create_bank(out_p, lm, cfg, capacity, evict, precision=precision)
     try:
-        with ingest_progress(show_progress(quiet)) as cb:
+        with ingest_progress(show_progress(quiet), sel.files) as cb:
             rep = run_ingest(lm, bank, sel.files, cfg, cb, max_tokens=max_tokens or 0)
         info = bank.info()
     finally:
@@ -545,15 +548,51 @@ def ingest(
 
 
 @contextmanager
-def ingest_progress(enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """Documents, tokens, tokens/s and ETA of the current document, on stderr."""
+def ingest_progress(enabled: bool, files: list[Any]) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Documents done / total, tokens, tokens/s, and an ETA from the bytes still to read."""
     if not enabled:
         yield lambda e: None
         return
-    with progress_bar("ingesting", True) as bar:
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    sizes = []
+    for f in files:
+        try:
+            sizes.append(f.stat().st_size)
+        except OSError:
+            sizes.append(0)
+    total = max(1, sum(sizes))
+    before = [sum(sizes[:i]) for i in range(len(sizes))]
+    cols = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[tokens]} tokens"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("ingesting", total=total, tokens="0", rate="")
+        state = {"t0": time.perf_counter(), "tokens": 0, "doc": -1, "doc_done": 0}
 
         def update(e: dict[str, Any]) -> None:
-            bar(e["done"], e["total"])
+            i = e["doc"]
+            if i != state["doc"]:
+                state["doc"], state["doc_done"] = i, 0
+            state["tokens"] += e["done"] - state["doc_done"]
+            state["doc_done"] = e["done"]
+            el = time.perf_counter() - state["t0"]
+            done_bytes = before[i] + sizes[i] * e["done"] / max(1, e["total"])
+            name = str(e["path"]).rsplit("/", 1)[-1]
+            bar.update(
+                task,
+                completed=done_bytes,
+                description=f"[{i + 1}/{e['docs']}] {name[:30]}",
+                tokens=f"{state['tokens']:,}",
+                rate=f"{state['tokens'] / el:,.0f} tok/s" if el > 0 else "",
+            )
 
         yield update
 
@@ -565,7 +604,7 @@ BankArg = Annotated[str, typer.Argument(help="The bank directory.")]
 
 @bank_app.command("info")
 @handle_errors
-def bank_info(bank: BankArg, as_json: JsonOpt = False) -> None:
+def bank_info(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Documents, entries, bytes on disk, bytes per token, model and settings of a bank."""
     from memtx_cli.bank import Bank
 
@@ -597,7 +636,7 @@ def bank_info(bank: BankArg, as_json: JsonOpt = False) -> None:
 
 @bank_app.command("verify")
 @handle_errors
-def bank_verify(bank: BankArg, as_json: JsonOpt = False) -> None:
+def bank_verify(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Check a bank: manifest, state checksums, id alignment, every block's crc32."""
     from memtx_cli.bank import verify_bank
 

@@ -55,6 +55,7 @@ class Streamer:
         wdt = model.embed.weight.dtype
         bs = cfg.block_size if cfg.retrieval == "block" else 0
         self.memories = {i: LayerMemory(a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated, bs) for i in self.layers}
+        self.chunk_sums: dict[int, dict] = {i: {} for i in self.layers}  # block selectors' state
         self.bank_memories: dict[int, Any] = {}
         if bank is not None:  # a bank on disk, read-only, joins the document's own memory
             check_bank_settings(bank, cfg, self.layers)
@@ -105,6 +106,7 @@ class Streamer:
                 self.cfg.retrieval,
                 self.cfg.blocks,
                 self.cfg.block_chunk,
+                self.chunk_sums[i],
             )
             for i, m in self.memories.items()
         }

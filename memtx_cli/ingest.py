@@ -75,7 +75,15 @@ def model_identity(lm: LoadedModel) -> dict[str, Any]:
     }
 
 
-def open_or_create_bank(path: Path, lm: LoadedModel, cfg: Config, capacity: int, evict: str, seed: int = 0) -> Bank:
+def open_or_create_bank(
+    path: Path,
+    lm: LoadedModel,
+    cfg: Config,
+    capacity: int,
+    evict: str,
+    seed: int = 0,
+    precision: str | None = None,
+) -> Bank:
     """Open the bank for writing (checking the model), or create it with cfg's geometry."""
     if cfg.retrieval != "block" or cfg.positions != "fixed":
         raise MemtxError("banks hold block memories at fixed positions: use --retrieval block --positions fixed")
@@ -86,6 +94,8 @@ def open_or_create_bank(path: Path, lm: LoadedModel, cfg: Config, capacity: int,
         bank = Bank.open(path, writer=True, verify=False)
         try:
             check_model(bank, model_identity(lm))
+            if precision and precision != bank.precision:
+                raise MemtxError(f"bank {path} stores {bank.precision}; --precision {precision} needs a new bank")
             if capacity:  # the capacity / policy of a run applies from now on
                 bank.manifest["eviction"] = {"capacity": capacity, "policy": evict, "seed": seed}
         except Exception:
@@ -96,7 +106,7 @@ def open_or_create_bank(path: Path, lm: LoadedModel, cfg: Config, capacity: int,
         raise MemtxError(f"{path} exists and is a file; --out names a bank directory")
     geo = Geometry(layers, lm.args.n_kv_heads, lm.args.head_dim, cfg.block_size)
     evict_cfg = {"capacity": capacity, "policy": evict, "seed": seed}
-    return Bank.create(path, model_identity(lm), geo, cfg.to_dict(), evict_cfg)
+    return Bank.create(path, model_identity(lm), geo, cfg.to_dict(), evict_cfg, precision or "float16")
 
 
 @torch.inference_mode()

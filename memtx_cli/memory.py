@@ -251,20 +251,20 @@ class LayerMemory:
         if last > full_end:  # a partial block at the end
             self.reps[:, full_end] = src[:, full_end * b : self.n].float().mean(1)
 
-    def retrieve_blocks(self, q: torch.Tensor, n_blocks: int, scale: float) -> BlockRetrieval:
-        """Per KV head and query chunk, the `n_blocks` blocks most relevant to the chunk's
-        queries q (KV, C, Q, D); returns (KV*C, M, ...) with M = n_blocks x block size.
+    def retrieve_blocks(self, sel: torch.Tensor, n_blocks: int, scale: float) -> BlockRetrieval:
+        """Per KV head and selector, the `n_blocks` most relevant blocks; sel (KV, C, D) are
+        sums of search vectors (model.block_selectors); returns (KV*C, M, ...) tensors with
+        M = n_blocks x block size.
 
-        Relevance of a block = the sum over the chunk's queries of their scores against the
-        block's representative (the mean of its keys), i.e. the chunk's total attention logit
-        on the block's keys. It is linear, so it is one vector per chunk: (sum of queries) . rep.
+        Relevance of a block = selector . representative (the block's mean key) = the summed
+        queries' total attention logit on the block's keys.
         Measured at 8K tokens against a softmax vote (each query's unit mass split over the
         blocks): 7.82 / 4.07 / 29.15 vs 7.84 / 4.06 / 29.14 (legal / code / book).
         """
         import time
 
         t0 = time.perf_counter()
-        relevance = self.block_relevance(q.float().sum(2))  # (KV, C, nb)
+        relevance = self.block_relevance(sel.float())  # (KV, C, nb)
         m = min(n_blocks, relevance.shape[-1])
         pick = relevance.topk(m, dim=-1).indices.sort(-1).values  # (KV, C, m), in document order
         out = self.gather_blocks(pick)
@@ -399,12 +399,12 @@ class CompositeMemory:
     def add(self, *args, **kwargs) -> None:  # the document's own past; the bank is read-only
         self.own.add(*args, **kwargs)
 
-    def retrieve_blocks(self, q: torch.Tensor, n_blocks: int, scale: float) -> BlockRetrieval:
+    def retrieve_blocks(self, sel: torch.Tensor, n_blocks: int, scale: float) -> BlockRetrieval:
         import time
 
         t0 = time.perf_counter()
-        kv, nc = q.shape[:2]
-        qsum = q.float().sum(2)  # (KV, C, D)
+        kv, nc = sel.shape[:2]
+        qsum = sel.float()  # (KV, C, D)
         m = min(n_blocks, self.own.n_blocks + len(self.bank.bank.live_blocks))
         own_rel = self.own.block_relevance(qsum)  # (KV, C, nb_own)
         bank_s, bank_ids = self.bank.search(qsum, m)  # (KV, C, m)

@@ -454,3 +454,52 @@ def test_config_dataclass_round_trip_in_manifest(good_bank):
     with Bank.open(good_bank) as b:
         cfg = merge_config(b.manifest["config"])
         assert dataclasses.asdict(cfg) == b.manifest["config"]
+
+
+def test_int8_precision_halves_the_bytes_and_decodes_close(tiny_lm, tiny_gguf, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=2)
+    cfg = tiny_cfg(tiny_gguf)
+    banks = {}
+    for prec in ("float16", "int8"):
+        bank = open_or_create_bank(tmp_path / f"{prec}.idx", tiny_lm, cfg, 0, "fifo", precision=prec)
+        ingest(tiny_lm, bank, sorted(corpus.glob("*.txt")), cfg)
+        bank.close()
+        banks[prec] = Bank.open(tmp_path / f"{prec}.idx")
+    f16, i8 = banks["float16"], banks["int8"]
+    layer = f16.geo.layers[0]
+    assert i8.precision == "int8" and verify_bank(tmp_path / "int8.idx") == []
+    ratio = (tmp_path / "int8.idx" / f"L{layer}.keys").stat().st_size / (
+        tmp_path / "float16.idx" / f"L{layer}.keys"
+    ).stat().st_size
+    assert ratio == pytest.approx((64 / 4 + 2) / (2 * 64 / 4), rel=1e-6)  # (D + 2) / 2D, D = 16
+    live = f16.live_blocks
+    a = np.asarray(f16.keys(layer)[: len(live) * 8], np.float32)
+    b = np.asarray(i8.keys(layer)[: len(live) * 8], np.float32)
+    err = np.abs(a - b).max(-1) / (np.abs(a).max(-1) + 1e-6)
+    assert err.max() < 1 / 127 + 1e-2  # within one quantisation step of each row's absmax
+    r = runner.invoke(
+        app,
+        ["score", str(corpus / "doc0.txt"), "--memory", str(tmp_path / "int8.idx"), "--model", str(tiny_gguf),
+         "--segment", "64", "--block-size", "8", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    for b_ in banks.values():
+        b_.close()
+
+
+def test_freed_blocks_are_not_reused_while_a_reader_is_open(tmp_path):
+    bank = synthetic_bank(tmp_path / "b.idx", capacity=0, policy="fifo")
+    k = np.ones((4, 1, 4), np.float16)
+    prov = np.zeros((4, 3), np.int64)
+    (b0,) = bank.allocate(1, set())
+    bank.write_block(b0, 0, {0: (k, k)}, prov)
+    bank.attach_blocks(0, [b0], [4])
+    bank.add_document(DocRecord(0, "a", "sha-a", 4, 4, 4, 4, [b0], "now"))
+    bank.commit()
+    reader = Bank.open(tmp_path / "b.idx")  # sees document 0 in block b0
+    bank.remove_document(0)
+    bank.commit()
+    assert bank.allocate(1, set()) != [b0]  # a reader may still read b0: append instead
+    reader.close()
+    assert bank.allocate(1, set()) == [b0]
+    bank.close()

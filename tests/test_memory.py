@@ -180,7 +180,7 @@ def test_block_selection_matches_brute_force():
         e = min(s + 50, 203)
         mem.add(keys[:, s:e], vals[:, s:e], torch.arange(s, e))
     q = torch.randn(2, 3, 5, 16)  # (KV, chunks, queries, D)
-    got = mem.retrieve_blocks(q, 4, 0.25)
+    got = mem.retrieve_blocks(q.sum(2), 4, 0.25)
     assert got.keys.shape == (6, 32, 16)
     for h in range(2):
         padded = torch.cat([keys[h], torch.zeros(5, 16)]).view(26, 8, 16)
@@ -212,3 +212,19 @@ def test_block_retrieval_bad_settings():
         cfg(retrieval="blocks")
     with pytest.raises(MemtxError, match="block-size"):
         cfg(retrieval="block", block_size=48)
+
+
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_block_retrieval_is_causal(tiny_model, chunk):
+    """A token's memories never depend on later tokens: change the tail of the document and
+    every earlier prediction stays bit-identical (selectors come from earlier chunks only)."""
+    torch.manual_seed(14)
+    ids = torch.randint(0, 300, (80,))
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=chunk, positions="fixed", sinks=2)
+    a, st = run_stream(tiny_model, ids, c)
+    assert st.memory_entries > 0
+    changed = ids.clone()
+    changed[50:] = torch.randint(0, 300, (30,))
+    b, _ = run_stream(tiny_model, changed, c)
+    assert torch.equal(a[:49], b[:49])
+    assert not torch.equal(a[49:], b[49:])
