@@ -4,6 +4,7 @@ python benchmarks/report.py throughput benchmarks/results/throughput.json
 python benchmarks/report.py memory benchmarks/results/memory_block.json
 python benchmarks/report.py recall benchmarks/results/recall_code_32k.json
 python benchmarks/report.py sweep benchmarks/results/sweep_8k*.jsonl
+python benchmarks/report.py bank benchmarks/results/bank_usefulness.json
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ def memory(r: dict) -> None:
         )
 
 
+def bank(r: dict) -> None:
+    print(
+        "| case | bank precision | bank docs / tokens | bytes per token | scored | tokens | ppl window | "
+        "ppl own memory | ppl own memory + bank | bank vs own |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for x in r["rows"]:
+        d = 100 * (x["ppl_with_bank"] / x["ppl_own_memory"] - 1)
+        print(
+            f"| {x['case']} | {x['precision']} | {x['bank_documents']} / {x['bank_tokens']:,} | "
+            f"{x['bank_bytes_per_token']:,.0f} | {x['target']} | {x['tokens']:,} | {x['ppl_window']:.3f} | "
+            f"{x['ppl_own_memory']:.3f} | {x['ppl_with_bank']:.3f} | {d:+.2f}% |"
+        )
+
+
 def recall(r: dict) -> None:
     print(
         f"{r['entries_per_head']:,} real keys per head ({r['genre']}), queries of the next segment, layers "
@@ -82,4 +98,4 @@ if __name__ == "__main__":
     if kind == "sweep":
         sweep([json.loads(line) for p in paths for line in open(p) if line.strip()])
     else:
-        {"throughput": throughput, "memory": memory, "recall": recall}[kind](json.load(open(paths[0])))
+        {"throughput": throughput, "memory": memory, "recall": recall, "bank": bank}[kind](json.load(open(paths[0])))

@@ -594,6 +594,21 @@ class Bank:
                 shutil.rmtree(p, ignore_errors=True)
         del old
 
+    def trim(self) -> None:
+        """Give back the free blocks at the end of the data files (growth is geometric, so up
+        to a third of the files can be slack after an ingest). Commits, then truncates: a crash
+        in between only leaves the files longer than needed."""
+        live = self.live_blocks
+        keep = int(live.max()) + 1 if len(live) else 0
+        if keep >= self.capacity_blocks or not _no_readers(self.path):
+            return
+        self.blocks, self.crc = self.blocks[:keep], self.crc[:keep]
+        self._mm.clear()
+        self.commit()
+        for name in self.data_files:
+            with open(self.path / name, "r+b") as f:
+                f.truncate(keep * self.geo.block_size * self._row_bytes(name))
+
     # ------------------------------------------------------------------ eviction
     def evict_to_capacity(self, protect: set[int]) -> list[int]:
         """Free blocks until live entries fit the capacity, by the bank's policy. Blocks in

@@ -233,13 +233,15 @@ def _block_recall(st: Any, recorded: dict[int, torch.Tensor], cfg: Any, k: int, 
         nc = t // c
         qc = q[:, : nc * c].reshape(kv, nc, c, d)
         t0 = time.perf_counter()
-        relevance = qc.sum(2) @ bm.reps[:, : -(-n // cfg.block_size)].transpose(-1, -2)  # (KV, C, nb)
-        pick = relevance.topk(min(cfg.blocks, relevance.shape[-1]), -1).indices  # (KV, C, m)
+        # Causal selectors, as block_selectors builds them: chunk ci selects with chunk ci-1's sum.
+        sel = qc.sum(2)[:, :-1]  # (KV, C-1, D) for chunks 1..C-1
+        relevance = sel @ bm.reps[:, : -(-n // cfg.block_size)].transpose(-1, -2)  # (KV, C-1, nb)
+        pick = relevance.topk(min(cfg.blocks, relevance.shape[-1]), -1).indices  # (KV, C-1, m)
         t_search += time.perf_counter() - t0
         exact = (qc @ mem.keys[:, :n].float().transpose(-1, -2)[:, None]).topk(k, -1).indices  # (KV, C, c, k)
         for h in range(kv):
-            for ci in range(nc):
-                chosen = set(pick[h, ci].tolist())
+            for ci in range(1, nc):
+                chosen = set(pick[h, ci - 1].tolist())
                 hits = (exact[h, ci] // cfg.block_size).numpy()
                 recalls.append(float(np.isin(hits, list(chosen)).mean()))
                 nq += c

@@ -237,6 +237,10 @@ RetrievalOpt = Annotated[
 ]
 BlockSizeOpt = Annotated[int | None, typer.Option("--block-size", help="block retrieval: tokens per block.")]
 BlocksOpt = Annotated[int | None, typer.Option("--blocks", help="block retrieval: blocks attended per query chunk.")]
+BankBlocksOpt = Annotated[int | None, typer.Option("--bank-blocks", help="Blocks read from the bank per token.")]
+BankBiasOpt = Annotated[
+    float | None, typer.Option("--bank-bias", help="Subtracted from bank memories' attention scores (a prior).")
+]
 BlockChunkOpt = Annotated[
     int | None, typer.Option("--block-chunk", help="block retrieval: queries that pick their blocks together.")
 ]
@@ -248,6 +252,8 @@ def score(
     file: Annotated[str, typer.Argument(help="Text file to score, or - for stdin.")],
     model: ModelOpt = None,
     bank: BankOpt = None,
+    bank_blocks: BankBlocksOpt = None,
+    bank_bias: BankBiasOpt = None,
     no_memory: NoMemoryOpt = False,
     compare: Annotated[
         bool, typer.Option("--compare", help="Run with and without memory; print both and the difference.")
@@ -319,6 +325,8 @@ def score(
             block_size=block_size,
             blocks=blocks,
             block_chunk=block_chunk,
+            bank_blocks=bank_blocks,
+            bank_bias=bank_bias,
         ),
     }
     cfg = build_config(config, model, flags)

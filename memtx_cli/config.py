@@ -53,15 +53,21 @@ class Config:
     # One search per token for a GQA group (sum of its queries): half the time, nearly the
     # same perplexity (layers 15-29: 4.14 vs 4.10 on code, 29.46 vs 29.34 on a book).
     shared_search: bool = True
-    # token: each query's own top-k (the paper); block: each chunk of `block-chunk` queries
+    # token: each query's own top-k (the paper); block: each chunk of `block-chunk` tokens
     # picks, per KV head, the `blocks` blocks of `block-size` consecutive memories whose mean
-    # key it scores highest, and attends to them in full (InfLLM-style). Block is the default:
-    # at 64K tokens it costs ~40% of throughput where token retrieval costs ~88%, and it is
-    # better on books (see README, "Choosing the defaults").
+    # key the previous chunk's queries score highest (causal), and attends to them in full
+    # (InfLLM-style). Block is the default for its cost: ~36% of throughput at 64K tokens where
+    # token retrieval costs ~88% (README, "Memory: quality and cost").
     retrieval: str = "block"
-    block_size: int = 32  # 16 x 128 blocks and 64 x 32 gave the same perplexity within 0.3%
-    blocks: int = 64  # 2,048 memories per query; 128 blocks: better on code/legal, cost ~55%
-    block_chunk: int = 64  # 512 (one choice per segment): legal 9.04 vs 7.82 with 64
+    block_size: int = 32
+    blocks: int = 64  # 2,048 memories per token
+    block_chunk: int = 64  # 32: legal 8.55 vs 9.10 at 8K, +15% time; 16: 8.29, +30%
+    # A bank (--memory BANK) adds its own best blocks to the document's own: one shared budget
+    # let the bank crowd out the document's past. Measured on a held-out Lua file (lstrlib.c,
+    # bank = the other 58 files, own memory alone 5.171): 64 blocks 5.557, 64 with bias 2
+    # 5.177, 16 blocks 5.290, 16 with bias 2 5.162 (README, "Memory banks: usefulness").
+    bank_blocks: int = 16
+    bank_bias: float = 2.0  # subtracted from bank memories' scores (a prior: e^-2 = 0.14)
     # Attention sinks: window-only perplexity 46.9 -> 30.3 on a book, 6.90 -> 4.73 on code.
     sinks: int = 4  # first tokens of a document kept visible in every window (StreamingLLM)
 
@@ -88,6 +94,8 @@ class Config:
             raise MemtxError("block-size must be a power of two up to 1024, blocks and block-chunk >= 1")
         if self.retrieval == "block" and self.positions == "clamped":
             raise MemtxError("positions clamped works with --retrieval token only; use fixed or true")
+        if self.bank_blocks < 1 or self.bank_bias < 0:
+            raise MemtxError("bank-blocks must be >= 1 and bank-bias >= 0")
         if self.sinks < 0 or self.mem_distance < 0 or self.nprobe < 1:
             raise MemtxError("sinks and mem-distance must be >= 0, nprobe >= 1")
 
@@ -122,6 +130,8 @@ class Config:
             "block_size",
             "blocks",
             "block_chunk",
+            "bank_blocks",
+            "bank_bias",
             "sinks",
             "segment",
             "xl_cache",

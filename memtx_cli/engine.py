@@ -61,7 +61,9 @@ class Streamer:
             check_bank_settings(bank, cfg, self.layers)
             for i in self.layers:
                 self.bank_memories[i] = BankLayerMemory(bank, i, wdt, dev)
-                self.memories[i] = CompositeMemory(self.memories[i], self.bank_memories[i])
+                self.memories[i] = CompositeMemory(
+                    self.memories[i], self.bank_memories[i], cfg.bank_blocks, cfg.bank_bias
+                )
         # Where memories sit (fixed) / the largest distance used (clamped): just outside the
         # local window by default, i.e. the window's span (sinks + cache + segment).
         window = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)

@@ -252,5 +252,6 @@ def ingest(
         bank.commit()
         rep.added.append(key)
         rep.tokens += len(ids)
+    bank.trim()
     rep.seconds = time.perf_counter() - t_start
     return rep

@@ -379,11 +379,15 @@ class BankLayerMemory:
 
 
 class CompositeMemory:
-    """A document's own memory plus a bank: block retrieval picks the best blocks of both."""
+    """A document's own memory plus a bank. Each keeps its own budget of blocks: the own
+    memory's best `n_blocks` (exactly what it would give alone) plus the bank's best
+    `bank_blocks`. Sharing one budget let the bank's many blocks crowd out the document's own
+    past: on a held-out Lua file, 5.92 with a shared budget vs 5.17 with no bank at all."""
 
-    def __init__(self, own: LayerMemory, bank: BankLayerMemory) -> None:
+    def __init__(self, own: LayerMemory, bank: BankLayerMemory, bank_blocks: int, bank_bias: float = 0.0) -> None:
         self.own, self.bank = own, bank
         self.block_size = own.block_size
+        self.bank_blocks, self.bank_bias = bank_blocks, bank_bias
 
     def __len__(self) -> int:
         return len(self.own) + len(self.bank)
@@ -404,25 +408,23 @@ class CompositeMemory:
 
         t0 = time.perf_counter()
         kv, nc = sel.shape[:2]
-        qsum = sel.float()  # (KV, C, D)
-        m = min(n_blocks, self.own.n_blocks + len(self.bank.bank.live_blocks))
-        own_rel = self.own.block_relevance(qsum)  # (KV, C, nb_own)
-        bank_s, bank_ids = self.bank.search(qsum, m)  # (KV, C, m)
-        n_own = own_rel.shape[-1]
-        top = torch.cat([own_rel, bank_s], -1).topk(m, dim=-1).indices  # (KV, C, m)
-        from_bank = top >= n_own
-        own_pick = torch.where(from_bank, 0, top)
-        bank_pick = torch.where(from_bank, bank_ids.gather(-1, (top - n_own).clamp(min=0)), -1)
+        m_b = min(self.bank_blocks, len(self.bank.bank.live_blocks))
+        _, bank_ids = self.bank.search(sel.float(), m_b)  # (KV, C, m_b)
+        bk, bv, bvalid = self.bank.gather_blocks(bank_ids)
         b = self.block_size
-        sel = from_bank[..., None].expand(kv, nc, m, b).reshape(kv * nc, m * b)
-        bk, bv, bvalid = self.bank.gather_blocks(bank_pick)
-        bk, bv, bvalid = bk.view(kv * nc, m * b, -1), bv.view(kv * nc, m * b, -1), bvalid.view(kv * nc, m * b)
-        if n_own:
-            own = self.own.gather_blocks(own_pick)
-            keys = torch.where(sel[..., None], bk, own.keys.to(bk.dtype))
-            values = torch.where(sel[..., None], bv, own.values.to(bv.dtype))
-            valid = torch.where(sel, bvalid, own.valid)
-        else:
-            keys, values, valid = bk, bv, bvalid
+        parts_k, parts_v, parts_ok = [], [], []
+        if len(self.own):
+            own = self.own.retrieve_blocks(sel, n_blocks, scale)  # (KV*C, m_own*b, ...)
+            parts_k.append(own.keys.to(bk.dtype))
+            parts_v.append(own.values.to(bv.dtype))
+            parts_ok.append(own.valid)
+        n_own = sum(x.shape[1] for x in parts_k)
+        keys = torch.cat([*parts_k, bk.view(kv * nc, m_b * b, -1)], 1)
+        values = torch.cat([*parts_v, bv.view(kv * nc, m_b * b, -1)], 1)
+        valid = torch.cat([*parts_ok, bvalid.view(kv * nc, m_b * b)], 1)
+        bias = None
+        if self.bank_bias:
+            bias = torch.zeros(valid.shape, device=valid.device)
+            bias[:, n_own:] = -self.bank_bias
         self.bank.search_seconds += time.perf_counter() - t0
-        return BlockRetrieval(keys=keys, rkeys=None, values=values, valid=valid)
+        return BlockRetrieval(keys=keys, rkeys=None, values=values, valid=valid, bias=bias)

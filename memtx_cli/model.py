@@ -195,6 +195,7 @@ class BlockRetrieval:
     rkeys: torch.Tensor | None  # keys rotated by their absolute positions (true scheme)
     values: torch.Tensor
     valid: torch.Tensor
+    bias: torch.Tensor | None = None  # (KV, M) additive score bias (a bank's prior), or None
 
 
 def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
@@ -402,8 +403,10 @@ class Attention(nn.Module):
             got = mem.memory.retrieve_blocks(sels, mem.blocks, scale)  # (KV*n, M, ...)
             km = got.rkeys if mem.scheme == "true" else got.keys
             m_bias = None  # a mask only when a partial block was picked: it costs ~20% in the kernel
-            if not bool(got.valid.all()):
+            if got.bias is not None or not bool(got.valid.all()):
                 m_bias = torch.zeros(kv * n, 1, got.valid.shape[1], dtype=q.dtype, device=q.device)
+                if got.bias is not None:
+                    m_bias += got.bias[:, None].to(q.dtype)
                 m_bias.masked_fill_(~got.valid[:, None], float("-inf"))
             qq = qm[:, :, idx].permute(0, 2, 1, 3, 4).reshape(1, kv * n, g * size, d)  # (1, KV*n, G*size, D)
             o, lse = attention_with_lse(qq, km[None].to(q.dtype), got.values[None].to(q.dtype), m_bias, scale)

@@ -99,6 +99,9 @@ def test_ingest_round_trip_counts_and_verify(tiny_lm, tiny_gguf, tmp_path):
             assert d.sha256 == hashlib.sha256(Path(d.path).read_bytes()).hexdigest()
         assert info["entries"] == sum(d.entries for d in b.docs.values())
         assert b.check(full=True) == []
+        # trimmed after the ingest: no free blocks at the end of the data files
+        assert b.capacity_blocks == int(b.live_blocks.max()) + 1
+        assert (tmp_path / "b.idx" / "provenance.bin").stat().st_size == b.capacity_blocks * 8 * 24
     assert verify_bank(tmp_path / "b.idx") == []
 
 
