@@ -466,6 +466,62 @@ def models(as_json: JsonOpt = False) -> None:
 
 @app.command()
 @handle_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt, or - to read it from stdin.")],
+    bank: BankOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.95,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens; 0 = off.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same output.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")] = None,
+    no_memory: NoMemoryOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Continue a text, with memory of the prompt itself and of a bank; tokens stream to stdout."""
+    from memtx_cli.generate import Sampling, stop_token_ids
+    from memtx_cli.generate import generate as run_generate
+    from memtx_cli.reader import read_document
+
+    text = read_document("-").text if prompt == "-" else prompt
+    if not text:
+        raise MemtxError("the prompt is empty")
+    sampling = Sampling(max_tokens, temperature, top_p, top_k, seed, list(stop or []))
+    flags = {"device": device, "dtype": dtype, "threads": threads, "memory": False if no_memory else None}
+    cfg = build_config(config, model, flags)
+    the_bank = open_bank_for_reading(bank) if bank else None
+    from memtx_cli.runtime import load_model
+
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    if the_bank is not None:
+        check_bank_model(the_bank, lm)
+
+    def emit(piece: str) -> None:
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    ids = lm.tokenizer.encode(text)
+    res = run_generate(lm, ids, cfg, sampling, the_bank if cfg.memory else None, emit, stop_token_ids(lm))
+    if as_json:
+        print_json({"prompt_tokens": res.prompt_tokens, **res.to_dict()})
+    else:
+        sys.stdout.write("\n")
+        log(
+            f"memtx: {res.tokens} tokens, {res.tokens_per_s:.1f} tokens/s "
+            f"(prefill {res.prefill_seconds:.1f} s, retrieval {res.retrieval_seconds:.1f} s, stop: {res.stop_reason})",
+            quiet,
+        )
+
+
+@app.command()
+@handle_errors
 def ingest(
     paths: Annotated[list[str], typer.Argument(help="Files, directories (recursive), or - for paths on stdin.")],
     out: Annotated[str, typer.Option("--out", "-o", help="The bank directory to create or extend.")],

@@ -72,6 +72,8 @@ class Streamer:
         self.cache_pos = 0  # absolute position of the cache's first token
         self.sink_kv: list[LayerKV] | None = None
         self.pos = 0  # absolute position of the next token
+        self.cur: list[LayerKV] | None = None  # feed(): raw K/V of the unfinished segment
+        self.cur_len = 0
 
     @property
     def memory_entries(self) -> int:
@@ -81,8 +83,9 @@ class Streamer:
     def retrieval_seconds(self) -> float:
         return sum(m.search_seconds for m in self.memories.values())
 
-    def _local_cache(self) -> list[LayerKV] | None:
-        window_start = self.cache_pos if self.cache else self.pos
+    def _local_cache(self, segment_start: int | None = None) -> list[LayerKV] | None:
+        """Sinks + XL cache for a segment starting at `segment_start` (default: the next token)."""
+        window_start = self.cache_pos if self.cache else (self.pos if segment_start is None else segment_start)
         if not self.sink_kv or window_start <= self.cfg.sinks:
             return self.cache  # the sinks are still inside the window
         if self.cache is None:
@@ -92,11 +95,8 @@ class Streamer:
             for s, c in zip(self.sink_kv, self.cache, strict=True)
         ]
 
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (T,) -> hidden (T, C)."""
-        t = ids.shape[0]
-        q_pos = torch.arange(self.pos, self.pos + t, device=ids.device)
-        reads = {
+    def _reads(self, q_pos: torch.Tensor) -> dict[int, MemoryRead]:
+        return {
             i: MemoryRead(
                 m,
                 self.cfg.top_k,
@@ -112,10 +112,55 @@ class Streamer:
             )
             for i, m in self.memories.items()
         }
-        res = self.model.forward_segment(ids[None], self._local_cache(), reads or None)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One whole segment: ids (T,) -> hidden (T, C). (Not to be mixed with `feed`.)"""
+        t = ids.shape[0]
+        q_pos = torch.arange(self.pos, self.pos + t, device=ids.device)
+        res = self.model.forward_segment(ids[None], self._local_cache(), self._reads(q_pos) or None)
         self.last_kv = res.kv  # this segment's raw K/V per layer (ingest writes them to a bank)
         self._advance(res.kv, t)
         return res.hidden[0]
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Incremental decoding: continue the current segment with ids (T,), any T (1 for one new
+        token), using the segment's own K/V so far as a cache; returns hidden (T, C). A segment
+        fills to `segment` tokens and is then closed exactly as `step` closes one (it becomes
+        the XL cache, the old cache enters the memory), so feeding a document in pieces of any
+        size computes what `step` computes segment by segment (tests/test_decode.py)."""
+        seg = self.cfg.segment
+        out = []
+        while ids.numel():
+            if self.cur_len == seg:
+                self._close_segment()
+            take = min(seg - self.cur_len, ids.shape[0])
+            piece, ids = ids[:take], ids[take:]
+            base = self._local_cache(self.pos - self.cur_len)
+            cache = self.cur if base is None else base
+            if base is not None and self.cur is not None:
+                cache = [
+                    LayerKV(torch.cat([b.k, c.k], 2), torch.cat([b.v, c.v], 2))
+                    for b, c in zip(base, self.cur, strict=True)
+                ]
+            q_pos = torch.arange(self.pos, self.pos + take, device=piece.device)
+            res = self.model.forward_segment(piece[None], cache, self._reads(q_pos) or None)
+            if self.cur is None:
+                self.cur = res.kv
+            else:
+                self.cur = [
+                    LayerKV(torch.cat([c.k, n.k], 2), torch.cat([c.v, n.v], 2))
+                    for c, n in zip(self.cur, res.kv, strict=True)
+                ]
+            self.cur_len += take
+            self.pos += take
+            out.append(res.hidden[0])
+        return torch.cat(out)
+
+    def _close_segment(self) -> None:
+        kv, t = self.cur, self.cur_len
+        self.cur, self.cur_len = None, 0
+        self.pos -= t  # _advance runs from the segment's start
+        self._advance(kv, t)
 
     def _advance(self, kv: list[LayerKV], t: int) -> None:
         n_s = self.cfg.sinks

@@ -1,0 +1,152 @@
+"""Text generation with memory: the prompt streams through the engine like any document (its own
+memory, plus a bank if given), then tokens are decoded one by one with the segment's K/V as a
+cache (`Streamer.feed`), every new token reading the memory as scoring would."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memtx_cli.config import Config
+from memtx_cli.engine import Streamer
+from memtx_cli.errors import MemtxError
+from memtx_cli.runtime import LoadedModel
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 128
+    temperature: float = 0.8  # 0 = greedy
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise MemtxError(f"max-tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise MemtxError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MemtxError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise MemtxError(f"top-k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: int
+    prompt_tokens: int
+    stop_reason: str  # "length" | "eos" | "stop"
+    prefill_seconds: float
+    decode_seconds: float
+    retrieval_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "tokens": self.tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "stop_reason": self.stop_reason,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_seconds": self.decode_seconds,
+            "decode_tokens_per_s": self.tokens_per_s,
+            "retrieval_seconds": self.retrieval_seconds,
+        }
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
+    """logits (V,) -> token id: greedy at temperature 0, else top-k / top-p (nucleus) sampling."""
+    if s.temperature == 0:
+        return int(logits.argmax())
+    x = logits.float() / s.temperature
+    if s.top_k:
+        kth = torch.topk(x, min(s.top_k, x.shape[0])).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, -1)
+    if s.top_p < 1:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(0) - sp < s.top_p  # the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    """End-of-sequence ids: the tokenizer's eos and the card's `stop_tokens`."""
+    ids = {lm.tokenizer.eos_id} if lm.tokenizer.eos_id is not None else set()
+    for name in lm.card.data.get("stop_tokens") or []:
+        i = lm.tokenizer.tok.token_to_id(name)
+        if i is not None:
+            ids.add(i)
+    return ids
+
+
+@torch.inference_mode()
+def generate(
+    lm: LoadedModel,
+    prompt_ids: list[int],
+    cfg: Config,
+    s: Sampling,
+    bank: Any = None,
+    on_text: Callable[[str], None] = lambda t: None,
+    stop_ids: set[int] | None = None,
+) -> Generation:
+    """Stream the prompt, then decode; `on_text` receives each new piece of text as soon as it
+    is complete UTF-8."""
+    if not prompt_ids:
+        raise MemtxError("the prompt is empty")
+    cfg.validate_for(lm.args.context_length)
+    gen = None
+    if s.seed is not None:
+        gen = torch.Generator(device="cpu").manual_seed(s.seed)
+    st = Streamer(lm.model, cfg, bank)
+    t0 = time.perf_counter()
+    x = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
+    h = st.feed(x)[-1:]
+    t1 = time.perf_counter()
+    out: list[int] = []
+    shown = ""
+    reason = "length"
+    stop_ids = stop_ids or set()
+    for _ in range(s.max_tokens):
+        logits = lm.model.logits(h[None])[0, -1]
+        tok = sample_next(logits.cpu(), s, gen)
+        if tok in stop_ids:
+            reason = "eos"
+            break
+        out.append(tok)
+        text = lm.tokenizer.decode(out)
+        hit = next((p for p in s.stop if p and p in text), None)
+        if hit is not None:
+            text = text[: text.index(hit)]
+            reason = "stop"
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            on_text(text[len(shown) :])
+            shown = text
+        if reason == "stop":
+            break
+        h = st.feed(torch.tensor([tok], device=lm.device))
+    t2 = time.perf_counter()
+    final = lm.tokenizer.decode(out)
+    if reason == "stop":
+        final = final[: final.index(hit)]
+    if len(final) > len(shown) and final.startswith(shown):
+        on_text(final[len(shown) :])
+    return Generation(
+        text=final,
+        tokens=len(out),
+        prompt_tokens=len(prompt_ids),
+        stop_reason=reason,
+        prefill_seconds=t1 - t0,
+        decode_seconds=t2 - t1,
+        retrieval_seconds=st.retrieval_seconds,
+    )
