@@ -149,6 +149,7 @@ class Bank:
         self.geo = Geometry(list(g["layers"]), int(g["n_kv"]), int(g["head_dim"]), int(g["block_size"]))
         self._lock_fd: int | None = None
         self._reader_fd: int | None = None
+        self._reuse_ok: bool | None = None  # may freed blocks be overwritten (no older readers)
         self.docs: dict[int, DocRecord] = {}
         self.blocks = np.zeros((0, 4), dtype=np.int64)
         self.crc = np.zeros((0, self.n_files), dtype=np.uint32)
@@ -451,7 +452,9 @@ class Bank:
 
     def allocate(self, n: int, reserved: set[int]) -> list[int]:
         """n blocks free in the committed state (lowest ids first), growing the files if needed."""
-        reusable = self.free_blocks() if _no_readers(self.path) else []
+        if not self._reuse_ok:  # once no reader is seen after a commit, later readers see these blocks free
+            self._reuse_ok = _no_readers(self.path)
+        reusable = self.free_blocks() if self._reuse_ok else []
         free = [b for b in reusable if b not in reserved][:n]
         if len(free) < n:
             need = n - len(free)
@@ -553,6 +556,7 @@ class Bank:
     def commit(self) -> None:
         """Write a complete new state generation, then point the manifest at it atomically."""
         assert self.writer
+        self._reuse_ok = None
         self.flush()
         gen = int(self.manifest["generation"]) + 1
         sd = self.state_dir(gen)

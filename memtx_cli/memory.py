@@ -340,7 +340,7 @@ class BankLayerMemory:
         self.block_size = bank.geo.block_size
         self.n_kv = bank.geo.n_kv
         self.search_seconds = 0.0
-        self.hits: dict[int, float] = {}  # block id -> times retrieved (sources, LRU)
+        self.n_blocks = len(bank.live_blocks)  # the bank is read-only: counted once
 
     def __len__(self) -> int:
         return self.bank.entries
@@ -369,8 +369,6 @@ class BankLayerMemory:
         values = self.bank.values(self.layer)[rows, heads]
         n_valid = self.bank.blocks[np.maximum(idn, 0), 1]  # (KV, C, m)
         valid = (np.arange(b) < n_valid[..., None]) & (idn[..., None] >= 0)
-        for blk in idn[idn >= 0].ravel().tolist():
-            self.hits[blk] = self.hits.get(blk, 0) + 1
 
         def t(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.dtype).view(kv, nc, m * b, -1)
@@ -408,7 +406,7 @@ class CompositeMemory:
 
         t0 = time.perf_counter()
         kv, nc = sel.shape[:2]
-        m_b = min(self.bank_blocks, len(self.bank.bank.live_blocks))
+        m_b = min(self.bank_blocks, self.bank.n_blocks)
         _, bank_ids = self.bank.search(sel.float(), m_b)  # (KV, C, m_b)
         bk, bv, bvalid = self.bank.gather_blocks(bank_ids)
         b = self.block_size

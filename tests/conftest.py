@@ -49,3 +49,14 @@ def gpl3_text() -> str:
     if not p.is_file():
         p = SAMPLE / "legal/GPL-3.txt"
     return p.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """The tiny random-weight model written as a real GGUF file (with a byte-level tokenizer)."""
+    from helpers import make_tiny, write_gguf
+
+    args, state = make_tiny()
+    p = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    write_gguf(p, args, state)
+    return p

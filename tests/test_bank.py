@@ -35,14 +35,6 @@ WORDS = "the of and to in memory bank token layer key value block index query".s
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> Path:
-    args, state = make_tiny()
-    p = tmp_path_factory.mktemp("model") / "tiny.gguf"
-    write_gguf(p, args, state)
-    return p
-
-
-@pytest.fixture(scope="module")
 def tiny_lm(tiny_gguf):
     return load_model(str(tiny_gguf), device="cpu", dtype="float32")
 

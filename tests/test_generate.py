@@ -8,20 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tiny, write_gguf
 
 from memtx_cli.generate import Sampling, sample_next
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> Path:
-    args, state = make_tiny()
-    p = tmp_path_factory.mktemp("model") / "tiny.gguf"
-    write_gguf(p, args, state)
-    return p
 
 
 def memtx(*args, stdin=None):
