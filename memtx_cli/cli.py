@@ -956,6 +956,237 @@ def bench_recall(
     )
 
 
+@bench_app.command("passkey")
+@handle_errors
+def bench_passkey(
+    lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens: 4k,16k,32768.")] = "4k,16k,32k",
+    depths: Annotated[
+        str, typer.Option(help="Where the key sits (0 = start, 1 = end): 0.1,0.5,0.9, or a count N.")
+    ] = "5",
+    trials: Annotated[int, typer.Option(help="Trials (random keys) per length and depth.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed of the keys.")] = 0,
+    no_window: Annotated[bool, typer.Option("--no-window", help="Skip the window-only runs.")] = False,
+    model: ModelOpt = None,
+    memory_layers: LayersOpt = None,
+    top_k: TopKOpt = None,
+    index: IndexOpt = None,
+    nprobe: NprobeOpt = None,
+    positions: PositionsOpt = None,
+    mem_distance: DistanceOpt = None,
+    sinks: SinksOpt = None,
+    retrieval: RetrievalOpt = None,
+    block_size: BlockSizeOpt = None,
+    blocks: BlocksOpt = None,
+    block_chunk: BlockChunkOpt = None,
+    segment: Annotated[int | None, typer.Option(help="Segment length in tokens. Default: 512.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Passkey retrieval: a 5-digit key hidden in long filler text; accuracy with memory vs window."""
+    from memtx_cli.passkey import parse_depths, parse_lengths, run_passkey
+    from memtx_cli.runtime import load_model
+
+    lens, deps = parse_lengths(lengths), parse_depths(depths)
+    flags = {
+        "device": device,
+        "dtype": dtype,
+        "threads": threads,
+        "segment": segment,
+        **memory_flags(
+            memory_layers=memory_layers,
+            top_k=top_k,
+            index=index,
+            nprobe=nprobe,
+            positions=positions,
+            mem_distance=mem_distance,
+            sinks=sinks,
+            retrieval=retrieval,
+            block_size=block_size,
+            blocks=blocks,
+            block_chunk=block_chunk,
+        ),
+    }
+    cfg = build_config(config, model, flags)
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    res = run_passkey(lm, cfg, lens, deps, trials, seed, window=not no_window, log=lambda m: log(m, quiet))
+    if as_json:
+        print_json(res)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    st = res["settings"]
+    t = Table(
+        title=f"passkey retrieval ({res['dtype']}): layers {st['memory_layers']}, {describe_retrieval(st)}, "
+        f"{st['positions']} positions; window {res['window_tokens']} tokens"
+    )
+    for col in ("tokens", "trials", "accuracy memory", "accuracy window", "s/trial memory", "s/trial window"):
+        t.add_column(col, justify="right")
+    for r in res["rows"]:
+        t.add_row(
+            f"{r['tokens']:,}",
+            f"{r['trials']}",
+            f"{100 * r['accuracy_memory']:.0f}%",
+            f"{100 * r['accuracy_window']:.0f}%" if "accuracy_window" in r else "-",
+            f"{r['seconds_per_trial']:.1f}",
+            f"{r['seconds_per_trial_window']:.1f}" if "seconds_per_trial_window" in r else "-",
+        )
+    Console(soft_wrap=True).print(t)
+
+
+def print_sources(sources: list[Any]) -> None:
+    if not sources:
+        return
+    print("\nSources:")
+    for i, src in enumerate(sources, 1):
+        print(f"  [{i}] {src.label()}  ({100 * src.weight:.0f}% of the attention on the bank)")
+
+
+SystemOpt = Annotated[str | None, typer.Option("--system", help="A system message instead of the card's default.")]
+SourcesOpt = Annotated[int, typer.Option("--sources", help="Sources to list (documents and line ranges).")]
+
+
+@app.command()
+@handle_errors
+def ask(
+    question: Annotated[str, typer.Argument(help="The question, or - to read it from stdin.")],
+    bank: BankOpt = None,
+    sources: SourcesOpt = 3,
+    system: SystemOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy (default).")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same output.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Answer a question with memory of a bank (chat template), then list the sources: the
+    documents and line ranges whose memories received the most attention while answering."""
+    from memtx_cli.chat import answer
+    from memtx_cli.generate import Sampling
+    from memtx_cli.reader import read_document
+
+    text = read_document("-").text.strip() if question == "-" else question.strip()
+    if not text:
+        raise MemtxError("the question is empty")
+    sampling = Sampling(max_tokens, temperature, top_p, 0, seed)
+    cfg = build_config(config, model, {"device": device, "dtype": dtype, "threads": threads})
+    the_bank = open_bank_for_reading(bank) if bank else None
+    from memtx_cli.runtime import load_model
+
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    if the_bank is not None:
+        check_bank_model(the_bank, lm)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+    def emit(piece: str) -> None:
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    res = answer(lm, messages, cfg, sampling, the_bank, sources, emit)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    sys.stdout.write("\n")
+    print_sources(res.sources)
+    g = res.generation
+    log(f"memtx: {g.tokens} tokens, {g.tokens_per_s:.1f} tokens/s, stop: {g.stop_reason}", quiet)
+
+
+@app.command()
+@handle_errors
+def chat(
+    bank: BankOpt = None,
+    remember: Annotated[
+        bool,
+        typer.Option("--remember", help="Append every exchange to the bank (a long-term memory across sessions)."),
+    ] = False,
+    sources: SourcesOpt = 0,
+    system: SystemOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per reply at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.3,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same output.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per reply on stdout.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """An interactive conversation with memory of a bank; one message per line on stdin, an empty
+    line or end of input ends it. With --remember each exchange is added to the bank."""
+    import datetime
+
+    from memtx_cli.bank import Bank
+    from memtx_cli.chat import answer, conversation_text
+    from memtx_cli.generate import Sampling
+
+    if remember and not bank:
+        raise MemtxError("--remember needs --memory BANK (the bank to append the conversation to)")
+    sampling = Sampling(max_tokens, temperature, top_p, 0, seed)
+    cfg = build_config(config, model, {"device": device, "dtype": dtype, "threads": threads})
+    if bank:  # fail fast on a bad bank, before the model loads
+        open_bank_for_reading(bank).close()
+    from memtx_cli.runtime import load_model
+
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    session = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    if interactive and not quiet:
+        print("memtx chat: one message per line; an empty line or Ctrl-D ends.", file=sys.stderr)
+    turn = 0
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            break
+        history.append({"role": "user", "content": line.strip()})
+        # Each turn reads the bank as committed now (with the exchanges remembered so far).
+        the_bank = Bank.open(bank, writer=False, verify=False) if bank else None
+        try:
+            if the_bank is not None:
+                check_bank_model(the_bank, lm)
+
+            def emit(piece: str) -> None:
+                if not as_json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+
+            res = answer(lm, history, cfg, sampling, the_bank, sources, emit)
+        finally:
+            if the_bank is not None:
+                the_bank.close()
+        reply = res.generation.text.strip()
+        history.append({"role": "assistant", "content": reply})
+        remembered = 0
+        if remember:
+            from memtx_cli.ingest import remember_text
+
+            with Bank.open(bank, writer=True, verify=False) as w:
+                remembered = remember_text(lm, w, f"chat:{session}#{turn}", conversation_text(history[-2:]), cfg)
+        if as_json:
+            print_json({"turn": turn, **res.to_dict(), "remembered_tokens": remembered})
+        else:
+            sys.stdout.write("\n")
+            print_sources(res.sources)
+            sys.stdout.flush()
+        turn += 1
+
+
 def main() -> None:
     app()
 

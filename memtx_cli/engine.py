@@ -74,6 +74,8 @@ class Streamer:
         self.pos = 0  # absolute position of the next token
         self.cur: list[LayerKV] | None = None  # feed(): raw K/V of the unfinished segment
         self.cur_len = 0
+        # trace(block_ids, mass): attention mass on bank blocks, while set (see MemoryRead.trace)
+        self.trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     @property
     def memory_entries(self) -> int:
@@ -109,6 +111,7 @@ class Streamer:
                 self.cfg.blocks,
                 self.cfg.block_chunk,
                 self.chunk_sums[i],
+                self.trace,
             )
             for i, m in self.memories.items()
         }

@@ -99,9 +99,11 @@ def generate(
     bank: Any = None,
     on_text: Callable[[str], None] = lambda t: None,
     stop_ids: set[int] | None = None,
+    trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Generation:
     """Stream the prompt, then decode; `on_text` receives each new piece of text as soon as it
-    is complete UTF-8."""
+    is complete UTF-8. `trace` (see MemoryRead.trace) receives the attention mass on bank
+    blocks of every token that predicts an answer token: the prompt's last and each new one."""
     if not prompt_ids:
         raise MemtxError("the prompt is empty")
     cfg.validate_for(lm.args.context_length)
@@ -111,7 +113,10 @@ def generate(
     st = Streamer(lm.model, cfg, bank)
     t0 = time.perf_counter()
     x = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
-    h = st.feed(x)[-1:]
+    if len(prompt_ids) > 1:
+        st.feed(x[:-1])
+    st.trace = trace
+    h = st.feed(x[-1:])
     t1 = time.perf_counter()
     out: list[int] = []
     shown = ""

@@ -174,6 +174,51 @@ def stream_into_bank(
     return blocks, valid
 
 
+def add_document(
+    lm: LoadedModel,
+    bank: Bank,
+    key: str,
+    sha: str,
+    size: int,
+    chars: int,
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    cfg: Config,
+    progress: Callable[[int, int], None] = lambda d, t: None,
+) -> int:
+    """Stream one tokenized document into the bank, record it, evict to capacity and commit;
+    returns the number of blocks evicted."""
+    doc_id = int(bank.manifest["next_doc_id"])
+    blocks, valid = stream_into_bank(lm, bank, doc_id, ids, offsets, cfg, progress)
+    bank.attach_blocks(doc_id, blocks, valid)
+    bank.add_document(
+        DocRecord(
+            id=doc_id,
+            path=key,
+            sha256=sha,
+            size=size,
+            tokens=len(ids),
+            chars=chars,
+            entries=sum(valid),
+            blocks=blocks,
+            ingested_at=now(),
+        )
+    )
+    evicted = len(bank.evict_to_capacity(protect=set(blocks)))
+    bank.commit()
+    return evicted
+
+
+def remember_text(lm: LoadedModel, bank: Bank, key: str, text: str, cfg: Config) -> int:
+    """Append a text (a conversation) to the bank as a document named `key`; returns its tokens."""
+    ids, offsets = lm.tokenizer.encode_with_offsets(text)
+    if not ids:
+        return 0
+    data = text.encode("utf-8")
+    add_document(lm, bank, key, hashlib.sha256(data).hexdigest(), len(data), len(text), ids, offsets, cfg)
+    return len(ids)
+
+
 def ingest(
     lm: LoadedModel,
     bank: Bank,
@@ -228,28 +273,11 @@ def ingest(
         if not ids:
             rep.skipped.append((key, "empty"))
             continue
-        doc_id = int(bank.manifest["next_doc_id"])
 
         def prog(done: int, total: int, i: int = i, key: str = key) -> None:
             progress({"doc": i, "docs": len(files), "path": key, "done": done, "total": total})
 
-        blocks, valid = stream_into_bank(lm, bank, doc_id, ids, offsets, cfg, prog)
-        bank.attach_blocks(doc_id, blocks, valid)
-        bank.add_document(
-            DocRecord(
-                id=doc_id,
-                path=key,
-                sha256=sha,
-                size=len(data),
-                tokens=len(ids),
-                chars=len(text),
-                entries=sum(valid),
-                blocks=blocks,
-                ingested_at=now(),
-            )
-        )
-        rep.evicted_blocks += len(bank.evict_to_capacity(protect=set(blocks)))
-        bank.commit()
+        rep.evicted_blocks += add_document(lm, bank, key, sha, len(data), len(text), ids, offsets, cfg, prog)
         rep.added.append(key)
         rep.tokens += len(ids)
     bank.trim()

@@ -425,4 +425,6 @@ class CompositeMemory:
             bias = torch.zeros(valid.shape, device=valid.device)
             bias[:, n_own:] = -self.bank_bias
         self.bank.search_seconds += time.perf_counter() - t0
-        return BlockRetrieval(keys=keys, rkeys=None, values=values, valid=valid, bias=bias)
+        return BlockRetrieval(
+            keys=keys, rkeys=None, values=values, valid=valid, bias=bias, bank_ids=bank_ids.reshape(kv * nc, m_b)
+        )

@@ -18,6 +18,7 @@ sees relative distances, and small angles keep float32/bfloat16 cos/sin accurate
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +167,9 @@ class MemoryRead:
     blocks: int = 32  # block retrieval: blocks selected per query chunk and KV head
     chunk: int = 512  # block retrieval: consecutive queries that select blocks together
     chunk_sums: dict = field(default_factory=dict)  # block retrieval: selector state (block_selectors)
+    # Block retrieval from a bank: `trace(block_ids (N, m), mass (N, m))` receives the attention
+    # mass every bank block got (summed over query heads and tokens; `memtx ask`'s sources).
+    trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -196,6 +200,7 @@ class BlockRetrieval:
     values: torch.Tensor
     valid: torch.Tensor
     bias: torch.Tensor | None = None  # (KV, M) additive score bias (a bank's prior), or None
+    bank_ids: torch.Tensor | None = None  # (KV, m) ids of the bank blocks, which fill M's tail
 
 
 def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
@@ -389,6 +394,7 @@ class Attention(nn.Module):
         qm = qm.to(q.dtype)
         out_m = torch.empty(kv, g, t, d, dtype=q.dtype, device=q.device)
         lse_m = torch.empty(kv, g, t, dtype=torch.float32, device=q.device)
+        traced = []  # with mem.trace: what is needed to weigh the bank blocks after the merge
         buckets: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # size -> [(token idx, sel)]
         for a, b, sel in groups:
             if sel.shape[1] == 1:  # one selector for the run
@@ -413,9 +419,13 @@ class Attention(nn.Module):
             flat = idx.reshape(-1)
             out_m[:, :, flat] = o.view(kv, n, g, size, d).permute(0, 2, 1, 3, 4).reshape(kv, g, n * size, d)
             lse_m[:, :, flat] = lse.view(kv, n, g, size).permute(0, 2, 1, 3).reshape(kv, g, n * size)
+            if mem.trace is not None and got.bank_ids is not None:
+                traced.append((idx, qq, km, m_bias, got.bank_ids, mem.memory.block_size))
         if mem.combine == "gate":
             local = grouped_attention(q, k, v, bias)
             gate = torch.sigmoid(self.mem_gate).to(q.dtype).view(1, h, 1, 1)
+            if traced:  # the gate scales the memory's share; within it, the memory's softmax
+                self.trace_bank_mass(traced, lse_m, mem.trace, scale, torch.sigmoid(self.mem_gate).view(kv, g, 1))
             return gate * out_m.reshape(1, h, t, d) + (1 - gate) * local
         if bias is None:
             bias = local_bias(t, k.shape[2] + 1, q.dtype, q.device)[:, 1:]
@@ -427,7 +437,37 @@ class Attention(nn.Module):
         w_l, w_m = torch.exp(lse_l - top), torch.exp(lse_m - top)
         den = w_l + w_m
         out = (w_l / den)[..., None].to(q.dtype) * out_l + (w_m / den)[..., None].to(q.dtype) * out_m
+        if traced:  # weights of the joint softmax: exp(score - lse of [local, memory])
+            self.trace_bank_mass(traced, top + torch.log(den), mem.trace, scale)
         return out.reshape(1, h, t, d)
+
+    @staticmethod
+    def trace_bank_mass(
+        traced: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int]],
+        lse: torch.Tensor,  # (KV, G, T) log-normaliser of each query's attention
+        trace: Callable[[torch.Tensor, torch.Tensor], None],
+        scale: float,
+        factor: torch.Tensor | None = None,  # (KV, G, 1) gate, or None
+    ) -> None:
+        """Attention mass per retrieved bank block, summed over a group's heads and tokens:
+        the scores are recomputed explicitly (the flash kernel does not return weights), which
+        is cheap for the few tokens traced (an answer)."""
+        kv, g, _ = lse.shape
+        for idx, qq, km, m_bias, bank_ids, b in traced:
+            n, size = idx.shape
+            m_b = bank_ids.shape[-1]
+            if m_b == 0:
+                continue
+            s = (qq[0] @ km.to(qq.dtype).transpose(-1, -2)).float() * scale  # (KV*n, G*size, M)
+            if m_bias is not None:
+                s = s + m_bias.float()
+            lq = lse[:, :, idx]  # (KV, G, n, size)
+            if factor is not None:
+                lq = lq - torch.log(factor[..., None])  # weight = gate * exp(s - lse_m)
+            lq = lq.permute(0, 2, 1, 3).reshape(kv * n, g * size, 1)
+            w = torch.exp(s - lq)  # (KV*n, G*size, M)
+            mass = w[:, :, w.shape[-1] - m_b * b :].sum(1).view(kv * n, m_b, b).sum(-1)  # (KV*n, m_b)
+            trace(bank_ids.reshape(kv * n, m_b), mass)
 
 
 def block_selectors(

@@ -1,0 +1,161 @@
+"""The passkey retrieval test (Mohtashami & Jaggi, 2023, "Landmark Attention"): a random 5-digit
+key is stated once inside long, repetitive filler text at a chosen depth; at the end the model
+is asked for it. The same prompt is answered with memory and with the window alone (the very
+same segments, memory off), greedy, so both see exactly the same tokens."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from memtx_cli.config import Config
+from memtx_cli.errors import MemtxError
+from memtx_cli.generate import Sampling, generate, stop_token_ids
+from memtx_cli.runtime import LoadedModel
+
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n\n"
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def parse_lengths(spec: str) -> list[int]:
+    """'2k,8k,32768' -> [2048, 8192, 32768] (k = 1024 tokens)."""
+    out = []
+    for part in spec.split(","):
+        p = part.strip().lower()
+        try:
+            n = int(float(p[:-1]) * 1024) if p.endswith("k") else int(p)
+        except ValueError:
+            raise MemtxError(f"--lengths: {part!r} is not a token count (e.g. 4k,16k,32768)") from None
+        if n < 256:
+            raise MemtxError(f"--lengths: {part!r} is too short; use at least 256 tokens")
+        out.append(n)
+    if not out:
+        raise MemtxError("--lengths is empty")
+    return out
+
+
+def parse_depths(spec: str) -> list[float]:
+    """'0.1,0.5,0.9' -> those depths; a bare count N -> N evenly spaced depths (i + 0.5) / N."""
+    s = spec.strip()
+    if s.isdigit():
+        n = int(s)
+        if n < 1:
+            raise MemtxError("--depths: the count must be >= 1")
+        return [round((i + 0.5) / n, 4) for i in range(n)]
+    try:
+        depths = [float(x) for x in s.split(",")]
+    except ValueError:
+        raise MemtxError(f"--depths: {spec!r} is neither a count nor a list like 0.1,0.5,0.9") from None
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise MemtxError(f"--depths must lie in [0, 1], got {spec!r}")
+    return depths
+
+
+def build_prompt(lm: LoadedModel, length: int, depth: float, key: int) -> tuple[list[int], int]:
+    """Token ids of a prompt of about `length` tokens with the key at `depth` (0 = start, 1 =
+    just before the question), and the token position where the key's sentence starts."""
+    tok = lm.tokenizer
+    per_filler = len(tok.encode(FILLER * 16)) / 16
+    fixed = len(tok.encode(INTRO + NEEDLE.format(key=key) + QUESTION))
+    n = max(1, int((length - fixed) / per_filler))
+    before = round(depth * n)
+    head = INTRO + FILLER * before
+    text = head + NEEDLE.format(key=key) + FILLER * (n - before) + QUESTION
+    return tok.encode(text), len(tok.encode(head))
+
+
+def answer_is(text: str, key: int) -> bool:
+    """Right when the first number in the answer is the key."""
+    m = re.search(r"\d+", text)
+    return m is not None and m.group(0) == str(key)
+
+
+def run_passkey(
+    lm: LoadedModel,
+    cfg: Config,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int = 0,
+    window: bool = True,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    """Accuracy with memory (cfg as given) and window-only (memory off, same segments), per
+    length and depth. Keys come from `seed`: the same seed asks the same questions."""
+    if trials < 1:
+        raise MemtxError(f"--trials must be >= 1, got {trials}")
+    if not cfg.memory:
+        raise MemtxError("bench passkey compares memory with the window; drop --no-memory")
+    cfg.validate_for(lm.args.context_length)
+    win_cfg = replace(cfg, memory=False)
+    sampling = Sampling(max_tokens=8, temperature=0)
+    stops = stop_token_ids(lm)
+    rng = random.Random(seed)
+    window_span = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
+    rows = []
+    for length in lengths:
+        trials_out = []
+        for depth in depths:
+            for trial in range(trials):
+                key = rng.randint(10000, 99999)
+                ids, at = build_prompt(lm, length, depth, key)
+                out: dict[str, Any] = {
+                    "depth": depth,
+                    "trial": trial,
+                    "key": key,
+                    "tokens": len(ids),
+                    "key_position": at,
+                    "key_in_window": len(ids) - at <= window_span,  # the window alone can see it
+                }
+                modes = [("memory", cfg)] + ([("window", win_cfg)] if window else [])
+                for name, c in modes:
+                    t0 = time.perf_counter()
+                    g = generate(lm, ids, c, sampling, stop_ids=stops)
+                    out[f"answer_{name}"] = g.text
+                    out[f"correct_{name}"] = answer_is(g.text, key)
+                    out[f"seconds_{name}"] = time.perf_counter() - t0
+                trials_out.append(out)
+                log(
+                    f"passkey {length:>6} tokens, depth {depth:.2f}, trial {trial}: key {key} | memory "
+                    f"{out['answer_memory'].strip()[:12]!r} {'ok' if out['correct_memory'] else 'WRONG'}"
+                    + (f" | window {'ok' if out['correct_window'] else 'wrong'}" if window else "")
+                    + f" ({out['seconds_memory']:.1f} s)"
+                )
+        n = len(trials_out)
+        row: dict[str, Any] = {
+            "length": length,
+            "tokens": round(sum(t["tokens"] for t in trials_out) / n),
+            "trials": n,
+            "accuracy_memory": sum(t["correct_memory"] for t in trials_out) / n,
+            "seconds_per_trial": sum(t["seconds_memory"] for t in trials_out) / n,
+            "by_depth": {
+                str(d): sum(t["correct_memory"] for t in trials_out if t["depth"] == d) / trials for d in depths
+            },
+            "details": trials_out,
+        }
+        if window:
+            row["accuracy_window"] = sum(t["correct_window"] for t in trials_out) / n
+            row["seconds_per_trial_window"] = sum(t["seconds_window"] for t in trials_out) / n
+            out_of_window = [t for t in trials_out if not t["key_in_window"]]
+            row["accuracy_window_key_outside"] = (
+                sum(t["correct_window"] for t in out_of_window) / len(out_of_window) if out_of_window else None
+            )
+        rows.append(row)
+    return {
+        "model": lm.name,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "settings": cfg.memory_settings(),
+        "depths": depths,
+        "seed": seed,
+        "window_tokens": window_span,
+        "rows": rows,
+    }
