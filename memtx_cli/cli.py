@@ -1056,6 +1056,13 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question, or - to read it from stdin.")],
     bank: BankOpt = None,
     sources: SourcesOpt = 3,
+    evidence: Annotated[
+        int,
+        typer.Option(
+            help="Recall, then read: quote the N sources the question attended to most into the prompt "
+            "(0 = answer from memory attention alone)."
+        ),
+    ] = 2,
     system: SystemOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy (default).")] = 0.0,
@@ -1093,7 +1100,7 @@ def ask(
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    res = answer(lm, messages, cfg, sampling, the_bank, sources, emit)
+    res = answer(lm, messages, cfg, sampling, the_bank, sources, emit, evidence=evidence)
     if as_json:
         print_json(res.to_dict())
         return
