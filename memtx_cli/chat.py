@@ -189,13 +189,13 @@ def recall(lm: LoadedModel, question: str, cfg: Config, bank: Any, n: int) -> tu
 
 
 def with_evidence(question: str, excerpts: list[Source], max_chars: int) -> str:
+    """The question with the recalled excerpts as plain context. (Numbered, titled excerpts made
+    the 135M model continue the list instead of answering.)"""
     parts = []
-    for i, src in enumerate(excerpts, 1):
+    for src in excerpts:
         text = (src.text or "").strip()
-        if len(text) > max_chars:
-            text = text[:max_chars] + " ..."
-        parts.append(f"Excerpt {i} ({Path(src.path).name}):\n{text}")
-    return "Answer the question using these excerpts.\n\n" + "\n\n".join(parts) + f"\n\nQuestion: {question}"
+        parts.append(text[:max_chars] + (" ..." if len(text) > max_chars else ""))
+    return "Context:\n" + "\n\n".join(parts) + f"\n\nAnswer this question from the context: {question}"
 
 
 def answer(

@@ -341,9 +341,10 @@ class BankLayerMemory:
         self.n_kv = bank.geo.n_kv
         self.search_seconds = 0.0
         self.n_blocks = len(bank.live_blocks)  # the bank is read-only: counted once
+        self.entries = bank.entries
 
     def __len__(self) -> int:
-        return self.bank.entries
+        return self.entries
 
     def search(self, qsum: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(KV, C, D) summed chunk queries -> scores (KV, C, m) and block ids (KV, C, m),

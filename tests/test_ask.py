@@ -226,3 +226,41 @@ def test_chat_remember_persists_across_sessions(tiny_gguf, bank_dir, tmp_path):
         assert len(b.docs) == before + 2
     r = memtx("chat", "--model", str(tiny_gguf), "--remember", stdin="hi\n")
     assert r.returncode == 1 and "--remember needs --memory" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model on real text
+
+
+def test_ask_real_model_answers_with_the_right_source(real_lm, tmp_path):
+    """A bank of two sample documents; the answer is on line 4 of the Debian constitution:
+    "Version 1.8 ratified on January 28th, 2022." """
+    from memtx_cli.chat import answer
+    from memtx_cli.config import merge_config
+    from memtx_cli.generate import Sampling
+    from memtx_cli.ingest import ingest, open_or_create_bank
+
+    docs = [
+        REPO / "sample_docs/books/austen_persuasion_ch1-2.txt",
+        REPO / "sample_docs/legal/debian_constitution_1.8.txt",
+    ]
+    cfg = merge_config(real_lm.card.settings)
+    bank = open_or_create_bank(tmp_path / "s.idx", real_lm, cfg, 0, "fifo")
+    try:
+        ingest(real_lm, bank, docs, cfg)
+        res = answer(
+            real_lm,
+            [{"role": "user", "content": "When was version 1.8 of the Debian constitution ratified?"}],
+            cfg,
+            Sampling(max_tokens=24, temperature=0),
+            bank,
+            n_sources=3,
+            evidence=2,
+        )
+    finally:
+        bank.close()
+    assert "2022-01-28" in res.generation.text or "January 28" in res.generation.text
+    top = res.sources[0]
+    assert top.path == str(docs[1]) and top.lines[0] <= 4 <= top.lines[1]
+    line4 = docs[1].read_text().splitlines()[3]
+    assert line4 in top.text and "January 28th, 2022" in line4
