@@ -36,7 +36,7 @@ demo: setup
 	$(VENV)/bin/memtx bank info $(DEMO_BANK)
 	$(VENV)/bin/memtx score sample_docs/code/lstring.c --memory $(DEMO_BANK) --compare
 	# A question answered from the bank, with its sources (documents and line numbers).
-	$(VENV)/bin/memtx ask "When was version 1.8 of the Debian constitution ratified?" --memory $(DEMO_BANK) --evidence 1 --max-tokens 24
+	$(VENV)/bin/memtx ask "When was version 1.8 of the Debian constitution ratified?" --memory $(DEMO_BANK) --max-tokens 24
 	# Passkey retrieval at 4K tokens: memory vs window (README "Passkey retrieval").
 	$(VENV)/bin/memtx bench passkey --lengths 4k --depths 3 --trials 1 --retrieval token --memory-layers all --mem-distance 1536
 
