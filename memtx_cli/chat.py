@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,7 @@ def sources_from_mass(bank: Any, mass: dict[int, float], n: int) -> list[Source]
         rec = bank.docs[doc]
         if doc not in texts:
             text = _read_if_unchanged(rec.path, rec.sha256)
-            texts[doc] = None if text is None else (text, [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"])
+            texts[doc] = None if text is None else (text, [0] + [m.end() for m in re.finditer("\n", text)])
         lines, snippet = None, None
         if texts[doc] is not None:
             text, starts = texts[doc]
@@ -145,7 +146,6 @@ def sources_from_mass(bank: Any, mass: dict[int, float], n: int) -> list[Source]
 class Answer:
     generation: Generation
     sources: list[Source]
-    bank_mass: float  # attention mass on bank memories, summed over layers, heads and tokens
     evidence: list[Source] = field(default_factory=list)  # excerpts placed in the prompt
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,9 +174,9 @@ def block_mass(lm: LoadedModel, ids: list[int], cfg: Config, bank: Any) -> dict[
     return {b: m / len(ids) for b, m in trace.mass.items()}
 
 
-def recall(lm: LoadedModel, question: str, cfg: Config, bank: Any, n: int) -> tuple[list[Source], float]:
+def recall(lm: LoadedModel, question: str, cfg: Config, bank: Any, n: int) -> list[Source]:
     """The `n` sources whose memories the question's tokens attended to most, beyond what a
-    neutral question gives them (attention lift), and the question's total mass on the bank.
+    neutral question gives them (attention lift).
 
     Measured on 10 questions about sample_docs/ with known answer lines (README "ask"): the
     right lines first for 2/10 by raw mass, 4/10 by lift, 5/10 by lift with 64 bank blocks
@@ -185,7 +185,7 @@ def recall(lm: LoadedModel, question: str, cfg: Config, bank: Any, n: int) -> tu
     mass = block_mass(lm, lm.tokenizer.encode(question), cfg, bank)
     base = block_mass(lm, lm.tokenizer.encode(NEUTRAL_QUESTION), cfg, bank)
     lift = {b: m - base.get(b, 0.0) for b, m in mass.items() if m > base.get(b, 0.0)}
-    return sources_from_mass(bank, lift or mass, n), sum(mass.values())
+    return sources_from_mass(bank, lift or mass, n)
 
 
 def with_evidence(question: str, excerpts: list[Source], max_chars: int) -> str:
@@ -220,20 +220,20 @@ def answer(
     stop = stop_token_ids(lm)
     if bank is None:
         gen = generate(lm, lm.tokenizer.encode(render_chat(lm, messages)), cfg, sampling, None, on_text, stop)
-        return Answer(gen, [], 0.0)
+        return Answer(gen, [])
     if evidence > 0:
         question = messages[-1]["content"]
         # the question alone: the template's and system prompt's tokens would steer the recall
-        recalled, mass = recall(lm, question, cfg, bank, max(n_sources, evidence))
+        recalled = recall(lm, question, cfg, bank, max(n_sources, evidence))
         excerpts = [s for s in recalled if s.text][:evidence]
         if excerpts:
             messages = [*messages[:-1], {"role": "user", "content": with_evidence(question, excerpts, evidence_chars)}]
         gen = generate(lm, lm.tokenizer.encode(render_chat(lm, messages)), cfg, sampling, bank, on_text, stop)
-        return Answer(gen, recalled[:n_sources], mass, excerpts)
+        return Answer(gen, recalled[:n_sources], excerpts)
     trace = BankTrace()
     ids = lm.tokenizer.encode(render_chat(lm, messages))
     gen = generate(lm, ids, cfg, sampling, bank, on_text, stop, trace=trace)
-    return Answer(gen, sources_from_mass(bank, trace.mass, n_sources), trace.total)
+    return Answer(gen, sources_from_mass(bank, trace.mass, n_sources))
 
 
 def conversation_text(messages: list[dict[str, str]]) -> str:

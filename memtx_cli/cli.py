@@ -200,6 +200,27 @@ def check_bank_model(bank: Any, lm: Any) -> None:
     check_model(bank, model_identity(lm))
 
 
+def load_for(cfg: Any, bank: Any = None) -> Any:
+    """The configured model; a bank given must come from it (one line otherwise)."""
+    from memtx_cli.runtime import load_model
+
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    if bank is not None:
+        check_bank_model(bank, lm)
+    return lm
+
+
+def text_sink(as_json: bool) -> Callable[[str], None]:
+    """Where generated text streams: stdout as it comes, or nowhere when --json prints it at the end."""
+
+    def emit(piece: str) -> None:
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    return emit
+
+
 def describe_retrieval(st: dict[str, Any]) -> str:
     if st.get("retrieval") == "block":
         return f"{st['blocks']} blocks of {st['block_size']} per {st['block_chunk']} queries"
@@ -211,6 +232,8 @@ def memory_flags(**flags: Any) -> dict[str, Any]:
     return dict(flags)
 
 
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed: same seed, same output.")]
 BankOpt = Annotated[
     str | None,
     typer.Option("--memory", help="A memory bank (from memtx ingest) to read, besides the document's own past."),
@@ -332,14 +355,11 @@ def score(
     cfg = build_config(config, model, flags)
     the_bank = open_bank_for_reading(bank) if bank else None
     from memtx_cli.engine import score_ids, tokenize_for_scoring
-    from memtx_cli.runtime import load_model
 
     t0 = time.perf_counter()
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    lm = load_for(cfg, the_bank)
     load_s = time.perf_counter() - t0
     ids, n_bytes = tokenize_for_scoring(lm, doc.text, cfg.max_tokens)
-    if the_bank is not None:
-        check_bank_model(the_bank, lm)
     runs = (
         {"memory": dataclasses.replace(cfg, memory=True), "window": dataclasses.replace(cfg, memory=False)}
         if compare
@@ -471,9 +491,9 @@ def generate(
     bank: BankOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.95,
+    top_p: TopPOpt = 0.95,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens; 0 = off.")] = 0,
-    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same output.")] = None,
+    seed: SeedOpt = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")] = None,
     no_memory: NoMemoryOpt = False,
     model: ModelOpt = None,
@@ -496,17 +516,8 @@ def generate(
     flags = {"device": device, "dtype": dtype, "threads": threads, "memory": False if no_memory else None}
     cfg = build_config(config, model, flags)
     the_bank = open_bank_for_reading(bank) if bank else None
-    from memtx_cli.runtime import load_model
-
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
-    if the_bank is not None:
-        check_bank_model(the_bank, lm)
-
-    def emit(piece: str) -> None:
-        if not as_json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
+    lm = load_for(cfg, the_bank)
+    emit = text_sink(as_json)
     ids = lm.tokenizer.encode(text)
     res = run_generate(lm, ids, cfg, sampling, the_bank if cfg.memory else None, emit, stop_token_ids(lm))
     if as_json:
@@ -576,9 +587,8 @@ def ingest(
     cfg = build_config(config, model, flags)
     from memtx_cli.ingest import ingest as run_ingest
     from memtx_cli.ingest import open_or_create_bank
-    from memtx_cli.runtime import load_model
 
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    lm = load_for(cfg)
     bank = open_or_create_bank(out_p, lm, cfg, capacity, evict, precision=precision)
     try:
         with ingest_progress(show_progress(quiet), sel.files) as cb:
@@ -988,7 +998,6 @@ def bench_passkey(
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden in long filler text; accuracy with memory vs window."""
     from memtx_cli.passkey import parse_depths, parse_lengths, run_passkey
-    from memtx_cli.runtime import load_model
 
     lens, deps = parse_lengths(lengths), parse_depths(depths)
     flags = {
@@ -1011,7 +1020,7 @@ def bench_passkey(
         ),
     }
     cfg = build_config(config, model, flags)
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    lm = load_for(cfg)
     res = run_passkey(lm, cfg, lens, deps, trials, seed, window=not no_window, log=lambda m: log(m, quiet))
     if as_json:
         print_json(res)
@@ -1066,8 +1075,8 @@ def ask(
     system: SystemOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy (default).")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.95,
-    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same output.")] = None,
+    top_p: TopPOpt = 0.95,
+    seed: SeedOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -1088,19 +1097,9 @@ def ask(
     sampling = Sampling(max_tokens, temperature, top_p, 0, seed)
     cfg = build_config(config, model, {"device": device, "dtype": dtype, "threads": threads})
     the_bank = open_bank_for_reading(bank) if bank else None
-    from memtx_cli.runtime import load_model
-
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
-    if the_bank is not None:
-        check_bank_model(the_bank, lm)
+    lm = load_for(cfg, the_bank)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-
-    def emit(piece: str) -> None:
-        if not as_json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    res = answer(lm, messages, cfg, sampling, the_bank, sources, emit, evidence=evidence)
+    res = answer(lm, messages, cfg, sampling, the_bank, sources, text_sink(as_json), evidence=evidence)
     if as_json:
         print_json(res.to_dict())
         return
@@ -1122,8 +1121,8 @@ def chat(
     system: SystemOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per reply at most.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.3,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.95,
-    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same output.")] = None,
+    top_p: TopPOpt = 0.95,
+    seed: SeedOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -1146,9 +1145,7 @@ def chat(
     cfg = build_config(config, model, {"device": device, "dtype": dtype, "threads": threads})
     if bank:  # fail fast on a bad bank, before the model loads
         open_bank_for_reading(bank).close()
-    from memtx_cli.runtime import load_model
-
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
+    lm = load_for(cfg)
     session = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
@@ -1167,13 +1164,7 @@ def chat(
         try:
             if the_bank is not None:
                 check_bank_model(the_bank, lm)
-
-            def emit(piece: str) -> None:
-                if not as_json:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-
-            res = answer(lm, history, cfg, sampling, the_bank, sources, emit)
+            res = answer(lm, history, cfg, sampling, the_bank, sources, text_sink(as_json))
         finally:
             if the_bank is not None:
                 the_bank.close()

@@ -84,3 +84,26 @@ def logits_of(args, state, ids):
     m = build_model(args, state).eval()
     with torch.no_grad():
         return m(torch.tensor(ids)[None])
+
+
+def signal_after_documents(proc, bank: Path, docs: int, sig: int, timeout: float = 120) -> bool:
+    """Send `sig` to a running `memtx ingest` once its bank has committed `docs` documents (a
+    moment into the next one); False if it finished first."""
+    import time
+
+    import yaml
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        m = bank / "manifest.yaml"
+        if m.is_file():
+            try:
+                done = (yaml.safe_load(m.read_text()) or {}).get("documents", 0)
+            except yaml.YAMLError:
+                done = 0
+            if done >= docs:
+                time.sleep(0.05)
+                proc.send_signal(sig)
+                return True
+        time.sleep(0.005)
+    return False

@@ -11,14 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from helpers import make_tiny, write_gguf
+from helpers import make_tiny, signal_after_documents, write_gguf
 from typer.testing import CliRunner
 
 from memtx_cli.bank import Bank, DocRecord, Geometry, merge_banks, verify_bank
@@ -193,21 +191,7 @@ def test_killed_ingest_resumes_to_the_same_bank(tiny_gguf, tmp_path):
     subprocess.run(ingest_cmd(tiny_gguf, corpus, ref), check=True, env=env, capture_output=True)
     out = tmp_path / "killed.idx"
     proc = subprocess.Popen(ingest_cmd(tiny_gguf, corpus, out), env=env, stdout=subprocess.DEVNULL)
-    killed_mid_doc = False
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        m = out / "manifest.yaml"
-        if m.is_file():
-            try:
-                docs = (yaml.safe_load(m.read_text()) or {}).get("documents", 0)
-            except yaml.YAMLError:
-                docs = 0
-            if docs >= 2:
-                time.sleep(0.05)  # inside the third document
-                proc.send_signal(signal.SIGKILL)
-                killed_mid_doc = True
-                break
-        time.sleep(0.005)
+    killed_mid_doc = signal_after_documents(proc, out, 2, signal.SIGKILL)  # inside the third document
     proc.wait()
     assert killed_mid_doc, "ingest finished before it could be killed"
     assert verify_bank(out) == []  # the committed state is intact

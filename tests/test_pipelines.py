@@ -9,12 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import make_tiny, write_gguf
+from helpers import make_tiny, signal_after_documents, write_gguf
 from test_bank import build, make_corpus
 
 from memtx_cli.bank import Bank, verify_bank
@@ -129,21 +127,7 @@ def test_ctrl_c_during_ingest_exits_130_and_leaves_the_bank_intact(world, tiny_g
     out = tmp_path / "int.idx"
     cmd = [*MEMTX, "ingest", str(corpus), "--out", str(out), "--config", world["cfg"]]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    deadline = time.time() + 120
-    sent = False
-    while time.time() < deadline and p.poll() is None:
-        m = out / "manifest.yaml"
-        if m.is_file():
-            try:
-                docs = (yaml.safe_load(m.read_text()) or {}).get("documents", 0)
-            except yaml.YAMLError:
-                docs = 0
-            if docs >= 1:
-                time.sleep(0.05)
-                p.send_signal(signal.SIGINT)
-                sent = True
-                break
-        time.sleep(0.005)
+    sent = signal_after_documents(p, out, 1, signal.SIGINT)
     _, err = p.communicate()
     assert sent, "ingest finished before Ctrl-C"
     assert p.returncode == 130 and "interrupted" in err.decode() and "Traceback" not in err.decode()
