@@ -118,6 +118,9 @@ def resolve_model(name_or_path: str | None) -> ModelRef:
             raise MemtxError(
                 f"{name} is a directory without config.json; give a GGUF file or a Hugging Face model directory"
             )
+        if p.is_dir() and (p / "memtx.yaml").is_file():  # a memtx train checkpoint carries its card
+            ckpt = _read_card(p / "memtx.yaml")
+            return ModelRef(ckpt, p.resolve())
         fmt = "hf" if p.is_dir() else "gguf"
         synth = ModelCard(p.name, {"name": p.name, "weights": {"format": fmt, "path": str(p.resolve())}})
         return ModelRef(synth, p.resolve())

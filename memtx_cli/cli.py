@@ -1191,3 +1191,215 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@app.command()
+@handle_errors
+def train(
+    corpus: Annotated[list[str], typer.Argument(help="Training documents: files or directories (recursive).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint directory to write (a model for --model).")],
+    model: ModelOpt = None,
+    init: Annotated[
+        str | None,
+        typer.Option("--init", help="Train a new model from scratch: YAML of architecture, tokenizer, memory."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the checkpoint in --out where it stopped.")
+    ] = False,
+    val: Annotated[
+        list[str] | None, typer.Option("--val", help="Held-out documents for validation (default: held-out sequences).")
+    ] = None,
+    what: Annotated[
+        str | None,
+        typer.Option("--train", help="gate (memory gates/biases only), memory-layers, or all. Default: gate."),
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps. Default: 100.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget in minutes (0 = none).")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate (default by --train: 2e-2 gate, 2e-5 else, 1e-3 from scratch)."),
+    ] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warm-up steps. Default: 10.")] = None,
+    accum: Annotated[int | None, typer.Option(help="Sequences per optimizer step (gradient accumulation).")] = None,
+    clip: Annotated[float | None, typer.Option(help="Gradient norm clip (0 = off). Default: 1.0.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay on matrices. Default: 0.1.")] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per training sequence; memory resets at each. Default: 8192.")
+    ] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between validations. Default: 25.")] = None,
+    eval_tokens: Annotated[int | None, typer.Option(help="Tokens per validation document. Default: 8192.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints. Default: 25.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data order and the initial weights.")] = None,
+    grad_checkpoint: Annotated[
+        bool | None, typer.Option("--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations in backward.")
+    ] = None,
+    autocast: Annotated[str | None, typer.Option(help="auto (bfloat16 where the CPU has it), bfloat16 or off.")] = None,
+    no_memory: NoMemoryOpt = False,
+    memory_layers: LayersOpt = None,
+    top_k: TopKOpt = None,
+    index: IndexOpt = None,
+    combine: CombineOpt = None,
+    gate_init: GateOpt = None,
+    positions: PositionsOpt = None,
+    mem_distance: DistanceOpt = None,
+    sinks: SinksOpt = None,
+    retrieval: RetrievalOpt = None,
+    blocks: BlocksOpt = None,
+    segment: Annotated[int | None, typer.Option(help="Segment length in tokens.")] = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a model to use its memory (fine-tune), or a memorizing transformer from scratch (--init)."""
+    from dataclasses import fields as dc_fields
+    from pathlib import Path
+
+    from memtx_cli.config import merge_config, read_yaml_config
+    from memtx_cli.train import InitConfig, TrainConfig
+    from memtx_cli.train import train as run_train
+
+    if init and model:
+        raise MemtxError("give --model (fine-tune) or --init (from scratch), not both")
+    yaml_all = read_yaml_config(config) if config else {}
+    tkeys = {f.name for f in dc_fields(TrainConfig)}
+    yaml_train = {k: v for k, v in yaml_all.items() if k in tkeys}
+    yaml_cfg = {k: v for k, v in yaml_all.items() if k not in tkeys}
+    tflags = {
+        "train": what or ("all" if init else None),
+        "max_steps": max_steps,
+        "max_minutes": max_minutes,
+        "lr": lr,
+        "warmup": warmup,
+        "accum": accum,
+        "clip": clip,
+        "weight_decay": weight_decay,
+        "seq_len": seq_len,
+        "eval_every": eval_every,
+        "eval_tokens": eval_tokens,
+        "save_every": save_every,
+        "seed": seed,
+        "grad_checkpoint": grad_checkpoint,
+        "autocast": autocast,
+    }
+    tc = TrainConfig(**{**yaml_train, **{k: v for k, v in tflags.items() if v is not None}})
+    flags = {
+        "segment": segment,
+        "device": device,
+        "threads": threads,
+        "memory": False if no_memory else None,
+        **memory_flags(
+            memory_layers=memory_layers,
+            top_k=top_k,
+            index=index,
+            combine=combine,
+            gate_init=gate_init,
+            positions=positions,
+            mem_distance=mem_distance,
+            sinks=sinks,
+            retrieval=retrieval,
+            blocks=blocks,
+        ),
+    }
+    from memtx_cli.cards import resolve_model
+
+    init_cfg = None
+    if init:
+        init_cfg = InitConfig.from_yaml(init)
+        cfg = merge_config(init_cfg.settings, yaml_cfg, flags)  # no other model's card applies
+    elif resume:  # the checkpoint's card holds the memory settings it trains with
+        if not Path(out).is_dir():
+            raise MemtxError(f"--resume: {out} does not exist")
+        from memtx_cli.train import recover_checkpoint
+
+        recover_checkpoint(Path(out))
+        run_flags = {k: v for k, v in flags.items() if k in ("device", "threads")}
+        cfg = merge_config(resolve_model(out).card.settings, {"model": out, **run_flags})
+    else:
+        cfg = merge_config(resolve_model(model).card.settings, yaml_cfg, {"model": model, **flags})
+    enabled = show_progress(quiet)
+    with train_progress(enabled, quiet) as on_event:
+        res = run_train(
+            corpus, out, cfg, tc, model=model, init=init_cfg, val_paths=val, resume=resume, on_event=on_event
+        )
+    if as_json:
+        print_json(
+            {
+                "out": res.out,
+                "steps": res.steps,
+                "tokens": res.tokens,
+                "seconds": res.seconds,
+                "stopped": res.stopped,
+                "losses": res.losses,
+                "evals": res.evals,
+            }
+        )
+        return
+    last = res.evals[-1] if res.evals else {}
+    first = res.evals[0] if res.evals else {}
+    rows = [
+        ("checkpoint", res.out),
+        ("steps", f"{res.steps} ({res.stopped} budget)"),
+        ("tokens", f"{res.tokens:,}"),
+        ("time", f"{res.seconds:.0f} s"),
+        ("loss (last step)", f"{res.losses[-1]:.4f}" if res.losses else "-"),
+    ]
+    for key, label in (("ppl_memory", "val ppl with memory"), ("ppl_window", "val ppl window-only")):
+        if key in last:
+            rows.append((label, f"{first.get(key, float('nan')):.3f} -> {last[key]:.3f}"))
+    print_table("memtx train", rows)
+
+
+@contextmanager
+def train_progress(enabled: bool, quiet: bool) -> Iterator[Callable[[str, dict[str, Any]], None]]:
+    """Training events -> a progress bar (steps, loss, tokens/s, ETA) and log lines on stderr."""
+
+    def log_event(kind: str, info: dict[str, Any]) -> None:
+        if kind in ("start", "eval"):
+            log(_event_line(kind, info), quiet)
+
+    if not enabled:
+        yield log_event
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = [
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps {task.fields[info]}"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("train", total=None, info="")
+
+        def on_event(kind: str, info: dict[str, Any]) -> None:
+            if kind == "start":
+                bar.update(task, total=info["steps"], completed=info["step"])
+            elif kind == "step":
+                bar.update(
+                    task,
+                    completed=info["step"],
+                    info=f"loss {info['loss']:.4f}  {info['tokens_per_s']:,.0f} tok/s",
+                )
+            if kind in ("start", "eval"):
+                bar.console.print(_event_line(kind, info))
+
+        yield on_event
+
+
+def _event_line(kind: str, info: dict[str, Any]) -> str:
+    if kind == "start":
+        return (
+            f"training {info['trainable']:,} parameters on {info['sequences']} sequences "
+            f"({info['val_sequences']} for validation), lr {info['lr']:g}, "
+            f"memory layers {info['memory_layers'] or 'none'}"
+        )
+    vals = ", ".join(f"{k} {v:.3f}" for k, v in info.items() if k.startswith("ppl"))
+    return f"step {info['step']}: validation {vals}"

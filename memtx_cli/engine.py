@@ -48,7 +48,7 @@ class Streamer:
         if self.layers:
             check_index_kind(cfg.index)
         if cfg.combine == "gate" and self.layers:
-            model.add_memory_gates(self.layers, cfg.gate_init)
+            model.add_memory_params(self.layers, cfg.gate_init)
         dev = model.embed.weight.device
         spec = IndexSpec(kind=cfg.index, nprobe=cfg.nprobe)
         rotated = cfg.positions != "fixed"  # true / clamped score memories at real distances
@@ -166,6 +166,9 @@ class Streamer:
         self._advance(kv, t)
 
     def _advance(self, kv: list[LayerKV], t: int) -> None:
+        # Cache, sinks and memory are constants to later segments (Transformer-XL's and the
+        # paper's stop-gradient): training backpropagates through one segment at a time.
+        kv = [LayerKV(x.k.detach(), x.v.detach()) for x in kv]
         n_s = self.cfg.sinks
         if n_s and self.pos == 0:
             self.sink_kv = [LayerKV(x.k[:, :, :n_s], x.v[:, :, :n_s]) for x in kv]

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from memtx_cli.errors import MemtxError
 
@@ -277,9 +278,16 @@ class Attention(nn.Module):
         out = (self.n_heads + 2 * self.n_kv) * self.hd
         self.wqkv = nn.Linear(args.dim, out, bias=args.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.hd, args.dim, bias=False)
-        # Memory gate b_h (paper: g = sigmoid(b_h) mixes memory and local attention per head);
-        # created by Transformer.add_memory_gates for memory layers only.
+        # Memory parameters, created by Transformer.add_memory_params for memory layers only:
+        # mem_gate b_h (combine=gate, the paper: g = sigmoid(b_h) mixes memory and local
+        # attention per head) and mem_bias c_h (combine=joint: added to every memory logit, so
+        # the joint softmax weighs memory by e^c_h; 0 = untrained joint). `memtx train` fits them.
         self.mem_gate: nn.Parameter | None = None
+        self.mem_bias: nn.Parameter | None = None
+
+    def joint_bias(self, kv: int, g: int) -> torch.Tensor | None:
+        """mem_bias as (KV, G, 1), or None when the layer has none (an untrained model)."""
+        return None if self.mem_bias is None else self.mem_bias.float().view(kv, g, 1)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k (B, KV, T, D), v (B, KV, T, D); no RoPE yet."""
@@ -347,6 +355,9 @@ class Attention(nn.Module):
         m_scores = memory_scores(qr, got, mem, inv_freq) * scale  # (KV, G, T, k)
         m_scores = m_scores.float().masked_fill(~got.valid, float("-inf"))
         mv = got.values.to(q.dtype)  # (KV, Gs, T, k, D)
+        jb = self.joint_bias(kv, g)
+        if jb is not None and mem.combine == "joint":
+            m_scores = m_scores + jb[..., None]  # (KV, G, T, k)
         if mem.combine == "gate":
             local = grouped_attention(q, k, v, bias)  # (1, H, T, D)
             m_out = pair_mix(torch.softmax(m_scores, -1).to(q.dtype), mv)  # (KV, G, T, D)
@@ -432,13 +443,16 @@ class Attention(nn.Module):
         qg = q.reshape(1, kv, g * t, d)
         out_l, lse_l = attention_with_lse(qg, k, v, bias.repeat(g, 1), scale)  # (KV, G*T, D), (KV, G*T)
         out_l, lse_l = out_l.view(kv, g, t, d), lse_l.view(kv, g, t)
+        jb = self.joint_bias(kv, g)
+        if jb is not None:  # every memory logit + c_h: the memory's log-sum-exp moves by c_h
+            lse_m = lse_m + jb
         # One softmax over [local, memory]: merge the two partial attentions by their lse.
         top = torch.maximum(lse_l, lse_m)
         w_l, w_m = torch.exp(lse_l - top), torch.exp(lse_m - top)
         den = w_l + w_m
         out = (w_l / den)[..., None].to(q.dtype) * out_l + (w_m / den)[..., None].to(q.dtype) * out_m
-        if traced:  # weights of the joint softmax: exp(score - lse of [local, memory])
-            self.trace_bank_mass(traced, top + torch.log(den), mem.trace, scale)
+        if traced:  # weights of the joint softmax: exp(score + c_h - lse of [local, memory])
+            self.trace_bank_mass(traced, top + torch.log(den), mem.trace, scale, None if jb is None else jb.exp())
         return out.reshape(1, h, t, d)
 
     @staticmethod
@@ -447,7 +461,7 @@ class Attention(nn.Module):
         lse: torch.Tensor,  # (KV, G, T) log-normaliser of each query's attention
         trace: Callable[[torch.Tensor, torch.Tensor], None],
         scale: float,
-        factor: torch.Tensor | None = None,  # (KV, G, 1) gate, or None
+        factor: torch.Tensor | None = None,  # (KV, G, 1) gate or e^mem_bias, or None
     ) -> None:
         """Attention mass per retrieved bank block, summed over a group's heads and tokens:
         the scores are recomputed explicitly (the flash kernel does not return weights), which
@@ -463,7 +477,7 @@ class Attention(nn.Module):
                 s = s + m_bias.float()
             lq = lse[:, :, idx]  # (KV, G, n, size)
             if factor is not None:
-                lq = lq - torch.log(factor[..., None])  # weight = gate * exp(s - lse_m)
+                lq = lq - torch.log(factor[..., None])  # weight = factor * exp(s - lse)
             lq = lq.permute(0, 2, 1, 3).reshape(kv * n, g * size, 1)
             w = torch.exp(s - lq)  # (KV*n, G*size, M)
             mass = w[:, :, w.shape[-1] - m_b * b :].sum(1).view(kv * n, m_b, b).sum(-1)  # (KV*n, m_b)
@@ -486,7 +500,7 @@ def block_selectors(
     the same memories. (Selecting with the chunk's own queries leaks later tokens into earlier
     predictions: at 8K it gave legal 7.82 where the causal selector gives 9.10.)
     """
-    vec = qs.float().sum(1)  # (KV, T, D)
+    vec = qs.detach().float().sum(1)  # (KV, T, D); selection is not differentiated
     t = vec.shape[1]
     p0 = int(q_pos[0])
     groups = []
@@ -546,7 +560,9 @@ def attention_with_lse(
     On CPU this is the flash kernel SDPA itself calls (it returns the log-sum-exp; measured
     4.4x faster than materialising scores in bfloat16, T=512, S=1024); elsewhere, plain math.
     """
-    if q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    # The flash kernel's log-sum-exp has no gradient; training (which merges by lse) uses the math.
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not grad and q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias[None] if bias is not None and bias.dim() == 3 else bias, scale=scale
         )
@@ -587,9 +603,12 @@ class Block(nn.Module):
         bias: torch.Tensor | None,
         mem: MemoryRead | None = None,
         inv_freq: torch.Tensor | None = None,
+        ckpt_ffn: bool = False,
     ) -> tuple[torch.Tensor, LayerKV]:
         a, kv = self.attn(self.attn_norm(x), cache, rope, bias, mem, inv_freq)
         x = x + a
+        if ckpt_ffn:  # recompute the FFN in backward instead of keeping its (T, ffn_dim) activations
+            return x + checkpoint(lambda y: self.ffn(self.ffn_norm(y)), x, use_reentrant=False), kv
         x = x + self.ffn(self.ffn_norm(x))
         return x, kv
 
@@ -603,6 +622,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        # Training switches (memtx train sets them; inference ignores them: no autograd there).
+        self.frozen_below = 0  # layers below this run without autograd (nothing under them trains)
+        self.grad_checkpoint = False  # recompute activations in backward to save memory
 
     def rope(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (n, D) for window positions 0..n-1, in the model's dtype (computed once per
@@ -623,19 +645,34 @@ class Transformer(nn.Module):
         rope = self.rope(cache_len + t, ids.device)
         bias = local_bias(t, cache_len + t, x.dtype, ids.device)
         kvs: list[LayerKV] = []
+        grad = torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             mem = memory.get(i) if memory else None
-            x, kv = layer(x, cache[i] if cache else None, rope, bias, mem, self.inv_freq)
+            c = cache[i] if cache else None
+            if grad and i < self.frozen_below:
+                with torch.no_grad():
+                    x, kv = layer(x, c, rope, bias, mem, self.inv_freq)
+            elif grad and self.grad_checkpoint and mem is None:
+                # A whole layer is recomputed in backward; memory layers only recompute their
+                # FFN: re-running a memory read would advance the block selectors twice.
+                x, kv = checkpoint(layer, x, c, rope, bias, None, self.inv_freq, use_reentrant=False)
+            else:
+                x, kv = layer(x, c, rope, bias, mem, self.inv_freq, grad and self.grad_checkpoint)
             kvs.append(kv)
         return SegmentOutput(self.norm(x), kvs)
 
-    def add_memory_gates(self, layers: list[int], init: float) -> None:
-        """Give memory layers their per-head gate bias b_h (g = sigmoid(b_h)), if absent."""
+    def add_memory_params(self, layers: list[int], gate_init: float) -> None:
+        """Give memory layers their per-head memory parameters, where absent: the gate bias
+        b_h = gate_init (g = sigmoid(b_h)) and the joint bias c_h = 0 (joint softmax unchanged)."""
+        w = self.embed.weight
         for i in layers:
             attn = self.layers[i].attn
             if attn.mem_gate is None:
-                w = self.embed.weight
-                attn.mem_gate = nn.Parameter(torch.full((attn.n_heads,), float(init), device=w.device))
+                attn.mem_gate = nn.Parameter(
+                    torch.full((attn.n_heads,), float(gate_init), device=w.device), requires_grad=w.requires_grad
+                )
+            if attn.mem_bias is None:
+                attn.mem_bias = nn.Parameter(torch.zeros(attn.n_heads, device=w.device), requires_grad=w.requires_grad)
 
     def output_weight(self) -> torch.Tensor:  # (V, C)
         return self.embed.weight if self.head is None else self.head.weight

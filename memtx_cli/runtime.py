@@ -189,6 +189,8 @@ def _store_cached(path: Path, raw: RawWeights) -> None:
 
 
 def load_raw(path: Path) -> RawWeights:
+    if path.is_dir() and (path / "memtx.yaml").is_file():
+        return load_weights(path)  # a memtx checkpoint: float32 safetensors, fast; not cached
     raw = _load_cached(path)
     if raw is None:
         raw = load_weights(path)
@@ -205,6 +207,9 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor] | None = None) -
         return Transformer(args)
     with torch.device("meta"):
         model = Transformer(args)
+        # Memory parameters (a memtx train checkpoint): their layers get them before loading.
+        mem_layers = sorted({int(k.split(".")[1]) for k in state if k.endswith((".attn.mem_gate", ".attn.mem_bias"))})
+        model.add_memory_params(mem_layers, 0.0)
     missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
     if unexpected or [m for m in missing if m != "inv_freq"]:
         raise MemtxError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -262,6 +262,9 @@ def load_hf_dir(path: Path) -> RawWeights:
         "mlp.gate_proj.weight": "gate.weight",
         "mlp.up_proj.weight": "up.weight",
         "mlp.down_proj.weight": "ffn.w2.weight",
+        # memtx's per-head memory parameters (a memtx train checkpoint; other tools ignore them)
+        "self_attn.mem_gate": "attn.mem_gate",
+        "self_attn.mem_bias": "attn.mem_bias",
     }
     state: dict[str, np.ndarray] = {}
     for name, w in hf.items():
@@ -331,6 +334,9 @@ def save_hf_dir(path: Path, args: ModelArgs, state: dict[str, torch.Tensor], tok
             q + "input_layernorm.weight": state[p + "attn_norm.weight"],
             q + "post_attention_layernorm.weight": state[p + "ffn_norm.weight"],
         }
+        for name in ("mem_gate", "mem_bias"):  # memory parameters, where the layer has them
+            if p + "attn." + name in state:
+                out[q + "self_attn." + name] = state[p + "attn." + name]
     save_file({k: v.detach().float().contiguous() for k, v in out.items()}, str(path / "model.safetensors"))
     config = {
         "model_type": "qwen2" if args.qkv_bias else "llama",

@@ -1,0 +1,656 @@
+"""Training: teach a model to use its kNN memory (fine-tuning), or build one from scratch.
+
+Data flow: corpus files -> token ids -> training sequences of `seq_len` tokens (consecutive
+pieces of a document; the memory resets at the start of each, as at a document boundary) ->
+segments streamed through the engine's `Streamer` exactly as scoring streams them (XL cache,
+sinks, memory read before write) but with autograd on.
+
+One optimizer step = `accum` sequences. Every segment's loss is backpropagated as soon as the
+segment has run: the XL cache and the memory are detached (the paper's stop-gradient), so
+segment graphs are independent and activation memory stays at one segment. Checkpoints are
+written at step boundaries, where no memory is live, and everything random derives from
+(seed, step): resuming a killed run reproduces the uninterrupted run's loss curve.
+
+What trains (`train`): `gate` = the per-head memory parameters of the memory layers only
+(mem_gate for combine=gate, mem_bias for combine=joint); `memory-layers` = those plus every
+weight of the memory layers; `all` = everything. Layers below the lowest trained layer run
+without autograd.
+
+Checkpoints are Hugging Face directories (config.json, model.safetensors, tokenizer.json; the
+memory parameters as extra tensors) plus `memtx.yaml`, the model card (what it was trained from
+and on, and the memory settings it was trained with, which become its defaults), and
+`train_state.safetensors` / `train_state.yaml` for --resume. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memtx_cli.config import Config
+from memtx_cli.errors import MemtxError
+
+TRAIN_MODES = ("gate", "memory-layers", "all")
+STATE_VERSION = 1
+
+# on_event(kind, info): "start", "step", "eval", "save", "done". The library reports; the CLI draws.
+Events = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    train: str = "gate"  # gate | memory-layers | all (what receives gradients)
+    max_steps: int = 100
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none (the step budget alone)
+    # 0 = by what trains: the per-head memory scalars tolerate a large rate (2e-2 moves a
+    # bias by ~1 in 50 steps); pretrained weights want a small one (2e-5); from scratch 1e-3.
+    lr: float = 0.0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup: int = 10  # steps of linear warm-up
+    weight_decay: float = 0.1  # on matrices only (not on norms, embeddings' rows or gates)
+    clip: float = 1.0  # gradient norm clipping
+    accum: int = 1  # sequences per optimizer step
+    seq_len: int = 8192  # tokens per training sequence (memory resets at its start)
+    eval_every: int = 25  # steps between validations (0 = only at the end)
+    eval_tokens: int = 8192  # tokens of each validation sequence
+    val_sequences: int = 2  # held-out sequences when no --val files are given
+    save_every: int = 25  # steps between checkpoints (0 = only at the end)
+    seed: int = 0
+    # Off by default: one 512-token segment's activations are small next to the weights (the
+    # segment-at-a-time backward already bounds them); on, backward recomputes layers.
+    grad_checkpoint: bool = False
+    autocast: str = "auto"  # auto (bfloat16 where the CPU has it) | bfloat16 | off
+    min_seq_len: int = 0  # skip document pieces shorter than this (0 = two segments)
+
+    def __post_init__(self) -> None:
+        if self.train not in TRAIN_MODES:
+            raise MemtxError(f"--train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}")
+        for name in ("max_steps", "accum", "seq_len", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise MemtxError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_minutes", "lr", "warmup", "weight_decay", "clip", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise MemtxError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise MemtxError(f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.autocast not in ("auto", "bfloat16", "off"):
+            raise MemtxError(f"autocast must be auto, bfloat16 or off, got {self.autocast!r}")
+
+    def default_lr(self, scratch: bool) -> float:
+        if self.lr:
+            return self.lr
+        if scratch:
+            return 1e-3
+        return 2e-2 if self.train == "gate" else 2e-5
+
+
+@dataclass
+class InitConfig:
+    """`memtx train --init FILE.yaml`: a new model (architecture, tokenizer, memory layout)."""
+
+    name: str
+    args: Any  # ModelArgs (vocab_size from the tokenizer)
+    vocab_size: int = 4096
+    settings: dict[str, Any] = field(default_factory=dict)  # memory settings (model card `settings`)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> InitConfig:
+        import yaml
+
+        from memtx_cli.model import ModelArgs
+
+        p = Path(path)
+        if not p.is_file():
+            raise MemtxError(f"init config {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise MemtxError(f"init config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("architecture"), dict):
+            raise MemtxError(f"init config {path} needs an 'architecture' mapping (dim, n_layers, n_heads, ...)")
+        arch = dict(data["architecture"])
+        vocab = int((data.get("tokenizer") or {}).get("vocab_size", 4096))
+        if not 256 < vocab <= 1 << 20:
+            raise MemtxError(f"init config {path}: tokenizer vocab_size must be in 257..{1 << 20}, got {vocab}")
+        known = {f.name for f in fields(ModelArgs)} - {"vocab_size"}
+        bad = sorted(set(arch) - known)
+        if bad:
+            raise MemtxError(f"init config {path}: unknown architecture key(s) {bad} (known: {sorted(known)})")
+        try:
+            args = ModelArgs(vocab_size=vocab, **arch)
+        except TypeError as e:
+            raise MemtxError(f"init config {path}: {e}") from None
+        settings = dict(data.get("settings") or {})
+        from memtx_cli.config import merge_config
+
+        merge_config(settings)  # checked now, not after the tokenizer has trained
+        return cls(str(data.get("name") or p.stem), args, vocab, settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Corpus:
+    files: list[dict[str, Any]]  # name, sha256, tokens
+    sequences: list[torch.Tensor]  # training sequences (token ids)
+    val: list[torch.Tensor]  # validation sequences
+
+
+def read_texts(paths: list[str]) -> list[tuple[str, str, str]]:
+    """(name, sha256, text) of every file the paths select (directories recursively)."""
+    from memtx_cli.corpus import select_files
+    from memtx_cli.reader import read_document
+
+    sel = select_files(paths)
+    out = []
+    for f in sel.files:
+        doc = read_document(str(f))
+        out.append((str(f), hashlib.sha256(doc.text.encode("utf-8")).hexdigest()[:16], doc.text))
+    return out
+
+
+def build_corpus(
+    train_texts: list[tuple[str, str, str]],
+    val_texts: list[tuple[str, str, str]],
+    tokenizer: Any,
+    tc: TrainConfig,
+    segment: int,
+) -> Corpus:
+    """Cut documents into training sequences; validation = --val files, or held-out sequences."""
+    min_len = tc.min_seq_len or 2 * segment
+    files, seqs = [], []
+    for name, sha, text in train_texts:
+        ids = tokenizer.encode(text)
+        files.append({"name": name, "sha256": sha, "tokens": len(ids)})
+        for s in range(0, len(ids), tc.seq_len):
+            piece = ids[s : s + tc.seq_len]
+            if len(piece) >= min_len:
+                seqs.append(torch.tensor(piece, dtype=torch.long))
+    val = []
+    for _, _, text in val_texts:
+        ids = tokenizer.encode(text)[: tc.eval_tokens]
+        if len(ids) >= 2:
+            val.append(torch.tensor(ids, dtype=torch.long))
+    if not val_texts:  # hold out a seeded choice of sequences
+        if len(seqs) < tc.val_sequences + 1:
+            raise MemtxError(
+                f"the corpus gives {len(seqs)} training sequence(s) of up to {tc.seq_len} tokens; "
+                f"need more than {tc.val_sequences} (add documents, lower --seq-len or give --val files)"
+            )
+        g = torch.Generator().manual_seed(tc.seed + 7919)
+        held = set(torch.randperm(len(seqs), generator=g)[: tc.val_sequences].tolist())
+        val = [seqs[i][: tc.eval_tokens] for i in sorted(held)]
+        seqs = [s for i, s in enumerate(seqs) if i not in held]
+    if not seqs:
+        raise MemtxError(f"no training sequence of at least {min_len} tokens in the corpus")
+    return Corpus(files, seqs, val)
+
+
+def sequence_order(n: int, index: int, seed: int) -> int:
+    """Which sequence the index-th draw reads: a seeded permutation per epoch (resumable)."""
+    epoch, i = divmod(index, n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=g)[i])
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE (GPT-2 style pre-tokenizer) trained on the corpus, with <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from memtx_cli.tokenizer import TextTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    eos = tok.token_to_id("<|endoftext|>")
+    fp = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+    return TextTokenizer(tok, None, eos, False, fp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model set-up
+
+
+def init_weights(model: Any) -> None:
+    """GPT-2 style initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+    n = model.args.n_layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "mem_gate", "mem_bias")):
+                continue
+            std = 0.02 / math.sqrt(2 * n) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+            else:
+                p.zero_()
+
+
+def trainable_parameters(model: Any, mode: str, layers: list[int]) -> tuple[dict[str, torch.nn.Parameter], int]:
+    """Set requires_grad by mode; return {name: param} that train and the lowest layer that does."""
+    model.requires_grad_(False)
+    chosen: dict[str, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        layer = int(parts[1]) if parts[0] == "layers" else None
+        if mode == "all":
+            take = True
+        elif mode == "memory-layers":
+            take = layer in layers
+        else:
+            take = name.endswith(("attn.mem_gate", "attn.mem_bias")) and layer in layers
+        if take:
+            p.requires_grad_(True)
+            chosen[name] = p
+    if not chosen:
+        raise MemtxError(f"--train {mode}: nothing to train (memory is off or has no layers)")
+    lowest = 0 if mode == "all" else min(layers)
+    return chosen, lowest
+
+
+def make_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay = [p for n, p in params.items() if p.dim() >= 2 and not n.startswith("embed")]
+    rest = [p for n, p in params.items() if not (p.dim() >= 2 and not n.startswith("embed"))]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    # foreach (not fused): the fused CPU kernel differs in the last bits between runs here.
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), foreach=True)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to `base`, then cosine down to base * min_ratio at `total` steps."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "off":
+        return None
+    if setting == "bfloat16":
+        return torch.bfloat16
+    from memtx_cli.runtime import cpu_has_fast_bf16
+
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW state as flat named tensors (safetensors) + scalars (YAML)."""
+    tensors, scalars = {}, {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st:
+                continue
+            n = names[id(p)]
+            tensors[f"{n}.exp_avg"] = st["exp_avg"].detach().clone()
+            tensors[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().clone()
+            scalars[n] = float(st["step"])
+    return tensors, scalars
+
+
+def load_optimizer_tensors(
+    opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor], scalars: dict
+) -> None:
+    for n, p in params.items():
+        if n not in scalars:
+            continue
+        try:
+            opt.state[p] = {
+                "step": torch.tensor(float(scalars[n])),
+                "exp_avg": tensors[f"{n}.exp_avg"].to(p.device, p.dtype),
+                "exp_avg_sq": tensors[f"{n}.exp_avg_sq"].to(p.device, p.dtype),
+            }
+        except KeyError:
+            raise MemtxError(
+                f"checkpoint optimizer state lacks {n}; it was written by another training set-up"
+            ) from None
+
+
+def recover_checkpoint(out: Path) -> None:
+    """Finish a save interrupted between its two renames (CKPT.old present, CKPT missing)."""
+    old = out.with_name(out.name + ".old")
+    if old.is_dir() and not out.exists():
+        os.replace(old, out)
+    elif old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    out: Path,
+    model: Any,
+    tokenizer: Any,
+    card: dict[str, Any],
+    state_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+) -> None:
+    """Write the whole checkpoint to CKPT.tmp, then swap it in: a crash leaves the previous one."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from memtx_cli.weights import save_hf_dir
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    weights = {k: v for k, v in model.state_dict().items() if k != "inv_freq"}
+    save_hf_dir(tmp, model.args, weights, tokenizer)
+    (tmp / "memtx.yaml").write_text(yaml.safe_dump(card, sort_keys=False, allow_unicode=True))
+    save_file({k: v.contiguous() for k, v in state_tensors.items()}, str(tmp / "train_state.safetensors"))
+    (tmp / "train_state.yaml").write_text(yaml.safe_dump(state, sort_keys=False))
+    for f in tmp.iterdir():  # on disk before the swap
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_train_state(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    import yaml
+    from safetensors.torch import load_file
+
+    recover_checkpoint(out)
+    sy, st = out / "train_state.yaml", out / "train_state.safetensors"
+    if not sy.is_file() or not st.is_file():
+        raise MemtxError(f"--resume: {out} is not a memtx training checkpoint (no train_state.yaml)")
+    try:
+        state = yaml.safe_load(sy.read_text())
+        tensors = load_file(str(st))
+    except Exception as e:
+        raise MemtxError(f"--resume: cannot read the training state in {out}: {e}") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise MemtxError(f"--resume: {out} has a training state of another version")
+    return state, tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and the loop
+
+
+def evaluate(model: Any, val: list[torch.Tensor], cfg: Config, amp: torch.dtype | None) -> dict[str, float]:
+    """Validation perplexity with memory and window-only (same segments), over all sequences."""
+    from memtx_cli.engine import run_stream
+
+    dev = model.embed.weight.device
+    out = {}
+    for name, c in (("memory", cfg), ("window", replace(cfg, memory=False))):
+        if name == "memory" and not cfg.memory:
+            continue
+        tot, n = 0.0, 0
+        for ids in val:
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                nll, _ = run_stream(model, ids.to(dev), c)
+            tot += float(nll.double().sum())
+            n += nll.numel()
+        out[f"ppl_{name}"] = math.exp(tot / max(n, 1))
+    return out
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[float]
+    evals: list[dict[str, Any]]
+    stopped: str  # "steps" | "minutes"
+
+
+def train(
+    corpus_paths: list[str],
+    out: str | Path,
+    cfg: Config,
+    tc: TrainConfig,
+    *,
+    model: str | None = None,
+    init: InitConfig | None = None,
+    val_paths: list[str] | None = None,
+    resume: bool = False,
+    on_event: Events = lambda kind, info: None,
+) -> TrainResult:
+    """Train and checkpoint to `out`. `model`: fine-tune that model; `init`: build a new one
+    (InitConfig.from_yaml). `cfg` holds the memory settings the training streams with (for
+    --init: the init file's settings under the flags; for --resume: the checkpoint's card)."""
+    from memtx_cli.engine import Streamer
+    from memtx_cli.model import Transformer, token_nll
+    from memtx_cli.runtime import load_model, pick_device, tune_allocator
+
+    tune_allocator()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    if init is not None and resume:
+        raise MemtxError("--resume continues a checkpoint; drop --init")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise MemtxError(f"{out} exists and is not empty; use --resume to continue it, or another --out")
+    state: dict[str, Any] = {}
+    state_tensors: dict[str, torch.Tensor] = {}
+    if resume:
+        state, state_tensors = read_train_state(out)
+        # The run's settings come from the checkpoint; only the budgets from this invocation.
+        tc = TrainConfig(**{**state["train_config"], "max_steps": tc.max_steps, "max_minutes": tc.max_minutes})
+    train_texts = read_texts(corpus_paths)
+    val_texts = read_texts(val_paths) if val_paths else []
+    torch.manual_seed(tc.seed)
+
+    # --- model, tokenizer, card ---
+    if resume:
+        lm = load_model(str(out), device=cfg.device, dtype="float32")
+        net, tokenizer, base_card = lm.model, lm.tokenizer, dict(lm.card.data)
+        scratch = bool(base_card.get("trained", {}).get("from_scratch"))
+        trained_from = base_card.get("trained", {}).get("from")
+    elif init is not None:
+        tokenizer = train_tokenizer([t for _, _, t in train_texts], init.vocab_size)
+        args = replace(init.args, vocab_size=tokenizer.vocab_size)
+        dev = pick_device(cfg.device)
+        net = Transformer(args).to(dev)
+        net.inv_freq = net.inv_freq.float()
+        init_weights(net)
+        scratch, trained_from = True, None
+        base_card = {"name": init.name, "description": "a memorizing transformer trained from scratch by memtx"}
+    else:
+        lm = load_model(model or cfg.model, device=cfg.device, dtype="float32")
+        net, tokenizer, base_card = lm.model, lm.tokenizer, dict(lm.card.data)
+        scratch = False
+        trained_from = {"model": lm.name, "weights_fingerprint": lm.fingerprint}
+    cfg.validate_for(net.args.context_length)
+    layers = cfg.layers_for(net.args.n_layers)
+    if layers:
+        net.add_memory_params(layers, cfg.gate_init)
+    params, lowest = trainable_parameters(net, tc.train, layers if tc.train != "all" else [])
+    names = {id(p): n for n, p in params.items()}
+    dev = net.embed.weight.device
+    amp = autocast_dtype(tc.autocast, dev)
+    corpus = build_corpus(train_texts, val_texts, tokenizer, tc, cfg.segment)
+    base_lr = tc.default_lr(scratch)
+    opt = make_optimizer(params, base_lr, tc.weight_decay)
+    losses: list[float] = list(state.get("losses", []))
+    evals: list[dict[str, Any]] = list(state.get("evals", []))
+    step = int(state.get("step", 0))
+    tokens = int(state.get("tokens", 0))
+    if resume:
+        load_optimizer_tensors(opt, params, state_tensors, state.get("optimizer", {}))
+    net.frozen_below = lowest
+    net.grad_checkpoint = tc.grad_checkpoint
+    card = _card(base_card, cfg, tc, corpus, trained_from, scratch, net)
+
+    def checkpoint_now(elapsed: float) -> None:
+        tensors, scalars = optimizer_tensors(opt, names)
+        st = {
+            "version": STATE_VERSION,
+            "step": step,
+            "tokens": tokens,
+            "seconds": elapsed,
+            "train_config": asdict(tc),
+            "settings": cfg.memory_settings(),
+            "optimizer": scalars,
+            "losses": losses,
+            "evals": evals,
+        }
+        card["trained"]["steps"], card["trained"]["tokens"] = step, tokens
+        save_checkpoint(out, net, tokenizer, card, tensors, st)
+        on_event("save", {"step": step, "path": str(out)})
+
+    def run_eval() -> None:
+        net.eval()
+        ev = {"step": step, **evaluate(net, corpus.val, cfg, amp)}
+        evals.append(ev)
+        on_event("eval", ev)
+
+    on_event(
+        "start",
+        {
+            "steps": tc.max_steps,
+            "step": step,
+            "sequences": len(corpus.sequences),
+            "val_sequences": len(corpus.val),
+            "trainable": sum(p.numel() for p in params.values()),
+            "lr": base_lr,
+            "memory_layers": layers,
+        },
+    )
+    if not evals:
+        run_eval()
+    t0 = time.perf_counter()
+    prior = float(state.get("seconds", 0.0))
+    stopped = "steps"
+    while step < tc.max_steps:
+        if tc.max_minutes and time.perf_counter() - t0 >= tc.max_minutes * 60:
+            stopped = "minutes"
+            break
+        net.train()
+        lr = lr_at(step, tc.max_steps, base_lr, tc.warmup, tc.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        seqs = [
+            corpus.sequences[sequence_order(len(corpus.sequences), step * tc.accum + j, tc.seed)]
+            for j in range(tc.accum)
+        ]
+        n_tok = sum(len(s) - 1 for s in seqs)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        ts = time.perf_counter()
+        for ids in seqs:
+            ids = ids.to(dev)
+            streamer = Streamer(net, cfg)  # memory and cache reset: a new document
+            for s in range(0, len(ids), cfg.segment):
+                targets = ids[s + 1 : s + cfg.segment + 1]
+                with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    hidden = streamer.step(ids[s : s + cfg.segment])
+                    if not targets.numel():
+                        continue
+                    nll = token_nll(net, hidden[: targets.shape[0]], targets, rows=64)
+                loss = nll.sum() / n_tok
+                if loss.requires_grad:  # not before the memory fills, when only gates train
+                    loss.backward()
+                total += float(loss.detach())
+        gnorm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), tc.clip or float("inf")))
+        opt.step()
+        step += 1
+        tokens += n_tok
+        losses.append(total)
+        elapsed = prior + time.perf_counter() - t0
+        on_event(
+            "step",
+            {
+                "step": step,
+                "steps": tc.max_steps,
+                "loss": total,
+                "lr": lr,
+                "grad_norm": gnorm,
+                "tokens": tokens,
+                "tokens_per_s": n_tok / (time.perf_counter() - ts),
+                "seconds": elapsed,
+            },
+        )
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            run_eval()
+        if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
+            checkpoint_now(elapsed)
+    if not evals or evals[-1]["step"] != step:
+        run_eval()
+    elapsed = prior + time.perf_counter() - t0
+    checkpoint_now(elapsed)
+    net.frozen_below, net.grad_checkpoint = 0, False
+    res = TrainResult(str(out), step, tokens, elapsed, losses, evals, stopped)
+    on_event("done", asdict(res))
+    return res
+
+
+def _card(
+    base: dict[str, Any],
+    cfg: Config,
+    tc: TrainConfig,
+    corpus: Corpus,
+    trained_from: Any,
+    scratch: bool,
+    net: Any,
+) -> dict[str, Any]:
+    """The checkpoint's model card: the base card's chat template and stop tokens, the memory
+    settings it was trained with (its scoring defaults), and what it was trained from and on."""
+    a = net.args
+    settings = {k.replace("_", "-"): v for k, v in cfg.memory_settings().items() if k not in ("memory",)}
+    card = {
+        "name": base.get("name", "checkpoint") if scratch else f"{base.get('name', 'model')}-memtx-{tc.train}",
+        "display_name": base.get("display_name", base.get("name", "")),
+        "description": base.get("description", ""),
+        "license": base.get("license", ""),
+        "architecture": {
+            "family": "qwen2" if a.qkv_bias else "llama",
+            "n_layers": a.n_layers,
+            "dim": a.dim,
+            "n_heads": a.n_heads,
+            "n_kv_heads": a.n_kv_heads,
+            "head_dim": a.head_dim,
+            "ffn_dim": a.ffn_dim,
+            "vocab_size": a.vocab_size,
+            "context_length": a.context_length,
+        },
+        "weights": {"format": "hf", "path": "."},
+        "settings": settings,
+        "trained": {
+            "from": trained_from,
+            "from_scratch": scratch,
+            "on": [{k: f[k] for k in ("name", "sha256", "tokens")} for f in corpus.files],
+            "what": tc.train,
+            "config": asdict(tc),
+            "steps": 0,
+            "tokens": 0,
+        },
+    }
+    if scratch and "trained" in base:  # resuming a from-scratch model keeps its own name
+        card["name"] = base["name"]
+    for key in ("chat_template", "stop_tokens"):
+        if base.get(key):
+            card[key] = base[key]
+    if base.get("trained") and not scratch:  # resuming: keep the original provenance
+        card["name"] = base["name"]
+        card["trained"]["from"] = base["trained"].get("from")
+    return json.loads(json.dumps(card))  # plain types only (YAML-safe)
