@@ -1318,6 +1318,8 @@ def train(
         from memtx_cli.train import recover_checkpoint
 
         recover_checkpoint(Path(out))
+        if not (Path(out) / "train_state.yaml").is_file():
+            raise MemtxError(f"--resume: {out} is not a memtx training checkpoint (no train_state.yaml)")
         run_flags = {k: v for k, v in flags.items() if k in ("device", "threads")}
         cfg = merge_config(resolve_model(out).card.settings, {"model": out, **run_flags})
     else:

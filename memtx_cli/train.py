@@ -146,6 +146,7 @@ class Corpus:
     files: list[dict[str, Any]]  # name, sha256, tokens
     sequences: list[torch.Tensor]  # training sequences (token ids)
     val: list[torch.Tensor]  # validation sequences
+    val_names: list[str] = field(default_factory=list)
 
 
 def read_texts(paths: list[str]) -> list[tuple[str, str, str]]:
@@ -178,11 +179,12 @@ def build_corpus(
             piece = ids[s : s + tc.seq_len]
             if len(piece) >= min_len:
                 seqs.append(torch.tensor(piece, dtype=torch.long))
-    val = []
-    for _, _, text in val_texts:
+    val, val_names = [], []
+    for name, _, text in val_texts:
         ids = tokenizer.encode(text)[: tc.eval_tokens]
         if len(ids) >= 2:
             val.append(torch.tensor(ids, dtype=torch.long))
+            val_names.append(Path(name).name)
     if not val_texts:  # hold out a seeded choice of sequences
         if len(seqs) < tc.val_sequences + 1:
             raise MemtxError(
@@ -192,10 +194,11 @@ def build_corpus(
         g = torch.Generator().manual_seed(tc.seed + 7919)
         held = set(torch.randperm(len(seqs), generator=g)[: tc.val_sequences].tolist())
         val = [seqs[i][: tc.eval_tokens] for i in sorted(held)]
+        val_names = [f"held-out sequence {i}" for i in sorted(held)]
         seqs = [s for i, s in enumerate(seqs) if i not in held]
     if not seqs:
         raise MemtxError(f"no training sequence of at least {min_len} tokens in the corpus")
-    return Corpus(files, seqs, val)
+    return Corpus(files, seqs, val, val_names)
 
 
 def sequence_order(n: int, index: int, seed: int) -> int:
@@ -393,22 +396,29 @@ def read_train_state(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 # Evaluation and the loop
 
 
-def evaluate(model: Any, val: list[torch.Tensor], cfg: Config, amp: torch.dtype | None) -> dict[str, float]:
-    """Validation perplexity with memory and window-only (same segments), over all sequences."""
+def evaluate(
+    model: Any, val: list[torch.Tensor], cfg: Config, amp: torch.dtype | None, names: list[str] | None = None
+) -> dict[str, Any]:
+    """Validation perplexity with memory and window-only (same segments): pooled over all
+    sequences, and per sequence under `docs`."""
     from memtx_cli.engine import run_stream
 
     dev = model.embed.weight.device
-    out = {}
+    out: dict[str, Any] = {}
+    docs: dict[str, dict[str, float]] = {}
     for name, c in (("memory", cfg), ("window", replace(cfg, memory=False))):
         if name == "memory" and not cfg.memory:
             continue
         tot, n = 0.0, 0
-        for ids in val:
+        for j, ids in enumerate(val):
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                 nll, _ = run_stream(model, ids.to(dev), c)
             tot += float(nll.double().sum())
             n += nll.numel()
+            key = names[j] if names and j < len(names) else f"val {j}"
+            docs.setdefault(key, {})[f"ppl_{name}"] = math.exp(float(nll.double().mean()))
         out[f"ppl_{name}"] = math.exp(tot / max(n, 1))
+    out["docs"] = docs
     return out
 
 
@@ -476,7 +486,10 @@ def train(
         scratch, trained_from = True, None
         base_card = {"name": init.name, "description": "a memorizing transformer trained from scratch by memtx"}
     else:
-        lm = load_model(model or cfg.model, device=cfg.device, dtype="float32")
+        # Gate training leaves every weight frozen: with bfloat16 autocast they can be held in
+        # bfloat16 (no per-segment cast of 135M float32 weights); the trained scalars stay float32.
+        frozen_bf16 = tc.train == "gate" and autocast_dtype(tc.autocast, pick_device(cfg.device)) is torch.bfloat16
+        lm = load_model(model or cfg.model, device=cfg.device, dtype="bfloat16" if frozen_bf16 else "float32")
         net, tokenizer, base_card = lm.model, lm.tokenizer, dict(lm.card.data)
         scratch = False
         trained_from = {"model": lm.name, "weights_fingerprint": lm.fingerprint}
@@ -484,6 +497,9 @@ def train(
     layers = cfg.layers_for(net.args.n_layers)
     if layers:
         net.add_memory_params(layers, cfg.gate_init)
+        for i in layers:  # trained scalars in float32 whatever the weights' dtype
+            a = net.layers[i].attn
+            a.mem_gate.data, a.mem_bias.data = a.mem_gate.data.float(), a.mem_bias.data.float()
     params, lowest = trainable_parameters(net, tc.train, layers if tc.train != "all" else [])
     names = {id(p): n for n, p in params.items()}
     dev = net.embed.weight.device
@@ -520,7 +536,7 @@ def train(
 
     def run_eval() -> None:
         net.eval()
-        ev = {"step": step, **evaluate(net, corpus.val, cfg, amp)}
+        ev = {"step": step, **evaluate(net, corpus.val, cfg, amp, corpus.val_names)}
         evals.append(ev)
         on_event("eval", ev)
 
