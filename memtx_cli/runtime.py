@@ -241,6 +241,9 @@ def load_model(
     dt = pick_dtype(dtype, dev)
     net = build_model(raw.args, raw.state).to(device=dev, dtype=dt).eval()
     net.inv_freq = net.inv_freq.float()  # RoPE frequencies stay float32 in every dtype
+    for name, t in raw.state.items():  # so do trained memory parameters (a few scalars per head)
+        if name.endswith((".attn.mem_gate", ".attn.mem_bias")):
+            net.get_parameter(name).data = t.float().to(dev)
     net.requires_grad_(False)
     return LoadedModel(
         model=net,

@@ -471,8 +471,13 @@ def train(
     torch.manual_seed(tc.seed)
 
     # --- model, tokenizer, card ---
+    # Gate training leaves every weight frozen: with bfloat16 autocast they can be held in
+    # bfloat16 (no per-segment cast of 135M float32 weights); the trained scalars stay float32.
+    # A resumed run loads the same way, or its numbers would differ in the last bits.
+    frozen_bf16 = tc.train == "gate" and autocast_dtype(tc.autocast, pick_device(cfg.device)) is torch.bfloat16
+    weights_dtype = "bfloat16" if frozen_bf16 else "float32"
     if resume:
-        lm = load_model(str(out), device=cfg.device, dtype="float32")
+        lm = load_model(str(out), device=cfg.device, dtype=weights_dtype)
         net, tokenizer, base_card = lm.model, lm.tokenizer, dict(lm.card.data)
         scratch = bool(base_card.get("trained", {}).get("from_scratch"))
         trained_from = base_card.get("trained", {}).get("from")
@@ -486,10 +491,7 @@ def train(
         scratch, trained_from = True, None
         base_card = {"name": init.name, "description": "a memorizing transformer trained from scratch by memtx"}
     else:
-        # Gate training leaves every weight frozen: with bfloat16 autocast they can be held in
-        # bfloat16 (no per-segment cast of 135M float32 weights); the trained scalars stay float32.
-        frozen_bf16 = tc.train == "gate" and autocast_dtype(tc.autocast, pick_device(cfg.device)) is torch.bfloat16
-        lm = load_model(model or cfg.model, device=cfg.device, dtype="bfloat16" if frozen_bf16 else "float32")
+        lm = load_model(model or cfg.model, device=cfg.device, dtype=weights_dtype)
         net, tokenizer, base_card = lm.model, lm.tokenizer, dict(lm.card.data)
         scratch = False
         trained_from = {"model": lm.name, "weights_fingerprint": lm.fingerprint}

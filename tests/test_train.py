@@ -297,3 +297,89 @@ def test_bad_inputs_give_one_clear_line(tmp_path, init_yaml):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     with pytest.raises(MemtxError, match="max-steps"):
         TrainConfig(max_steps=0)
+
+
+def test_gradient_checkpointing_and_frozen_layers_keep_the_gradients(tiny_model):
+    """Recomputing activations in backward, and running frozen lower layers without autograd,
+    give the same gradients as plain backpropagation."""
+    cfg = Config(segment=32, sinks=2, memory_layers="2", retrieval="block", block_size=8, blocks=3, block_chunk=16)
+    tiny_model.add_memory_params([2], 0.0)
+    ids = torch.randint(0, 300, (96,))
+
+    def grads(ckpt: bool, frozen: int) -> list[torch.Tensor]:
+        tiny_model.zero_grad(set_to_none=True)
+        tiny_model.requires_grad_(False)
+        for n, p in tiny_model.named_parameters():
+            if n.startswith(("layers.2.", "layers.1.")):
+                p.requires_grad_(True)
+        tiny_model.grad_checkpoint, tiny_model.frozen_below = ckpt, frozen
+        _stream_loss(tiny_model, ids, cfg).backward()
+        tiny_model.grad_checkpoint, tiny_model.frozen_below = False, 0
+        return [p.grad.clone() for n, p in sorted(tiny_model.named_parameters()) if p.grad is not None]
+
+    plain = grads(False, 0)
+    for ckpt, frozen in ((True, 0), (False, 1), (True, 1)):
+        other = grads(ckpt, frozen)
+        assert len(other) == len(plain) > 5
+        for a, b in zip(plain, other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_wall_clock_budget_stops_the_run(tmp_path, init_yaml):
+    init = InitConfig.from_yaml(init_yaml)
+    tc = TrainConfig(train="all", max_steps=10_000, max_minutes=0.02, seq_len=256, eval_every=0, save_every=0)
+    res = train([str(CODE)], tmp_path / "ck", _tiny_cfg(init), tc, init=init)
+    assert res.stopped == "minutes" and 0 < res.steps < 10_000
+    st = yaml.safe_load((tmp_path / "ck" / "train_state.yaml").read_text())
+    assert st["step"] == res.steps  # the checkpoint holds where the budget stopped it
+
+
+def test_real_model_gate_checkpoint_serves_ingest_and_ask(tmp_path):
+    """The default model, its joint memory biases trained for two steps: a checkpoint that
+    ingests a bank and answers with sources like the model it came from."""
+    ck = tmp_path / "smol-gate"
+    legal = SAMPLE / "legal"
+    r = sh(
+        [
+            "train",
+            str(legal / "GPL-3.txt"),
+            "--out",
+            str(ck),
+            "--train",
+            "gate",
+            "--max-steps",
+            "2",
+            "--seq-len",
+            "1536",
+            "--eval-every",
+            "0",
+            "--eval-tokens",
+            "1024",
+            "--val",
+            str(legal / "debian_constitution_1.8.txt"),
+            "--json",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["steps"] == 2 and res["evals"][-1]["ppl_memory"] > 1
+    card = yaml.safe_load((ck / "memtx.yaml").read_text())
+    assert card["name"] == "smollm2-135m-memtx-gate" and card["trained"]["from"]["model"] == "smollm2-135m"
+    assert card["chat_template"] and card["settings"]["memory-layers"] == "15-29"
+    from safetensors.torch import load_file
+
+    biases = load_file(str(ck / "model.safetensors"))
+    assert biases["model.layers.15.self_attn.mem_bias"].abs().sum() > 0  # it moved
+    assert "model.layers.14.self_attn.mem_bias" not in biases
+    bank = tmp_path / "legal.idx"
+    r = sh(["ingest", str(legal), "-m", str(ck), "--out", str(bank), "--json"])
+    assert r.returncode == 0, r.stderr
+    r = sh(
+        ["ask", "When was version 1.8 ratified?", "--memory", str(bank), "-m", str(ck), "--max-tokens", "12", "--json"]
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["sources"] and all(Path(s["path"]).parent == legal for s in d["sources"])
+    # The bank belongs to the checkpoint: the base model refuses it.
+    r = sh(["ask", "When?", "--memory", str(bank), "--max-tokens", "4"])
+    assert r.returncode == 1 and "model" in r.stderr
