@@ -249,9 +249,17 @@ CombineOpt = Annotated[
     str | None, typer.Option(help="joint (one softmax over local + memory) or gate (paper's sigmoid gate).")
 ]
 GateOpt = Annotated[float | None, typer.Option("--gate-init", help="Initial gate bias b (g = sigmoid(b)).")]
-PositionsOpt = Annotated[str | None, typer.Option(help="Memory positions: fixed, true or clamped.")]
+PositionsOpt = Annotated[
+    str | None,
+    typer.Option(help="Memory positions: fixed, true or clamped (true within the trained context, fixed beyond)."),
+]
 DistanceOpt = Annotated[
-    int | None, typer.Option("--mem-distance", help="fixed: distance memories sit at; clamped: the cap. 0 = auto.")
+    int | None,
+    typer.Option(
+        "--mem-distance",
+        help="fixed: distance memories sit at; clamped: the cap (token retrieval) or where memories "
+        "beyond the trained context sit (block). 0 = auto.",
+    ),
 ]
 SinksOpt = Annotated[int | None, typer.Option(help="First tokens of the document kept visible in every window.")]
 RetrievalOpt = Annotated[

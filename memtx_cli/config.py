@@ -49,7 +49,7 @@ class Config:
     # fixed beat clamped/true on code and book at 8K with 10 memory layers (4.42 vs 4.57;
     # 29.73 vs 29.95) and, unlike true positions, holds past the trained context.
     positions: str = "fixed"  # memory position scheme: fixed | true | clamped
-    mem_distance: int = 0  # fixed: distance memories sit at; clamped: cap (0 = auto)
+    mem_distance: int = 0  # fixed: distance memories sit at; clamped: cap / block: far distance (0 = auto)
     # One search per token for a GQA group (sum of its queries): half the time, nearly the
     # same perplexity (layers 15-29: 4.14 vs 4.10 on code, 29.46 vs 29.34 on a book).
     shared_search: bool = True
@@ -92,8 +92,6 @@ class Config:
             raise MemtxError(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {self.retrieval!r}")
         if self.block_size < 1 or 1024 % self.block_size or self.blocks < 1 or self.block_chunk < 1:
             raise MemtxError("block-size must be a power of two up to 1024, blocks and block-chunk >= 1")
-        if self.retrieval == "block" and self.positions == "clamped":
-            raise MemtxError("positions clamped works with --retrieval token only; use fixed or true")
         if self.bank_blocks < 1 or self.bank_bias < 0:
             raise MemtxError("bank-blocks must be >= 1 and bank-bias >= 0")
         if self.sinks < 0 or self.mem_distance < 0 or self.nprobe < 1:

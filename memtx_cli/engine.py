@@ -68,6 +68,11 @@ class Streamer:
         # local window by default, i.e. the window's span (sinks + cache + segment).
         window = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
         self.distance = cfg.mem_distance or (window if cfg.positions == "fixed" else a.context_length)
+        if cfg.positions == "clamped" and cfg.retrieval == "block":
+            # Blocks: real distances within the trained context, memories older than that sit
+            # just outside the window (as in `fixed`) unless --mem-distance says otherwise.
+            self.distance = cfg.mem_distance or window
+        self.horizon = a.context_length - 1  # clamped: the largest real distance used
         self.cache: list[LayerKV] | None = None
         self.cache_pos = 0  # absolute position of the cache's first token
         self.sink_kv: list[LayerKV] | None = None
@@ -105,6 +110,7 @@ class Streamer:
                 q_pos,
                 self.cfg.positions,
                 self.distance,
+                self.horizon,
                 self.cfg.combine,
                 self.cfg.shared_search,
                 self.cfg.retrieval,

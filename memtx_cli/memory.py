@@ -181,8 +181,11 @@ class LayerMemory:
         )
         if block_size and cap % block_size:
             raise MemtxError(f"block size {block_size} must divide {cap}")
-        # Block representatives (KV, blocks, D), float32: mean of each block's searched keys.
-        self.reps = torch.empty(n_kv, cap // max(1, block_size), head_dim, device=self.device) if block_size else None
+        # Block representatives (KV, blocks, D), float32: the mean of each block's raw keys
+        # (fixed positions), and with rotated=True also of its rotated keys (true / clamped).
+        nb = cap // max(1, block_size)
+        self.reps = torch.empty(n_kv, nb, head_dim, device=self.device) if block_size else None
+        self.rreps = torch.empty(n_kv, nb, head_dim, device=self.device) if block_size and rotated else None
         self.search_seconds = 0.0
 
     def __len__(self) -> int:
@@ -203,11 +206,13 @@ class LayerMemory:
         pos = torch.empty(new, dtype=torch.long, device=self.device)
         pos[: self.n] = self.positions[: self.n]
         self.positions = pos
-        if self.reps is not None:
-            reps = torch.empty(self.n_kv, new // self.block_size, self.head_dim, device=self.device)
-            nb = -(-self.n // self.block_size)
-            reps[:, :nb] = self.reps[:, :nb]
-            self.reps = reps
+        for name in ("reps", "rreps"):
+            old = getattr(self, name)
+            if old is not None:
+                reps = torch.empty(self.n_kv, new // self.block_size, self.head_dim, device=self.device)
+                nb = -(-self.n // self.block_size)
+                reps[:, :nb] = old[:, :nb]
+                setattr(self, name, reps)
 
     def add(
         self,
@@ -232,39 +237,46 @@ class LayerMemory:
         old = self.n
         self.n += t
         if self.reps is not None:
-            self._update_reps(old, rotated_k if index_rotated else None)
+            self._update_reps(old)
             return
         ids = np.arange(old, old + t, dtype=np.int64)
         ik = (rotated_k if index_rotated else k).detach().float().cpu().numpy()
         for h, head in enumerate(self.heads):
             head.add(np.ascontiguousarray(ik[h]), ids)
 
-    def _update_reps(self, old: int, rotated: torch.Tensor | None) -> None:
+    def _update_reps(self, old: int) -> None:
         """Recompute the representatives of the blocks that entries old..n touched."""
         b = self.block_size
-        src = self.rkeys if rotated is not None else self.keys  # what the search compares with
         first, last = old // b, -(-self.n // b)  # blocks [first, last)
         full_end = self.n // b
-        if full_end > first:
-            x = src[:, first * b : full_end * b].float().view(self.n_kv, full_end - first, b, -1)
-            self.reps[:, first:full_end] = x.mean(2)
-        if last > full_end:  # a partial block at the end
-            self.reps[:, full_end] = src[:, full_end * b : self.n].float().mean(1)
+        for reps, src in ((self.reps, self.keys), (self.rreps, self.rkeys)):
+            if reps is None:
+                continue
+            if full_end > first:
+                x = src[:, first * b : full_end * b].float().view(self.n_kv, full_end - first, b, -1)
+                reps[:, first:full_end] = x.mean(2)
+            if last > full_end:  # a partial block at the end
+                reps[:, full_end] = src[:, full_end * b : self.n].float().mean(1)
 
-    def retrieve_blocks(self, sel: torch.Tensor, n_blocks: int, scale: float) -> BlockRetrieval:
+    def retrieve_blocks(
+        self, sel: torch.Tensor, n_blocks: int, scale: float, scheme: str = "fixed", near: torch.Tensor | None = None
+    ) -> BlockRetrieval:
         """Per KV head and selector, the `n_blocks` most relevant blocks; sel (KV, C, D) are
         sums of search vectors (model.block_selectors); returns (KV*C, M, ...) tensors with
         M = n_blocks x block size.
 
         Relevance of a block = selector . representative (the block's mean key) = the summed
-        queries' total attention logit on the block's keys.
+        queries' total attention logit on the block's keys: raw keys for `fixed` (the selector
+        is rotated to the fixed distance), keys rotated by their positions for `true`. For
+        `clamped`, sel (KV, C, 2D) holds both selectors [fixed | true] and `near` (C, nb) says
+        which blocks lie within the trained context of each selector's queries (true there).
         Measured at 8K tokens against a softmax vote (each query's unit mass split over the
         blocks): 7.82 / 4.07 / 29.15 vs 7.84 / 4.06 / 29.14 (legal / code / book).
         """
         import time
 
         t0 = time.perf_counter()
-        relevance = self.block_relevance(sel.float())  # (KV, C, nb)
+        relevance = self.block_relevance(sel.float(), scheme, near)  # (KV, C, nb)
         m = min(n_blocks, relevance.shape[-1])
         pick = relevance.topk(m, dim=-1).indices.sort(-1).values  # (KV, C, m), in document order
         out = self.gather_blocks(pick)
@@ -275,9 +287,22 @@ class LayerMemory:
     def n_blocks(self) -> int:
         return -(-self.n // self.block_size)
 
-    def block_relevance(self, qsum: torch.Tensor) -> torch.Tensor:
+    def block_starts(self) -> torch.Tensor:
+        """(nb,) absolute position of every block's first entry."""
+        return self.positions[: self.n : self.block_size]
+
+    def block_relevance(
+        self, qsum: torch.Tensor, scheme: str = "fixed", near: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(KV, C, D) summed chunk queries -> (KV, C, nb) relevance of every block."""
-        return qsum @ self.reps[:, : self.n_blocks].transpose(-1, -2)
+        nb = self.n_blocks
+        if scheme == "fixed":
+            return qsum @ self.reps[:, :nb].transpose(-1, -2)
+        if scheme == "true":
+            return qsum @ self.rreps[:, :nb].transpose(-1, -2)
+        d = self.head_dim  # clamped: true score for near blocks, fixed-distance score beyond
+        far = qsum[..., :d] @ self.reps[:, :nb].transpose(-1, -2)
+        return torch.where(near, qsum[..., d:] @ self.rreps[:, :nb].transpose(-1, -2), far)
 
     def gather_blocks(self, pick: torch.Tensor) -> BlockRetrieval:
         """Blocks pick (KV, C, m) -> their entries as (KV*C, m*b, ...) tensors."""
@@ -297,6 +322,7 @@ class LayerMemory:
             rkeys=gather(self.rkeys) if self.rkeys is not None else None,
             values=gather(self.values),
             valid=ids < self.n,
+            positions=self.positions[: self.n].index_select(0, ids.clamp(max=self.n - 1).reshape(-1)).view_as(ids),
         )
 
     def retrieve(self, q: torch.Tensor, k: int) -> Retrieval:
@@ -402,7 +428,9 @@ class CompositeMemory:
     def add(self, *args, **kwargs) -> None:  # the document's own past; the bank is read-only
         self.own.add(*args, **kwargs)
 
-    def retrieve_blocks(self, sel: torch.Tensor, n_blocks: int, scale: float) -> BlockRetrieval:
+    def retrieve_blocks(
+        self, sel: torch.Tensor, n_blocks: int, scale: float, scheme: str = "fixed", near: torch.Tensor | None = None
+    ) -> BlockRetrieval:
         import time
 
         t0 = time.perf_counter()

@@ -162,6 +162,8 @@ class MemoryRead:
     q_pos: torch.Tensor  # (T,) absolute positions of the segment's tokens
     scheme: str = "fixed"  # memory positions: fixed | true | clamped (see memory_scores)
     distance: int = 1024  # fixed: where every memory sits; clamped: the largest distance used
+    # (token retrieval) / where memories beyond `horizon` sit (block retrieval)
+    horizon: int = 8191  # clamped, block retrieval: largest true distance (trained context - 1)
     combine: str = "joint"  # joint (one softmax) | gate (paper: sigmoid-gated mix of two)
     shared: bool = False  # one search per token for a whole GQA group (sum of its queries)
     retrieval: str = "token"  # token: top-k per query | block: top blocks per segment (InfLLM)
@@ -197,10 +199,11 @@ class BlockRetrieval:
     tensors, M = selected blocks x block size, and (KV, M) validity (a block may be partial)."""
 
     keys: torch.Tensor  # raw keys
-    rkeys: torch.Tensor | None  # keys rotated by their absolute positions (true scheme)
+    rkeys: torch.Tensor | None  # keys rotated by their absolute positions (true / clamped)
     values: torch.Tensor
     valid: torch.Tensor
     bias: torch.Tensor | None = None  # (KV, M) additive score bias (a bank's prior), or None
+    positions: torch.Tensor | None = None  # (KV, M) absolute positions (the clamped scheme needs them)
     bank_ids: torch.Tensor | None = None  # (KV, m) ids of the bank blocks, which fill M's tail
 
 
@@ -220,12 +223,18 @@ def memory_search_vectors(q_raw: torch.Tensor, mem: MemoryRead, inv_freq: torch.
     fixed / clamped: the query rotated as if every memory sat `distance` tokens back
     (InfLLM's trick; the index holds raw keys). true: the query rotated by its absolute
     position (the index holds keys rotated by theirs: R(a)q . R(b)k = q . R(b-a)k).
+    clamped with block retrieval: both, concatenated (blocks within the trained context are
+    selected by their true score, older ones by the fixed-distance score).
     """
     kv, g, t, d = q_raw.shape
     if mem.shared:
         q_raw = q_raw.sum(1, keepdim=True)  # (KV, 1, T, D)
     gs = q_raw.shape[1]
-    dist = mem.q_pos.view(1, 1, t) if mem.scheme == "true" else torch.full((1, 1, t), mem.distance, device=q_raw.device)
+    fixed = torch.full((1, 1, t), mem.distance, device=q_raw.device)
+    if mem.scheme == "clamped" and mem.retrieval == "block":  # both: [fixed | true], (KV, Gs, T, 2D)
+        at_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, gs, t))
+        return torch.cat([rotate_by(q_raw, inv_freq, fixed.expand(kv, gs, t)), at_abs], -1)
+    dist = mem.q_pos.view(1, 1, t) if mem.scheme == "true" else fixed
     return rotate_by(q_raw, inv_freq, dist.expand(kv, gs, t))
 
 
@@ -398,7 +407,7 @@ class Attention(nn.Module):
         kv, g, t, d = qr.shape
         h = kv * g
         scale = 1.0 / math.sqrt(d)
-        if mem.scheme == "true":  # R(a)q . R(b)k: the real distance
+        if mem.scheme in ("true", "clamped"):  # R(a)q . R(b)k: the real distance
             qm = rotate_by(qr, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t))
         else:  # every memory `distance` tokens back
             qm = rotate_by(qr, inv_freq, torch.full((kv, g, t), mem.distance, device=qr.device))
@@ -417,8 +426,14 @@ class Attention(nn.Module):
             n = len(items)
             idx = torch.stack([it[0] for it in items])  # (n, size)
             sels = torch.cat([it[1] for it in items], 1)  # (KV, n, D)
-            got = mem.memory.retrieve_blocks(sels, mem.blocks, scale)  # (KV*n, M, ...)
-            km = got.rkeys if mem.scheme == "true" else got.keys
+            near = None
+            if mem.scheme == "clamped":  # blocks whose every key is within `horizon` of every query
+                q_last = mem.q_pos[idx[:, -1]]  # (n,)
+                near = (q_last[:, None] - mem.memory.block_starts()[None]) <= mem.horizon  # (n, nb)
+            got = mem.memory.retrieve_blocks(sels, mem.blocks, scale, mem.scheme, near)  # (KV*n, M, ...)
+            km = got.keys if mem.scheme == "fixed" else got.rkeys
+            if mem.scheme == "clamped":
+                km = clamp_keys(got, mem.q_pos[idx[:, 0]].repeat(kv), mem.q_pos[idx[:, -1]].repeat(kv), mem, inv_freq)
             m_bias = None  # a mask only when a partial block was picked: it costs ~20% in the kernel
             if got.bias is not None or not bool(got.valid.all()):
                 m_bias = torch.zeros(kv * n, 1, got.valid.shape[1], dtype=q.dtype, device=q.device)
@@ -482,6 +497,23 @@ class Attention(nn.Module):
             w = torch.exp(s - lq)  # (KV*n, G*size, M)
             mass = w[:, :, w.shape[-1] - m_b * b :].sum(1).view(kv * n, m_b, b).sum(-1)  # (KV*n, m_b)
             trace(bank_ids.reshape(kv * n, m_b), mass)
+
+
+def clamp_keys(
+    got: BlockRetrieval,
+    q_first: torch.Tensor,  # (KV*n,) first query position of each row's token group
+    q_last: torch.Tensor,  # (KV*n,) last query position
+    mem: MemoryRead,
+    inv_freq: torch.Tensor,
+) -> torch.Tensor:  # (KV*n, M, D)
+    """Keys for the clamped scheme, to be scored against queries rotated by their absolute
+    positions: a key within `horizon` of every query keeps its real distance (its stored
+    rotation); an older one is rotated to sit `distance` tokens before the group's first query
+    (distance .. distance + group length - 1 for the group's tokens), as the fixed scheme puts it."""
+    # One rotation per row (its group's start), broadcast over the row's keys: no per-key trig.
+    far = rotate_by(got.keys, inv_freq, (q_first - mem.distance)[:, None])  # (KV*n, M, D)
+    near = (q_last[:, None] - got.positions) <= mem.horizon  # (KV*n, M)
+    return torch.where(near[..., None], got.rkeys.to(far.dtype), far)
 
 
 def block_selectors(

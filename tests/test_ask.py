@@ -62,7 +62,7 @@ class FakeBankMemory:
     def __len__(self):
         return self.keys.shape[1]
 
-    def retrieve_blocks(self, sel, n_blocks, scale):
+    def retrieve_blocks(self, sel, n_blocks, scale, scheme="fixed", near=None):
         kv, c = sel.shape[:2]
         m = self.keys.shape[1]
         return BlockRetrieval(

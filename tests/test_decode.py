@@ -19,6 +19,7 @@ CASES = {
     "token top-2": cfg(retrieval="token", top_k=2, positions="fixed"),
     "token true": cfg(retrieval="token", top_k=3, positions="true"),
     "block": cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="fixed"),
+    "block clamped": cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped"),
     "block no xl": cfg(retrieval="block", block_size=4, blocks=2, block_chunk=8, xl_cache=False),
 }
 

@@ -8,9 +8,10 @@ import torch
 from test_model import naive_logits, nll_from_logits, window_mask
 
 from memtx_cli.config import Config
-from memtx_cli.engine import run_stream, stream_nll
+from memtx_cli.engine import Streamer, run_stream, stream_nll
 from memtx_cli.errors import MemtxError
 from memtx_cli.memory import IndexSpec, LayerMemory
+from memtx_cli.model import BlockRetrieval, MemoryRead, clamp_keys, rotate_by
 
 
 def cfg(**kw):
@@ -142,9 +143,10 @@ def test_unknown_index_kind(tiny_model):
 # Block retrieval (InfLLM-style)
 
 
+@pytest.mark.parametrize("positions", ["true", "clamped"])
 @pytest.mark.parametrize("xl", [True, False])
 @pytest.mark.parametrize("chunk", [3, 8])
-def test_block_retrieval_of_every_block_equals_full_attention(tiny_model, xl, chunk):
+def test_block_retrieval_of_every_block_equals_full_attention(tiny_model, xl, chunk, positions):
     """Every block selected (blocks x block size >= memory), true positions: the memory part is
     every earlier token at its real distance, so block mode is full causal attention too. Block
     size 4 with segments of 8 minus nothing leaves partial blocks only at the end; chunk 3 pads
@@ -154,10 +156,59 @@ def test_block_retrieval_of_every_block_equals_full_attention(tiny_model, xl, ch
     causal = torch.ones(61, 61, dtype=torch.bool).tril()
     with torch.no_grad():
         ref = nll_from_logits(naive_logits(tiny_model, ids, causal), ids)
-    c = cfg(retrieval="block", block_size=4, blocks=1000, block_chunk=chunk, xl_cache=xl)
-    got, streamer = run_stream(tiny_model, ids, c)
+    c = cfg(retrieval="block", block_size=4, blocks=1000, block_chunk=chunk, xl_cache=xl, positions=positions)
+    got, streamer = run_stream(tiny_model, ids, c)  # 61 tokens: inside the trained context (256)
     assert streamer.memory_entries > 0
     torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-5)
+
+
+def _stream_with_horizon(model, ids, c, horizon):
+    st = Streamer(model, c)
+    st.horizon = horizon  # as if the trained context ended `horizon` tokens back
+    with torch.no_grad():
+        hs = [st.step(ids[s : s + c.segment]) for s in range(0, len(ids), c.segment)]
+    return model.logits(torch.cat(hs)[None])[0]
+
+
+def test_clamped_blocks_past_the_trained_context_sit_at_the_fixed_distance(tiny_model):
+    """Beyond the horizon the clamped scheme is the fixed scheme (same selection, same scores:
+    R(a)q . R(a-d)k = R(d)q . k), with one-token chunks so every query is its group's first;
+    with an unbounded horizon it is the true scheme."""
+    torch.manual_seed(14)
+    ids = torch.randint(0, 300, (64,))
+    base = cfg(retrieval="block", block_size=4, blocks=3, block_chunk=1, mem_distance=20)
+    clamped = dataclasses.replace(base, positions="clamped")
+    far = _stream_with_horizon(tiny_model, ids, clamped, -1)
+    fixed = _stream_with_horizon(tiny_model, ids, dataclasses.replace(base, positions="fixed"), -1)
+    torch.testing.assert_close(far, fixed, atol=1e-4, rtol=1e-4)
+    near = _stream_with_horizon(tiny_model, ids, clamped, 10_000)
+    true = _stream_with_horizon(tiny_model, ids, dataclasses.replace(base, positions="true"), 10_000)
+    torch.testing.assert_close(near, true, atol=1e-4, rtol=1e-4)
+    mixed = _stream_with_horizon(tiny_model, ids, clamped, 24)
+    assert (mixed - near).abs().max() > 1e-3 and (mixed - far).abs().max() > 1e-3
+
+
+def test_clamp_keys_scores_each_memory_at_its_clamped_distance(tiny_model):
+    """Scored against queries rotated by their absolute positions, a clamped key gives the score
+    at its real distance within the horizon, and at distance + (query - group start) beyond."""
+    torch.manual_seed(15)
+    inv = tiny_model.inv_freq
+    d = 16
+    keys = torch.randn(2, 10, d)
+    pos = torch.tensor([[3, 5, 40, 41, 60, 61, 62, 63, 64, 65]] * 2)
+    got = BlockRetrieval(keys, rotate_by(keys, inv[: d // 2], pos), keys, torch.ones(2, 10, dtype=torch.bool), None)
+    got.positions = pos
+    q_first, q_last = torch.tensor([70, 70]), torch.tensor([73, 73])
+    mem = MemoryRead(None, 1, torch.arange(70, 74), scheme="clamped", distance=9, horizon=30, retrieval="block")
+    km = clamp_keys(got, q_first, q_last, mem, inv[: d // 2])
+    q = torch.randn(d)
+    for a in range(70, 74):
+        qa = rotate_by(q, inv[: d // 2], torch.tensor(a))
+        for j in range(10):
+            p = int(pos[0, j])
+            dist = a - p if 73 - p <= 30 else 9 + (a - 70)
+            want = rotate_by(q, inv[: d // 2], torch.tensor(dist)) @ keys[0, j]
+            torch.testing.assert_close(qa @ km[0, j], want, atol=1e-4, rtol=1e-4)
 
 
 def test_block_retrieval_with_sinks_masks_partial_blocks(tiny_model):
@@ -206,8 +257,6 @@ def test_block_memory_grows_by_whole_blocks():
 
 
 def test_block_retrieval_bad_settings():
-    with pytest.raises(MemtxError, match="clamped"):
-        cfg(retrieval="block", positions="clamped")
     with pytest.raises(MemtxError, match="retrieval must be"):
         cfg(retrieval="blocks")
     with pytest.raises(MemtxError, match="block-size"):
