@@ -67,11 +67,10 @@ class Streamer:
         # Where memories sit (fixed) / the largest distance used (clamped): just outside the
         # local window by default, i.e. the window's span (sinks + cache + segment).
         window = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
-        self.distance = cfg.mem_distance or (window if cfg.positions == "fixed" else a.context_length)
-        if cfg.positions == "clamped" and cfg.retrieval == "block":
-            # Blocks: real distances within the trained context, memories older than that sit
-            # just outside the window (as in `fixed`) unless --mem-distance says otherwise.
-            self.distance = cfg.mem_distance or window
+        # Token-retrieval `clamped` caps distances at the trained context; block-retrieval
+        # `clamped` puts memories older than the trained context just outside the window.
+        at_window = cfg.positions == "fixed" or (cfg.positions == "clamped" and cfg.retrieval == "block")
+        self.distance = cfg.mem_distance or (window if at_window else a.context_length)
         self.horizon = a.context_length - 1  # clamped: the largest real distance used
         self.cache: list[LayerKV] | None = None
         self.cache_pos = 0  # absolute position of the cache's first token

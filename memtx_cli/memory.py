@@ -206,11 +206,11 @@ class LayerMemory:
         pos = torch.empty(new, dtype=torch.long, device=self.device)
         pos[: self.n] = self.positions[: self.n]
         self.positions = pos
+        nb = -(-self.n // max(1, self.block_size))
         for name in ("reps", "rreps"):
             old = getattr(self, name)
             if old is not None:
                 reps = torch.empty(self.n_kv, new // self.block_size, self.head_dim, device=self.device)
-                nb = -(-self.n // self.block_size)
                 reps[:, :nb] = old[:, :nb]
                 setattr(self, name, reps)
 
@@ -322,7 +322,10 @@ class LayerMemory:
             rkeys=gather(self.rkeys) if self.rkeys is not None else None,
             values=gather(self.values),
             valid=ids < self.n,
-            positions=self.positions[: self.n].index_select(0, ids.clamp(max=self.n - 1).reshape(-1)).view_as(ids),
+            # Key positions only where real distances are used (not on the default fixed path).
+            positions=None
+            if self.rkeys is None
+            else self.positions[: self.n].index_select(0, ids.clamp(max=self.n - 1).reshape(-1)).view_as(ids),
         )
 
     def retrieve(self, q: torch.Tensor, k: int) -> Retrieval:

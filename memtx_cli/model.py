@@ -427,13 +427,13 @@ class Attention(nn.Module):
             idx = torch.stack([it[0] for it in items])  # (n, size)
             sels = torch.cat([it[1] for it in items], 1)  # (KV, n, D)
             near = None
+            q_first, q_last = mem.q_pos[idx[:, 0]], mem.q_pos[idx[:, -1]]  # (n,) each group's ends
             if mem.scheme == "clamped":  # blocks whose every key is within `horizon` of every query
-                q_last = mem.q_pos[idx[:, -1]]  # (n,)
                 near = (q_last[:, None] - mem.memory.block_starts()[None]) <= mem.horizon  # (n, nb)
             got = mem.memory.retrieve_blocks(sels, mem.blocks, scale, mem.scheme, near)  # (KV*n, M, ...)
             km = got.keys if mem.scheme == "fixed" else got.rkeys
-            if mem.scheme == "clamped":
-                km = clamp_keys(got, mem.q_pos[idx[:, 0]].repeat(kv), mem.q_pos[idx[:, -1]].repeat(kv), mem, inv_freq)
+            if mem.scheme == "clamped":  # rows are (KV head, group), head-major
+                km = clamp_keys(got, q_first.repeat(kv), q_last.repeat(kv), mem, inv_freq)
             m_bias = None  # a mask only when a partial block was picked: it costs ~20% in the kernel
             if got.bias is not None or not bool(got.valid.all()):
                 m_bias = torch.zeros(kv * n, 1, got.valid.shape[1], dtype=q.dtype, device=q.device)
