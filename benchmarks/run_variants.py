@@ -3,7 +3,8 @@
     python benchmarks/run_variants.py 8192 book,code,legal '{"memory": false}' '{"retrieval": "token"}' \
         '{"retrieval": "block", "block_chunk": 32}'
 
-Each variant is a JSON object of Config fields applied on top of the model card's settings.
+Each variant is a JSON object of Config fields applied on top of the model card's settings
+(an optional "label" names it in the output).
 One line per (genre, variant) on stdout. The block-retrieval figures in README came from this.
 """
 
@@ -29,13 +30,15 @@ def main() -> None:
     for g in genres:
         ids = torch.tensor(lm.tokenizer.encode((CORPUS / GENRE_DOCS[g]).read_text(encoding="utf-8"))[:n])
         for v in variants:
+            v = dict(v)
+            label = v.pop("label", None)  # a short name for long settings (e.g. a head list)
             c = dataclasses.replace(base, **v)
             t = time.perf_counter()
             nll, st = run_stream(lm.model, ids, c)
             sec = time.perf_counter() - t
             ppl = float(nll.double().mean().exp())
             print(
-                f"{g} {n} {json.dumps(v)}: ppl {ppl:.3f}, {n / sec:.0f} tok/s, retrieval {st.retrieval_seconds:.1f} s"
+                f"{g} {n} {label or json.dumps(v)}: ppl {ppl:.3f}, {n / sec:.0f} tok/s, retrieval {st.retrieval_seconds:.1f} s"
             )
 
 

@@ -39,6 +39,8 @@ class Config:
     # Upper half of the layers: on SmolLM2 at 8K tokens, layers 15-29 gave 29.34 on a book
     # where all 30 gave 29.35 and layers 0-14 30.49 (worse than no memory with sinks, 30.28).
     memory_layers: str = "auto"  # "auto" (upper half), "all", "8,16,24", "10-19", "4,20-29"
+    # KV heads with memory within the memory layers: "all", or "layer.head" pairs ("18.2,8.0").
+    memory_heads: str = "all"
     top_k: int = 32  # memories retrieved per query (paper: 32)
     # IVF: exact search until 8192 keys per head have arrived, then IVF (nprobe 48); flat
     # search cost grows with the document and dominated memory time past 8K tokens.
@@ -61,6 +63,7 @@ class Config:
     retrieval: str = "block"
     block_size: int = 32
     blocks: int = 64  # 2,048 memories per token
+    block_spread: int = 0  # a block inherits the relevance of this many blocks before it
     block_chunk: int = 64  # 32: legal 8.55 vs 9.10 at 8K, +15% time; 16: 8.29, +30%
     # A bank (--memory BANK) adds its own best blocks to the document's own: one shared budget
     # let the bank crowd out the document's past. Measured on a held-out Lua file (lstrlib.c,
@@ -92,6 +95,8 @@ class Config:
             raise MemtxError(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {self.retrieval!r}")
         if self.block_size < 1 or 1024 % self.block_size or self.blocks < 1 or self.block_chunk < 1:
             raise MemtxError("block-size must be a power of two up to 1024, blocks and block-chunk >= 1")
+        if self.block_spread < 0:
+            raise MemtxError(f"block-spread must be >= 0, got {self.block_spread}")
         if self.bank_blocks < 1 or self.bank_bias < 0:
             raise MemtxError("bank-blocks must be >= 1 and bank-bias >= 0")
         if self.sinks < 0 or self.mem_distance < 0 or self.nprobe < 1:
@@ -112,10 +117,22 @@ class Config:
             return []
         return parse_layers(self.memory_layers, n_layers)
 
+    def heads_for(self, n_layers: int, n_kv: int) -> dict[int, list[int] | None]:
+        """Memory layer -> its KV heads with memory (None = all of them); {} when memory is off."""
+        layers = self.layers_for(n_layers)
+        if str(self.memory_heads).strip().lower() == "all":
+            return dict.fromkeys(layers)
+        chosen = parse_heads(self.memory_heads, n_layers, n_kv)
+        out = {i: sorted(chosen[i]) for i in layers if i in chosen}
+        if layers and not out:
+            raise MemtxError(f"memory heads {self.memory_heads!r} select no head in memory layers {self.memory_layers}")
+        return {i: (None if len(h) == n_kv else h) for i, h in out.items()}
+
     def memory_settings(self) -> dict[str, Any]:
         keys = (
             "memory",
             "memory_layers",
+            "memory_heads",
             "top_k",
             "index",
             "nprobe",
@@ -128,6 +145,7 @@ class Config:
             "block_size",
             "blocks",
             "block_chunk",
+            "block_spread",
             "bank_blocks",
             "bank_bias",
             "sinks",
@@ -221,3 +239,21 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     if not out:
         raise MemtxError(f"memory layers {spec!r} selects no layer")
     return sorted(out)
+
+
+def parse_heads(spec: str, n_layers: int, n_kv: int) -> dict[int, set[int]]:
+    """ "18.2,8.0,23.0" (layer.kv_head pairs) -> {layer: {heads}}, each checked."""
+    out: dict[int, set[int]] = {}
+    for part in filter(None, (p.strip() for p in str(spec).split(","))):
+        m = re.fullmatch(r"(\d+)\.(\d+)", part)
+        if m is None:
+            raise MemtxError(f"memory heads {spec!r}: use all or layer.head pairs like 18.2,8.0")
+        layer, head = int(m.group(1)), int(m.group(2))
+        if not 0 <= layer < n_layers or not 0 <= head < n_kv:
+            raise MemtxError(
+                f"memory head {part} is out of range: the model has {n_layers} layers and {n_kv} KV heads per layer"
+            )
+        out.setdefault(layer, set()).add(head)
+    if not out:
+        raise MemtxError(f"memory heads {spec!r} selects no head")
+    return out

@@ -44,7 +44,9 @@ class Streamer:
 
         self.model, self.cfg = model, cfg
         a = model.args
-        self.layers = cfg.layers_for(a.n_layers)
+        # Memory layer -> its KV heads with memory (None = every head of the layer).
+        self.heads = cfg.heads_for(a.n_layers, a.n_kv_heads)
+        self.layers = list(self.heads)
         if self.layers:
             check_index_kind(cfg.index)
         if cfg.combine == "gate" and self.layers:
@@ -54,7 +56,10 @@ class Streamer:
         rotated = cfg.positions != "fixed"  # true / clamped score memories at real distances
         wdt = model.embed.weight.dtype
         bs = cfg.block_size if cfg.retrieval == "block" else 0
-        self.memories = {i: LayerMemory(a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated, bs) for i in self.layers}
+        self.memories = {
+            i: LayerMemory(len(h) if h else a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated, bs)
+            for i, h in self.heads.items()
+        }
         self.chunk_sums: dict[int, dict] = {i: {} for i in self.layers}  # block selectors' state
         self.bank_memories: dict[int, Any] = {}
         if bank is not None:  # a bank on disk, read-only, joins the document's own memory
@@ -117,6 +122,8 @@ class Streamer:
                 self.cfg.block_chunk,
                 self.chunk_sums[i],
                 self.trace,
+                self.heads[i],
+                self.cfg.block_spread,
             )
             for i, m in self.memories.items()
         }
@@ -189,15 +196,16 @@ class Streamer:
         skip = max(0, min(n, n_s - start))  # sink tokens stay out of the memory
         pos = torch.arange(start + skip, start + n, device=leaving[0].k.device)
         for i, mem in self.memories.items():
-            k, v = leaving[i].k[0, :, skip:], leaving[i].v[0, :, skip:]  # (KV, n, D)
+            hs = self.heads[i] if self.heads[i] is not None else slice(None)
+            k, v = leaving[i].k[0, hs, skip:], leaving[i].v[0, hs, skip:]  # (KVm, n, D): heads with memory
             rk = rotate_by(k, self.model.inv_freq, pos.expand(k.shape[0], -1)) if mem.rkeys is not None else None
             mem.add(k, v, pos, rk, index_rotated=self.cfg.positions == "true")
 
 
 def check_bank_settings(bank: Any, cfg: Config, layers: list[int]) -> None:
     """A bank serves block retrieval at fixed positions, in the layers it was built with."""
-    if cfg.retrieval != "block" or cfg.positions != "fixed":
-        raise MemtxError("--memory BANK works with --retrieval block and --positions fixed (the defaults)")
+    if cfg.retrieval != "block" or cfg.positions != "fixed" or str(cfg.memory_heads).lower() != "all":
+        raise MemtxError("--memory BANK works with --retrieval block, --positions fixed and --memory-heads all")
     if cfg.block_size != bank.geo.block_size:
         raise MemtxError(f"bank {bank.path} has blocks of {bank.geo.block_size}; drop --block-size {cfg.block_size}")
     missing = sorted(set(layers) - set(bank.geo.layers))

@@ -259,7 +259,13 @@ class LayerMemory:
                 reps[:, full_end] = src[:, full_end * b : self.n].float().mean(1)
 
     def retrieve_blocks(
-        self, sel: torch.Tensor, n_blocks: int, scale: float, scheme: str = "fixed", near: torch.Tensor | None = None
+        self,
+        sel: torch.Tensor,
+        n_blocks: int,
+        scale: float,
+        scheme: str = "fixed",
+        near: torch.Tensor | None = None,
+        spread: int = 0,
     ) -> BlockRetrieval:
         """Per KV head and selector, the `n_blocks` most relevant blocks; sel (KV, C, D) are
         sums of search vectors (model.block_selectors); returns (KV*C, M, ...) tensors with
@@ -277,6 +283,8 @@ class LayerMemory:
 
         t0 = time.perf_counter()
         relevance = self.block_relevance(sel.float(), scheme, near)  # (KV, C, nb)
+        if spread:  # a block also counts as relevant as the `spread` blocks before it
+            relevance = spread_forward(relevance, spread)
         m = min(n_blocks, relevance.shape[-1])
         pick = relevance.topk(m, dim=-1).indices.sort(-1).values  # (KV, C, m), in document order
         out = self.gather_blocks(pick)
@@ -359,6 +367,17 @@ class LayerMemory:
         )
 
 
+def spread_forward(rel: torch.Tensor, spread: int) -> torch.Tensor:
+    """rel (..., nb) -> max(rel[b - s] for s in 0..spread): each block inherits the relevance of
+    the blocks just before it. The selector comes from the previous chunk's queries; when they
+    matched a passage (a copy), this chunk reads on past it, so the passage's next blocks are
+    the ones it needs."""
+    out = rel
+    for s in range(1, min(spread, rel.shape[-1] - 1) + 1):
+        out = torch.maximum(out, torch.nn.functional.pad(rel[..., :-s], (s, 0), value=float("-inf")))
+    return out
+
+
 class BankLayerMemory:
     """One memory layer of an on-disk bank (bank.py), read-only, for block retrieval: the
     block search runs in the bank's FAISS index of block means, keys/values come from the
@@ -432,7 +451,13 @@ class CompositeMemory:
         self.own.add(*args, **kwargs)
 
     def retrieve_blocks(
-        self, sel: torch.Tensor, n_blocks: int, scale: float, scheme: str = "fixed", near: torch.Tensor | None = None
+        self,
+        sel: torch.Tensor,
+        n_blocks: int,
+        scale: float,
+        scheme: str = "fixed",
+        near: torch.Tensor | None = None,
+        spread: int = 0,
     ) -> BlockRetrieval:
         import time
 
@@ -444,7 +469,7 @@ class CompositeMemory:
         b = self.block_size
         parts_k, parts_v, parts_ok = [], [], []
         if len(self.own):
-            own = self.own.retrieve_blocks(sel, n_blocks, scale)  # (KV*C, m_own*b, ...)
+            own = self.own.retrieve_blocks(sel, n_blocks, scale, spread=spread)  # (KV*C, m_own*b, ...)
             parts_k.append(own.keys.to(bk.dtype))
             parts_v.append(own.values.to(bv.dtype))
             parts_ok.append(own.valid)

@@ -173,6 +173,8 @@ class MemoryRead:
     # Block retrieval from a bank: `trace(block_ids (N, m), mass (N, m))` receives the attention
     # mass every bank block got (summed over query heads and tokens; `memtx ask`'s sources).
     trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    heads: list[int] | None = None  # KV heads with memory (None = all); the memory holds only these
+    spread: int = 0  # block retrieval: a block inherits the relevance of the `spread` blocks before it
 
 
 @dataclass
@@ -327,16 +329,21 @@ class Attention(nn.Module):
         cos, sin = rope
         q = apply_rope(q_raw, cos[cache_len:], sin[cache_len:])
         k = apply_rope(k, cos, sin)
+        if mem is not None:
+            # Raw queries of the KV heads with memory, grouped: (KVm, G, T, D).
+            qr = q_raw[0].view(self.n_kv, self.n_heads // self.n_kv, t, self.hd)
+            qr = qr if mem.heads is None else qr[mem.heads]
         if mem is not None and mem.retrieval == "block":
             # The selectors' running sums advance even while the memory is still empty.
-            qr = q_raw[0].view(self.n_kv, self.n_heads // self.n_kv, t, self.hd)
             groups = block_selectors(memory_search_vectors(qr, mem, inv_freq), mem.q_pos, mem.chunk, mem.chunk_sums)
             if len(mem.memory) > 0:
-                y = self.block_memory_attention(q, k, v, bias, qr, groups, mem, inv_freq)
+                out_m, lse_m, traced = self.block_memory_attention(q, qr, groups, mem, inv_freq)
+                y = self.merge_memory(q, k, v, bias, out_m, lse_m, mem, traced)
             else:
                 y = grouped_attention(q, k, v, bias)
         elif mem is not None and len(mem.memory) > 0:
-            y = self.memorizing_attention(q, k, v, bias, q_raw, mem, inv_freq)
+            out_m, lse_m = self.memorizing_attention(qr, mem, inv_freq)
+            y = self.merge_memory(q, k, v, bias, out_m, lse_m, mem)
         else:
             y = grouped_attention(q, k, v, bias)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
@@ -344,68 +351,95 @@ class Attention(nn.Module):
 
     def memorizing_attention(
         self,
+        qr: torch.Tensor,  # (KVm, G, T, D) raw queries of the KV heads with memory
+        mem: MemoryRead,
+        inv_freq: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (KVm, G, T, D), (KVm, G, T) float32
+        """Token retrieval (the paper): each query's own top-k memories; returns the attention
+        over them alone and its log-sum-exp, for `merge_memory` (one document: B=1)."""
+        kv, g, t, d = qr.shape
+        scale = 1.0 / math.sqrt(d)
+        qs = memory_search_vectors(qr, mem, inv_freq)  # (KVm, Gs, T, D)
+        gs = qs.shape[1]
+        got = mem.memory.retrieve(qs.reshape(kv, gs * t, d), mem.top_k)  # (KVm, Gs*T, k, ...)
+        got = got.grouped(kv, gs, t)
+        m_scores = memory_scores(qr, got, mem, inv_freq) * scale  # (KVm, G, T, k)
+        m_scores = m_scores.float().masked_fill(~got.valid, float("-inf"))
+        lse = torch.logsumexp(m_scores, -1)  # (KVm, G, T); -inf where nothing valid came back
+        # Normalise first, then mix in the model dtype: no float32 copy of the retrieved values.
+        w = torch.exp(m_scores - lse.nan_to_num(neginf=0.0)[..., None])  # 0 where nothing valid
+        out = pair_mix(w.to(qr.dtype), got.values.to(qr.dtype))
+        return out, lse
+
+    def merge_memory(
+        self,
         q: torch.Tensor,  # (1, H, T, D) rotated by window position
         k: torch.Tensor,  # (1, KV, S, D) rotated local keys (sinks + XL cache + segment)
         v: torch.Tensor,  # (1, KV, S, D)
         bias: torch.Tensor | None,  # (T, S) causal bias
-        q_raw: torch.Tensor,  # (1, H, T, D) before RoPE
+        out_m: torch.Tensor,  # (KVm, G, T, D) attention over the memories alone
+        lse_m: torch.Tensor,  # (KVm, G, T) its log-sum-exp (float32)
         mem: MemoryRead,
-        inv_freq: torch.Tensor,
+        traced: list | None = None,
     ) -> torch.Tensor:  # (1, H, T, D)
-        """Local causal attention plus the top-k memories of every query (one document: B=1)."""
+        """Local attention joined with the memory part, for the KV heads with memory (the
+        others attend locally only). joint: one softmax over [local keys, memories], merged
+        flash-attention style by log-sum-exp. gate (the paper): sigmoid(b_h) mixes the two."""
         _, h, t, d = q.shape
-        kv, g, s = self.n_kv, h // self.n_kv, k.shape[2]
+        kv, g = self.n_kv, h // self.n_kv
+        sel = slice(None) if mem.heads is None else mem.heads
         scale = 1.0 / math.sqrt(d)
-        qr = q_raw[0].view(kv, g, t, d)  # query heads of a group are adjacent
-        qs = memory_search_vectors(qr, mem, inv_freq)  # (KV, Gs, T, D)
-        gs = qs.shape[1]
-        got = mem.memory.retrieve(qs.reshape(kv, gs * t, d), mem.top_k)  # (KV, Gs*T, k, ...)
-        got = got.grouped(kv, gs, t)
-        m_scores = memory_scores(qr, got, mem, inv_freq) * scale  # (KV, G, T, k)
-        m_scores = m_scores.float().masked_fill(~got.valid, float("-inf"))
-        mv = got.values.to(q.dtype)  # (KV, Gs, T, k, D)
-        jb = self.joint_bias(kv, g)
-        if jb is not None and mem.combine == "joint":
-            m_scores = m_scores + jb[..., None]  # (KV, G, T, k)
         if mem.combine == "gate":
-            local = grouped_attention(q, k, v, bias)  # (1, H, T, D)
-            m_out = pair_mix(torch.softmax(m_scores, -1).to(q.dtype), mv)  # (KV, G, T, D)
-            gate = torch.sigmoid(self.mem_gate).to(q.dtype).view(1, h, 1, 1)  # (1, H, 1, 1)
-            return gate * m_out.reshape(1, h, t, d) + (1 - gate) * local
-        # joint: one softmax over [local keys, retrieved memories], computed as local attention
-        # with its log-sum-exp, then merged with the memory part (flash-attention style).
+            local = grouped_attention(q, k, v, bias)[0].view(kv, g, t, d)
+            gate = torch.sigmoid(self.mem_gate).view(kv, g, 1)[sel]  # (KVm, G, 1)
+            if traced:  # the gate scales the memory's share; within it, the memory's softmax
+                self.trace_bank_mass(traced, lse_m, mem.trace, scale, gate)
+            mixed = gate[..., None].to(q.dtype) * out_m + (1 - gate[..., None]).to(q.dtype) * local[sel]
+            return self._place(local, mixed, mem.heads).reshape(1, h, t, d)
         if bias is None:
-            bias = local_bias(t, s + 1, q.dtype, q.device)[:, 1:]  # plain causal (S == T)
+            bias = local_bias(t, k.shape[2] + 1, q.dtype, q.device)[:, 1:]  # plain causal (S == T)
         qg = q.reshape(1, kv, g * t, d)  # fold a group's G heads into the query axis
-        out_l, lse = attention_with_lse(qg, k, v, bias.repeat(g, 1), scale)  # (KV, G*T, D), (KV, G*T)
-        lse = lse.view(kv, g, t)
-        top = torch.maximum(lse, m_scores.amax(-1))  # (KV, G, T)
-        w_l = torch.exp(lse - top)
-        w_m = torch.exp(m_scores - top[..., None])  # (KV, G, T, k)
-        den = w_l + w_m.sum(-1)
-        # Normalise first, then mix in the model dtype: no float32 copy of the retrieved values.
-        m_part = pair_mix((w_m / den[..., None]).to(q.dtype), mv)  # (KV, G, T, D)
-        out = (w_l / den)[..., None].to(q.dtype) * out_l.view(kv, g, t, d) + m_part
-        return out.reshape(1, h, t, d)
+        out_l, lse_l = attention_with_lse(qg, k, v, bias.repeat(g, 1), scale)  # (KV, G*T, D), (KV, G*T)
+        out_l, lse_l = out_l.view(kv, g, t, d), lse_l.view(kv, g, t)
+        jb = self.joint_bias(kv, g)
+        if jb is not None:  # every memory logit + c_h: the memory's log-sum-exp moves by c_h
+            jb = jb[sel]
+            lse_m = lse_m + jb
+        # One softmax over [local, memory]: merge the two partial attentions by their lse.
+        ol, ll = out_l[sel], lse_l[sel]
+        top = torch.maximum(ll, lse_m)
+        w_l, w_m = torch.exp(ll - top), torch.exp(lse_m - top)
+        den = w_l + w_m
+        mixed = (w_l / den)[..., None].to(q.dtype) * ol + (w_m / den)[..., None].to(q.dtype) * out_m
+        if traced:  # weights of the joint softmax: exp(score + c_h - lse of [local, memory])
+            self.trace_bank_mass(traced, top + torch.log(den), mem.trace, scale, None if jb is None else jb.exp())
+        return self._place(out_l, mixed, mem.heads).reshape(1, h, t, d)
+
+    @staticmethod
+    def _place(full: torch.Tensor, part: torch.Tensor, heads: list[int] | None) -> torch.Tensor:
+        """full (KV, G, T, D) with the rows of `heads` replaced by part (KVm, G, T, D)."""
+        if heads is None:
+            return part
+        out = full.clone()
+        out[heads] = part
+        return out
 
     def block_memory_attention(
         self,
         q: torch.Tensor,  # (1, H, T, D) rotated by window position
-        k: torch.Tensor,  # (1, KV, S, D)
-        v: torch.Tensor,  # (1, KV, S, D)
-        bias: torch.Tensor | None,  # (T, S)
-        qr: torch.Tensor,  # (KV, G, T, D) before RoPE
+        qr: torch.Tensor,  # (KVm, G, T, D) before RoPE, KV heads with memory
         groups: list[tuple[int, int, torch.Tensor]],  # from block_selectors
         mem: MemoryRead,
         inv_freq: torch.Tensor,
-    ) -> torch.Tensor:  # (1, H, T, D)
+    ) -> tuple[torch.Tensor, torch.Tensor, list]:  # (KVm, G, T, D), (KVm, G, T), traced
         """Block retrieval (InfLLM-style), causal: tokens select the `blocks` most relevant
         blocks of memory per KV head with a selector built from earlier queries only
         (`block_selectors`), then attend to every token in them. Tokens sharing a selector
         share one gather; all groups of one size go through one flash-attention call with the
-        (KV head, group) pairs as its batch. The search runs over block representatives."""
+        (KV head, group) pairs as its batch. The search runs over block representatives.
+        Returns the attention over the memories alone and its log-sum-exp (`merge_memory`
+        joins it with the local attention) and, with mem.trace, what weighing bank blocks needs."""
         kv, g, t, d = qr.shape
-        h = kv * g
         scale = 1.0 / math.sqrt(d)
         if mem.scheme in ("true", "clamped"):  # R(a)q . R(b)k: the real distance
             qm = rotate_by(qr, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t))
@@ -430,7 +464,7 @@ class Attention(nn.Module):
             q_first, q_last = mem.q_pos[idx[:, 0]], mem.q_pos[idx[:, -1]]  # (n,) each group's ends
             if mem.scheme == "clamped":  # blocks whose every key is within `horizon` of every query
                 near = (q_last[:, None] - mem.memory.block_starts()[None]) <= mem.horizon  # (n, nb)
-            got = mem.memory.retrieve_blocks(sels, mem.blocks, scale, mem.scheme, near)  # (KV*n, M, ...)
+            got = mem.memory.retrieve_blocks(sels, mem.blocks, scale, mem.scheme, near, mem.spread)  # (KV*n, M, ...)
             km = got.keys if mem.scheme == "fixed" else got.rkeys
             if mem.scheme == "clamped":  # rows are (KV head, group), head-major
                 km = clamp_keys(got, q_first.repeat(kv), q_last.repeat(kv), mem, inv_freq)
@@ -447,28 +481,7 @@ class Attention(nn.Module):
             lse_m[:, :, flat] = lse.view(kv, n, g, size).permute(0, 2, 1, 3).reshape(kv, g, n * size)
             if mem.trace is not None and got.bank_ids is not None:
                 traced.append((idx, qq, km, m_bias, got.bank_ids, mem.memory.block_size))
-        if mem.combine == "gate":
-            local = grouped_attention(q, k, v, bias)
-            gate = torch.sigmoid(self.mem_gate).to(q.dtype).view(1, h, 1, 1)
-            if traced:  # the gate scales the memory's share; within it, the memory's softmax
-                self.trace_bank_mass(traced, lse_m, mem.trace, scale, torch.sigmoid(self.mem_gate).view(kv, g, 1))
-            return gate * out_m.reshape(1, h, t, d) + (1 - gate) * local
-        if bias is None:
-            bias = local_bias(t, k.shape[2] + 1, q.dtype, q.device)[:, 1:]
-        qg = q.reshape(1, kv, g * t, d)
-        out_l, lse_l = attention_with_lse(qg, k, v, bias.repeat(g, 1), scale)  # (KV, G*T, D), (KV, G*T)
-        out_l, lse_l = out_l.view(kv, g, t, d), lse_l.view(kv, g, t)
-        jb = self.joint_bias(kv, g)
-        if jb is not None:  # every memory logit + c_h: the memory's log-sum-exp moves by c_h
-            lse_m = lse_m + jb
-        # One softmax over [local, memory]: merge the two partial attentions by their lse.
-        top = torch.maximum(lse_l, lse_m)
-        w_l, w_m = torch.exp(lse_l - top), torch.exp(lse_m - top)
-        den = w_l + w_m
-        out = (w_l / den)[..., None].to(q.dtype) * out_l + (w_m / den)[..., None].to(q.dtype) * out_m
-        if traced:  # weights of the joint softmax: exp(score + c_h - lse of [local, memory])
-            self.trace_bank_mass(traced, top + torch.log(den), mem.trace, scale, None if jb is None else jb.exp())
-        return out.reshape(1, h, t, d)
+        return out_m, lse_m, traced
 
     @staticmethod
     def trace_bank_mass(
