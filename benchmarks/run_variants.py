@@ -37,9 +37,8 @@ def main() -> None:
             nll, st = run_stream(lm.model, ids, c)
             sec = time.perf_counter() - t
             ppl = float(nll.double().mean().exp())
-            print(
-                f"{g} {n} {label or json.dumps(v)}: ppl {ppl:.3f}, {n / sec:.0f} tok/s, retrieval {st.retrieval_seconds:.1f} s"
-            )
+            name = label or json.dumps(v)
+            print(f"{g} {n} {name}: ppl {ppl:.3f}, {n / sec:.0f} tok/s, retrieval {st.retrieval_seconds:.1f} s")
 
 
 if __name__ == "__main__":

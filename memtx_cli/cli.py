@@ -222,9 +222,12 @@ def text_sink(as_json: bool) -> Callable[[str], None]:
 
 
 def describe_retrieval(st: dict[str, Any]) -> str:
+    heads = str(st.get("memory_heads", "all"))
+    where = "" if heads == "all" else f" in heads {heads if len(heads) <= 12 else heads[:12] + '...'}"
     if st.get("retrieval") == "block":
-        return f"{st['blocks']} blocks of {st['block_size']} per {st['block_chunk']} queries"
-    return f"top-{st['top_k']} {st['index']}"
+        spread = f", spread {st['block_spread']}" if st.get("block_spread") else ""
+        return f"{st['blocks']} blocks of {st['block_size']} per {st['block_chunk']} queries{spread}{where}"
+    return f"top-{st['top_k']} {st['index']}{where}"
 
 
 def memory_flags(**flags: Any) -> dict[str, Any]:
@@ -272,6 +275,14 @@ BankBlocksOpt = Annotated[int | None, typer.Option("--bank-blocks", help="Blocks
 BankBiasOpt = Annotated[
     float | None, typer.Option("--bank-bias", help="Subtracted from bank memories' attention scores (a prior).")
 ]
+HeadsOpt = Annotated[
+    str | None,
+    typer.Option("--memory-heads", help="KV heads with memory: all, topN (the model card's ranking) or 18.2,8.0."),
+]
+SpreadOpt = Annotated[
+    int | None,
+    typer.Option("--block-spread", help="block retrieval: a block inherits the relevance of this many before it."),
+]
 BlockChunkOpt = Annotated[
     int | None, typer.Option("--block-chunk", help="block retrieval: queries that pick their blocks together.")
 ]
@@ -304,6 +315,8 @@ def score(
     retrieval: RetrievalOpt = None,
     block_size: BlockSizeOpt = None,
     blocks: BlocksOpt = None,
+    memory_heads: HeadsOpt = None,
+    block_spread: SpreadOpt = None,
     block_chunk: BlockChunkOpt = None,
     segment: Annotated[int | None, typer.Option(help="Segment length in tokens. Default: 512.")] = None,
     context: Annotated[
@@ -355,6 +368,8 @@ def score(
             retrieval=retrieval,
             block_size=block_size,
             blocks=blocks,
+            memory_heads=memory_heads,
+            block_spread=block_spread,
             block_chunk=block_chunk,
             bank_blocks=bank_blocks,
             bank_bias=bank_bias,
@@ -857,6 +872,8 @@ def bench_memory(
     retrieval: RetrievalOpt = None,
     block_size: BlockSizeOpt = None,
     blocks: BlocksOpt = None,
+    memory_heads: HeadsOpt = None,
+    block_spread: SpreadOpt = None,
     block_chunk: BlockChunkOpt = None,
     dtype: DtypeOpt = None,
     config: ConfigOpt = None,
@@ -880,6 +897,8 @@ def bench_memory(
             retrieval=retrieval,
             block_size=block_size,
             blocks=blocks,
+            memory_heads=memory_heads,
+            block_spread=block_spread,
             block_chunk=block_chunk,
         ),
     }

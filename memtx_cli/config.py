@@ -39,8 +39,12 @@ class Config:
     # Upper half of the layers: on SmolLM2 at 8K tokens, layers 15-29 gave 29.34 on a book
     # where all 30 gave 29.35 and layers 0-14 30.49 (worse than no memory with sinks, 30.28).
     memory_layers: str = "auto"  # "auto" (upper half), "all", "8,16,24", "10-19", "4,20-29"
-    # KV heads with memory within the memory layers: "all", or "layer.head" pairs ("18.2,8.0").
+    # KV heads with memory within the memory layers: "all", "topN" (the N first of
+    # head_ranking) or "layer.head" pairs ("18.2,8.0").
     memory_heads: str = "all"
+    # KV heads ranked by how much full attention's output needs keys beyond the window (the
+    # model card's, from benchmarks/head_ranking.py on held-out documents), best first.
+    head_ranking: str = ""
     top_k: int = 32  # memories retrieved per query (paper: 32)
     # IVF: exact search until 8192 keys per head have arrived, then IVF (nprobe 48); flat
     # search cost grows with the document and dominated memory time past 8K tokens.
@@ -122,7 +126,18 @@ class Config:
         layers = self.layers_for(n_layers)
         if str(self.memory_heads).strip().lower() == "all":
             return dict.fromkeys(layers)
-        chosen = parse_heads(self.memory_heads, n_layers, n_kv)
+        spec = str(self.memory_heads).strip().lower()
+        if spec.startswith("top"):
+            ranked = [p for p in str(self.head_ranking).split(",") if p.strip()]
+            if not spec[3:].isdigit() or int(spec[3:]) < 1:
+                raise MemtxError(f"memory heads {self.memory_heads!r}: use topN with N >= 1, e.g. top60")
+            if not ranked:
+                raise MemtxError(
+                    f"memory heads {self.memory_heads!r} needs a head-ranking (the model card has none): "
+                    "run benchmarks/head_ranking.py and set head-ranking, or list layer.head pairs"
+                )
+            spec = ",".join(ranked[: int(spec[3:])])
+        chosen = parse_heads(spec, n_layers, n_kv)
         out = {i: sorted(chosen[i]) for i in layers if i in chosen}
         if layers and not out:
             raise MemtxError(f"memory heads {self.memory_heads!r} select no head in memory layers {self.memory_layers}")
@@ -133,6 +148,7 @@ class Config:
             "memory",
             "memory_layers",
             "memory_heads",
+            "head_ranking",
             "top_k",
             "index",
             "nprobe",
@@ -247,7 +263,7 @@ def parse_heads(spec: str, n_layers: int, n_kv: int) -> dict[int, set[int]]:
     for part in filter(None, (p.strip() for p in str(spec).split(","))):
         m = re.fullmatch(r"(\d+)\.(\d+)", part)
         if m is None:
-            raise MemtxError(f"memory heads {spec!r}: use all or layer.head pairs like 18.2,8.0")
+            raise MemtxError(f"memory heads {spec!r}: use all, topN or layer.head pairs like 18.2,8.0")
         layer, head = int(m.group(1)), int(m.group(2))
         if not 0 <= layer < n_layers or not 0 <= head < n_kv:
             raise MemtxError(

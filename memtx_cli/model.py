@@ -523,9 +523,13 @@ def clamp_keys(
     positions: a key within `horizon` of every query keeps its real distance (its stored
     rotation); an older one is rotated to sit `distance` tokens before the group's first query
     (distance .. distance + group length - 1 for the group's tokens), as the fixed scheme puts it."""
+    near = (q_last[:, None] - got.positions) <= mem.horizon  # (KV*n, M)
+    if bool(near.all()):  # every key within the trained context (any document up to it): as stored
+        return got.rkeys
     # One rotation per row (its group's start), broadcast over the row's keys: no per-key trig.
     far = rotate_by(got.keys, inv_freq, (q_first - mem.distance)[:, None])  # (KV*n, M, D)
-    near = (q_last[:, None] - got.positions) <= mem.horizon  # (KV*n, M)
+    if not bool(near.any()):
+        return far
     return torch.where(near[..., None], got.rkeys.to(far.dtype), far)
 
 

@@ -1,5 +1,6 @@
 """Memorizing attention: exactness against full attention, the memory's bookkeeping, FAISS recall."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -10,7 +11,7 @@ from test_model import naive_logits, nll_from_logits, window_mask
 from memtx_cli.config import Config
 from memtx_cli.engine import Streamer, run_stream, stream_nll
 from memtx_cli.errors import MemtxError
-from memtx_cli.memory import IndexSpec, LayerMemory
+from memtx_cli.memory import IndexSpec, LayerMemory, spread_forward
 from memtx_cli.model import BlockRetrieval, MemoryRead, clamp_keys, rotate_by
 
 
@@ -277,3 +278,113 @@ def test_block_retrieval_is_causal(tiny_model, chunk):
     b, _ = run_stream(tiny_model, changed, c)
     assert torch.equal(a[:49], b[:49])
     assert not torch.equal(a[49:], b[49:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory heads (--memory-heads) and block spread (--block-spread)
+
+
+@pytest.mark.parametrize("retrieval", ["token", "block"])
+def test_memory_heads_equal_masking_the_other_heads_memory(tiny_model, retrieval):
+    """Memory in KV head 1 of layer 0 and KV head 0 of layer 2 only: the same numbers as memory
+    in every head with the others' memories weighted e^-inf (joint bias c_h = -inf on their
+    query heads). Selection is per KV head, so the heads with memory see exactly what they did."""
+    torch.manual_seed(21)
+    ids = torch.randint(0, 300, (64,))
+    kw = dict(retrieval=retrieval, block_size=4, blocks=3, block_chunk=4, top_k=5, positions="fixed", sinks=2)
+    got, st = run_stream(tiny_model, ids, cfg(memory_heads="0.1,2.0", **kw))
+    assert st.layers == [0, 2] and st.heads == {0: [1], 2: [0]}
+    assert st.memories[0].n_kv == 1 and st.memory_entries == 2 * (64 - 8 - 2)  # one head's entries per layer
+    ref_model = copy.deepcopy(tiny_model)
+    ref_model.add_memory_params([0, 1, 2], 0.0)
+    g = 2  # query heads per KV head (4 / 2)
+    off = {0: [0], 1: [0, 1], 2: [1]}  # KV heads without memory, per layer
+    with torch.no_grad():
+        for layer, kvs in off.items():
+            for h in kvs:
+                ref_model.layers[layer].attn.mem_bias[h * g : (h + 1) * g] = -1e9
+    ref, _ = run_stream(ref_model, ids, cfg(**kw))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    window, _ = run_stream(tiny_model, ids, cfg(memory=False, **kw))
+    full_mem, _ = run_stream(tiny_model, ids, cfg(**kw))
+    assert not torch.allclose(got, window) and not torch.allclose(got, full_mem)
+
+
+def test_memory_heads_listing_every_head_is_all(tiny_model):
+    torch.manual_seed(22)
+    ids = torch.randint(0, 300, (48,))
+    kw = dict(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2)
+    a, _ = run_stream(tiny_model, ids, cfg(**kw))
+    b, st = run_stream(tiny_model, ids, cfg(memory_heads="0.0,0.1,1.0,1.1,2.0,2.1", **kw))
+    assert all(h is None for h in st.heads.values())
+    assert torch.equal(a, b)
+    c, st = run_stream(tiny_model, ids, cfg(memory_heads="top3", head_ranking="2.1,0.0,1.1,1.0", **kw))
+    assert st.heads == {0: [0], 1: [1], 2: [1]}
+
+
+def test_memory_heads_bad_settings(tiny_model):
+    ids = torch.randint(0, 300, (20,))
+    for spec, msg in (
+        ("3.0", "out of range"),
+        ("0.2", "out of range"),
+        ("0-1", "layer.head pairs"),
+        ("top2", "needs a head-ranking"),
+        ("topx", "topN"),
+    ):
+        with pytest.raises(MemtxError, match=msg):
+            run_stream(tiny_model, ids, cfg(memory_heads=spec))
+    with pytest.raises(MemtxError, match="select no head"):
+        run_stream(tiny_model, ids, cfg(memory_layers="1", memory_heads="0.0"))
+    with pytest.raises(MemtxError, match="block-spread"):
+        cfg(block_spread=-1)
+
+
+def test_spread_forward_gives_each_block_its_predecessors_relevance():
+    rel = torch.tensor([[5.0, 0.0, 1.0, -2.0, 3.0, -1.0]])
+    torch.testing.assert_close(spread_forward(rel, 0), rel)
+    torch.testing.assert_close(spread_forward(rel, 1), torch.tensor([[5.0, 5.0, 1.0, 1.0, 3.0, 3.0]]))
+    torch.testing.assert_close(spread_forward(rel, 2), torch.tensor([[5.0, 5.0, 5.0, 1.0, 3.0, 3.0]]))
+    torch.testing.assert_close(spread_forward(rel, 9), torch.tensor([[5.0] * 6]))
+
+
+def test_block_spread_picks_the_blocks_after_a_match():
+    """The best-scoring block and the `spread` blocks after it are picked, in document order."""
+    mem = LayerMemory(1, 4, IndexSpec(), block_size=2)
+    keys = torch.zeros(1, 12, 4)
+    keys[0, 4:6, 0] = 10.0  # block 2 matches the selector
+    keys[0, 10:12, 1] = 3.0  # block 5 matches a little
+    mem.add(keys, keys.clone(), torch.arange(12))
+    sel = torch.tensor([[[1.0, 0.5, 0.0, 0.0]]])  # (KV, C, D)
+
+    def picked(spread: int, m: int) -> list[int]:
+        rel = spread_forward(mem.block_relevance(sel), spread)
+        return rel.topk(m, -1).indices.sort(-1).values[0, 0].tolist()
+
+    assert picked(0, 2) == [2, 5]
+    assert picked(2, 3) == [2, 3, 4]
+    got = mem.retrieve_blocks(sel, 3, 1.0, spread=2)
+    torch.testing.assert_close(got.keys[0], keys[0, 4:10])
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_block_spread_with_every_block_is_still_full_attention(tiny_model, chunk):
+    torch.manual_seed(23)
+    ids = torch.randint(0, 300, (61,))
+    causal = torch.ones(61, 61, dtype=torch.bool).tril()
+    with torch.no_grad():
+        ref = nll_from_logits(naive_logits(tiny_model, ids, causal), ids)
+    c = cfg(retrieval="block", block_size=4, blocks=1000, block_chunk=chunk, positions="clamped", block_spread=3)
+    got, _ = run_stream(tiny_model, ids, c)
+    torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-5)
+
+
+def test_block_spread_and_memory_heads_stay_causal(tiny_model):
+    torch.manual_seed(24)
+    ids = torch.randint(0, 300, (80,))
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2)
+    c = dataclasses.replace(c, block_spread=2, memory_heads="0.1,1.0,2.1")
+    a, _ = run_stream(tiny_model, ids, c)
+    changed = ids.clone()
+    changed[50:] = torch.randint(0, 300, (30,))
+    b, _ = run_stream(tiny_model, changed, c)
+    assert torch.equal(a[:49], b[:49])
