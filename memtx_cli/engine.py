@@ -65,7 +65,7 @@ class Streamer:
         if bank is not None:  # a bank on disk, read-only, joins the document's own memory
             check_bank_settings(bank, cfg, self.layers)
             for i in self.layers:
-                self.bank_memories[i] = BankLayerMemory(bank, i, wdt, dev)
+                self.bank_memories[i] = BankLayerMemory(bank, i, wdt, dev, self.heads[i])
                 self.memories[i] = CompositeMemory(
                     self.memories[i], self.bank_memories[i], cfg.bank_blocks, cfg.bank_bias
                 )
@@ -203,9 +203,10 @@ class Streamer:
 
 
 def check_bank_settings(bank: Any, cfg: Config, layers: list[int]) -> None:
-    """A bank serves block retrieval at fixed positions, in the layers it was built with."""
-    if cfg.retrieval != "block" or cfg.positions != "fixed" or str(cfg.memory_heads).lower() != "all":
-        raise MemtxError("--memory BANK works with --retrieval block, --positions fixed and --memory-heads all")
+    """A bank serves block retrieval, in the layers it was built with; its blocks come from other
+    documents, so they sit at the fixed distance (`fixed`, or as far memories of `clamped`)."""
+    if cfg.retrieval != "block" or cfg.positions == "true":
+        raise MemtxError("--memory BANK works with --retrieval block and --positions fixed or clamped")
     if cfg.block_size != bank.geo.block_size:
         raise MemtxError(f"bank {bank.path} has blocks of {bank.geo.block_size}; drop --block-size {cfg.block_size}")
     missing = sorted(set(layers) - set(bank.geo.layers))

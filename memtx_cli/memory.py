@@ -383,10 +383,14 @@ class BankLayerMemory:
     block search runs in the bank's FAISS index of block means, keys/values come from the
     memory-mapped float16 arrays."""
 
-    def __init__(self, bank, layer: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, bank, layer: int, dtype: torch.dtype, device: torch.device | str = "cpu", heads: list[int] | None = None
+    ) -> None:
         self.bank, self.layer, self.dtype, self.device = bank, layer, dtype, torch.device(device)
         self.block_size = bank.geo.block_size
-        self.n_kv = bank.geo.n_kv
+        # The KV heads read (--memory-heads); a bank stores every KV head of its layers.
+        self.heads = list(range(bank.geo.n_kv)) if heads is None else list(heads)
+        self.n_kv = len(self.heads)
         self.search_seconds = 0.0
         self.n_blocks = len(bank.live_blocks)  # the bank is read-only: counted once
         self.entries = bank.entries
@@ -399,8 +403,8 @@ class BankLayerMemory:
         -inf / -1 where the bank has fewer than m blocks."""
         qn = qsum.detach().float().cpu().numpy()
         scores, ids = [], []
-        for h in range(self.n_kv):
-            d, i = self.bank.indexes[(self.layer, h)].search(np.ascontiguousarray(qn[h]), m)
+        for j, h in enumerate(self.heads):
+            d, i = self.bank.indexes[(self.layer, h)].search(np.ascontiguousarray(qn[j]), m)
             scores.append(d)
             ids.append(i)
         s = torch.from_numpy(np.stack(scores)).to(self.device)
@@ -413,7 +417,7 @@ class BankLayerMemory:
         kv, nc, m = ids.shape
         idn = ids.cpu().numpy()
         rows = np.maximum(idn, 0)[..., None] * b + np.arange(b)  # (KV, C, m, b) entry ids
-        heads = np.arange(kv).reshape(kv, 1, 1, 1)
+        heads = np.asarray(self.heads).reshape(kv, 1, 1, 1)
         keys = self.bank.keys(self.layer)[rows, heads]  # (KV, C, m, b, D) float16
         values = self.bank.values(self.layer)[rows, heads]
         n_valid = self.bank.blocks[np.maximum(idn, 0), 1]  # (KV, C, m)
@@ -444,8 +448,11 @@ class CompositeMemory:
         return self.own.search_seconds + self.bank.search_seconds
 
     @property
-    def rkeys(self) -> None:
-        return None
+    def rkeys(self) -> torch.Tensor | None:  # the own memory keeps rotated keys for clamped positions
+        return self.own.rkeys
+
+    def block_starts(self) -> torch.Tensor:
+        return self.own.block_starts()
 
     def add(self, *args, **kwargs) -> None:  # the document's own past; the bank is read-only
         self.own.add(*args, **kwargs)
@@ -459,29 +466,45 @@ class CompositeMemory:
         near: torch.Tensor | None = None,
         spread: int = 0,
     ) -> BlockRetrieval:
+        """The own memory's best blocks (as it would give them alone), then the bank's. With
+        clamped positions the bank's blocks, from other documents, are far memories: searched with
+        the fixed-distance half of the selector and given positions beyond any horizon, so
+        `model.clamp_keys` puts them at the fixed distance."""
         import time
 
         t0 = time.perf_counter()
         kv, nc = sel.shape[:2]
+        d = self.own.head_dim
         m_b = min(self.bank_blocks, self.bank.n_blocks)
-        _, bank_ids = self.bank.search(sel.float(), m_b)  # (KV, C, m_b)
+        _, bank_ids = self.bank.search(sel[..., :d].float(), m_b)  # (KV, C, m_b)
         bk, bv, bvalid = self.bank.gather_blocks(bank_ids)
         b = self.block_size
-        parts_k, parts_v, parts_ok = [], [], []
+        bk, bv, bvalid = bk.view(kv * nc, m_b * b, -1), bv.view(kv * nc, m_b * b, -1), bvalid.view(kv * nc, m_b * b)
+        own = None
         if len(self.own):
-            own = self.own.retrieve_blocks(sel, n_blocks, scale, spread=spread)  # (KV*C, m_own*b, ...)
-            parts_k.append(own.keys.to(bk.dtype))
-            parts_v.append(own.values.to(bv.dtype))
-            parts_ok.append(own.valid)
-        n_own = sum(x.shape[1] for x in parts_k)
-        keys = torch.cat([*parts_k, bk.view(kv * nc, m_b * b, -1)], 1)
-        values = torch.cat([*parts_v, bv.view(kv * nc, m_b * b, -1)], 1)
-        valid = torch.cat([*parts_ok, bvalid.view(kv * nc, m_b * b)], 1)
+            own = self.own.retrieve_blocks(sel, n_blocks, scale, scheme, near, spread)  # (KV*C, m_own*b, ...)
+        n_own = 0 if own is None else own.keys.shape[1]
+
+        def join(mine: torch.Tensor | None, bank: torch.Tensor) -> torch.Tensor:
+            return bank if mine is None else torch.cat([mine.to(bank.dtype), bank], 1)
+
+        keys = join(None if own is None else own.keys, bk)
+        rkeys = positions = None
+        if self.own.rkeys is not None:
+            rkeys = join(None if own is None else own.rkeys, bk)  # bank keys: never used as near
+            far = torch.full(bvalid.shape, -(2**40), dtype=torch.long, device=bvalid.device)
+            positions = join(None if own is None else own.positions, far)
         bias = None
         if self.bank_bias:
-            bias = torch.zeros(valid.shape, device=valid.device)
+            bias = torch.zeros(bvalid.shape[0], n_own + bvalid.shape[1], device=bvalid.device)
             bias[:, n_own:] = -self.bank_bias
         self.bank.search_seconds += time.perf_counter() - t0
         return BlockRetrieval(
-            keys=keys, rkeys=None, values=values, valid=valid, bias=bias, bank_ids=bank_ids.reshape(kv * nc, m_b)
+            keys=keys,
+            rkeys=rkeys,
+            values=join(None if own is None else own.values, bv),
+            valid=join(None if own is None else own.valid, bvalid),
+            bias=bias,
+            positions=positions,
+            bank_ids=bank_ids.reshape(kv * nc, m_b),
         )

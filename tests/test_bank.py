@@ -142,6 +142,51 @@ def test_score_with_bank_reads_it_and_never_modifies_it(tiny_lm, tiny_gguf, tmp_
     assert tree_digest(tmp_path / "b.idx") == before
 
 
+def _stream_bank(lm, ids, cfg, bank, horizon):
+    from memtx_cli.engine import Streamer
+
+    st = Streamer(lm.model, cfg, bank)
+    st.horizon = horizon  # as if the trained context ended `horizon` tokens back
+    with torch.no_grad():
+        hs = [st.step(ids[s : s + cfg.segment]) for s in range(0, len(ids), cfg.segment)]
+    return lm.model.logits(torch.cat(hs)[None])[0], st
+
+
+def test_bank_with_clamped_positions_and_memory_heads(tiny_lm, tiny_gguf, tmp_path):
+    """A bank read with --positions clamped: its blocks are far memories, so with everything
+    past the horizon (one-token chunks) clamped equals fixed, bank included; with memory heads
+    the bank is searched and gathered for those KV heads only."""
+    corpus = make_corpus(tmp_path / "c")
+    build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")
+    ids = torch.tensor(tiny_lm.tokenizer.encode((corpus / "doc0.txt").read_text(encoding="utf-8"))[:200])
+    base = dataclasses.replace(tiny_cfg(tiny_gguf), block_chunk=1, mem_distance=40, sinks=2)
+    with Bank.open(tmp_path / "b.idx") as b:
+        far, st = _stream_bank(tiny_lm, ids, dataclasses.replace(base, positions="clamped"), b, -1)
+        assert len(st.bank_memories) > 0 and st.memory_entries > 0
+        fixed, _ = _stream_bank(tiny_lm, ids, base, b, -1)
+        torch.testing.assert_close(far, fixed, atol=1e-4, rtol=1e-4)
+        near, _ = _stream_bank(tiny_lm, ids, dataclasses.replace(base, positions="clamped"), b, 10_000)
+        assert (near - far).abs().max() > 1e-3  # the own memory moved to its real distances
+        layer = b.geo.layers[-1]
+        one = dataclasses.replace(base, memory_heads=f"{layer}.1")
+        got, st = _stream_bank(tiny_lm, ids, one, b, -1)
+        assert st.bank_memories[layer].heads == [1] and list(st.bank_memories) == [layer]
+        assert torch.isfinite(got).all() and (got - fixed).abs().max() > 1e-3
+        full = BankLayerMemory(b, layer, torch.float32)
+        qsum = torch.randn(b.geo.n_kv, 2, b.geo.head_dim) * 5
+        s_all, i_all = full.search(qsum, 3)
+        s_one, i_one = st.bank_memories[layer].search(qsum[1:], 3)
+        assert torch.equal(i_one[0], i_all[1])
+        k_all, v_all, _ = full.gather_blocks(i_all)
+        k_one, v_one, _ = st.bank_memories[layer].gather_blocks(i_one)
+        assert torch.equal(k_one[0], k_all[1]) and torch.equal(v_one[0], v_all[1])
+    with pytest.raises(MemtxError, match="fixed or clamped"):
+        from memtx_cli.engine import check_bank_settings
+
+        with Bank.open(tmp_path / "b.idx") as b:
+            check_bank_settings(b, dataclasses.replace(base, positions="true"), b.geo.layers)
+
+
 def test_unchanged_duplicate_and_changed_documents(tiny_lm, tiny_gguf, tmp_path):
     corpus = make_corpus(tmp_path / "c", n_docs=2)
     build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")
