@@ -55,6 +55,11 @@ class Config:
     # fixed beat clamped/true on code and book at 8K with 10 memory layers (4.42 vs 4.57;
     # 29.73 vs 29.95) and, unlike true positions, holds past the trained context.
     positions: str = "fixed"  # memory position scheme: fixed | true | clamped
+    # clamped: layers whose memory heads also read memories older than the trained context (at
+    # the fixed distance); the others read only memories within it.
+    far_layers: str = "all"
+    far_blocks: int = -1  # clamped: -1 = far blocks share `blocks`; n = a budget of their own
+    far_bias: float = 0.0  # clamped with far_blocks > 0: subtracted from far memories' scores
     mem_distance: int = 0  # fixed: distance memories sit at; clamped: cap / block: far distance (0 = auto)
     # One search per token for a GQA group (sum of its queries): half the time, nearly the
     # same perplexity (layers 15-29: 4.14 vs 4.10 on code, 29.46 vs 29.34 on a book).
@@ -99,6 +104,8 @@ class Config:
             raise MemtxError(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {self.retrieval!r}")
         if self.block_size < 1 or 1024 % self.block_size or self.blocks < 1 or self.block_chunk < 1:
             raise MemtxError("block-size must be a power of two up to 1024, blocks and block-chunk >= 1")
+        if self.far_blocks < -1 or self.far_bias < 0:
+            raise MemtxError("far-blocks must be >= -1 (-1 = shared budget) and far-bias >= 0")
         if self.block_spread < 0:
             raise MemtxError(f"block-spread must be >= 0, got {self.block_spread}")
         if self.bank_blocks < 1 or self.bank_bias < 0:
@@ -156,6 +163,9 @@ class Config:
             "gate_init",
             "positions",
             "mem_distance",
+            "far_layers",
+            "far_blocks",
+            "far_bias",
             "shared_search",
             "retrieval",
             "block_size",

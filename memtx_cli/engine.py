@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from memtx_cli.config import Config
+from memtx_cli.config import Config, parse_layers
 from memtx_cli.errors import MemtxError
 from memtx_cli.model import LayerKV, MemoryRead, Transformer, rotate_by, token_nll
 from memtx_cli.runtime import LoadedModel
@@ -47,6 +47,8 @@ class Streamer:
         # Memory layer -> its KV heads with memory (None = every head of the layer).
         self.heads = cfg.heads_for(a.n_layers, a.n_kv_heads)
         self.layers = list(self.heads)
+        # clamped: layers that also read memories older than the trained context (at the fixed distance)
+        self.far_layers = set(parse_layers(cfg.far_layers, a.n_layers)) if self.layers else set()
         if self.layers:
             check_index_kind(cfg.index)
         if cfg.combine == "gate" and self.layers:
@@ -124,6 +126,8 @@ class Streamer:
                 self.trace,
                 self.heads[i],
                 self.cfg.block_spread,
+                self.cfg.far_blocks if i in self.far_layers else 0,
+                self.cfg.far_bias,
             )
             for i, m in self.memories.items()
         }

@@ -85,9 +85,12 @@ def open_or_create_bank(
     precision: str | None = None,
 ) -> Bank:
     """Open the bank for writing (checking the model), or create it with cfg's geometry."""
-    if cfg.retrieval != "block" or cfg.positions != "fixed":
-        raise MemtxError("banks hold block memories at fixed positions: use --retrieval block --positions fixed")
-    layers = cfg.layers_for(lm.args.n_layers)
+    if cfg.retrieval != "block" or cfg.positions == "true":
+        raise MemtxError(
+            "banks hold block memories read at the fixed distance: use --retrieval block, --positions fixed or clamped"
+        )
+    # Layers with at least one memory head; a bank keeps every KV head of them.
+    layers = list(cfg.heads_for(lm.args.n_layers, lm.args.n_kv_heads))
     if not layers:
         raise MemtxError("ingest needs memory layers (drop --no-memory)")
     if Bank.is_bank(path):

@@ -266,6 +266,8 @@ class LayerMemory:
         scheme: str = "fixed",
         near: torch.Tensor | None = None,
         spread: int = 0,
+        far_blocks: int = -1,
+        far_bias: float = 0.0,
     ) -> BlockRetrieval:
         """Per KV head and selector, the `n_blocks` most relevant blocks; sel (KV, C, D) are
         sums of search vectors (model.block_selectors); returns (KV*C, M, ...) tensors with
@@ -276,6 +278,9 @@ class LayerMemory:
         is rotated to the fixed distance), keys rotated by their positions for `true`. For
         `clamped`, sel (KV, C, 2D) holds both selectors [fixed | true] and `near` (C, nb) says
         which blocks lie within the trained context of each selector's queries (true there).
+        Clamped budgets: `far_blocks` -1 = one budget for near and far blocks; 0 = near blocks only;
+        > 0 = `n_blocks` near plus `far_blocks` far ones, far scores lowered by `far_bias` (far
+        blocks sit at the fixed distance, closer than their real one, and crowd out near ones).
         Measured at 8K tokens against a softmax vote (each query's unit mass split over the
         blocks): 7.82 / 4.07 / 29.15 vs 7.84 / 4.06 / 29.14 (legal / code / book).
         """
@@ -283,11 +288,33 @@ class LayerMemory:
 
         t0 = time.perf_counter()
         relevance = self.block_relevance(sel.float(), scheme, near)  # (KV, C, nb)
-        if spread:  # a block also counts as relevant as the `spread` blocks before it
-            relevance = spread_forward(relevance, spread)
-        m = min(n_blocks, relevance.shape[-1])
-        pick = relevance.topk(m, dim=-1).indices.sort(-1).values  # (KV, C, m), in document order
+        nb = relevance.shape[-1]
+        if scheme != "clamped" or far_blocks < 0:  # one budget
+            parts = [relevance]
+            budgets = [n_blocks]
+        else:  # near and far blocks compete separately
+            parts = [relevance.masked_fill(~near, float("-inf"))]
+            budgets = [n_blocks]
+            if far_blocks:
+                parts.append(relevance.masked_fill(near, float("-inf")) - far_bias)
+                budgets.append(far_blocks)
+        picks, scores = [], []
+        for rel, m in zip(parts, budgets, strict=True):
+            if spread:  # a block also counts as relevant as the `spread` blocks before it
+                rel = spread_forward(rel, spread)
+            top = rel.topk(min(m, nb), dim=-1)
+            picks.append(top.indices)
+            scores.append(top.values)
+        pick, order = torch.cat(picks, -1).sort(-1)  # (KV, C, m), in document order
         out = self.gather_blocks(pick)
+        if len(parts) > 1 or scheme == "clamped" and far_blocks >= 0:
+            # a budget larger than its blocks picks some at -inf: mask them
+            ok = torch.cat(scores, -1).gather(-1, order) > float("-inf")  # (KV, C, m)
+            out.valid &= ok.repeat_interleave(self.block_size, -1).view_as(out.valid)
+            if far_bias and far_blocks > 0:  # the same prior in the attention scores
+                far_pick = ~near.expand_as(relevance).gather(-1, pick)  # (KV, C, m)
+                bias = far_pick.repeat_interleave(self.block_size, -1).view_as(out.valid) * -far_bias
+                out.bias = bias.float()
         self.search_seconds += time.perf_counter() - t0
         return out
 
@@ -465,6 +492,8 @@ class CompositeMemory:
         scheme: str = "fixed",
         near: torch.Tensor | None = None,
         spread: int = 0,
+        far_blocks: int = -1,
+        far_bias: float = 0.0,
     ) -> BlockRetrieval:
         """The own memory's best blocks (as it would give them alone), then the bank's. With
         clamped positions the bank's blocks, from other documents, are far memories: searched with
@@ -482,7 +511,7 @@ class CompositeMemory:
         bk, bv, bvalid = bk.view(kv * nc, m_b * b, -1), bv.view(kv * nc, m_b * b, -1), bvalid.view(kv * nc, m_b * b)
         own = None
         if len(self.own):
-            own = self.own.retrieve_blocks(sel, n_blocks, scale, scheme, near, spread)  # (KV*C, m_own*b, ...)
+            own = self.own.retrieve_blocks(sel, n_blocks, scale, scheme, near, spread, far_blocks, far_bias)
         n_own = 0 if own is None else own.keys.shape[1]
 
         def join(mine: torch.Tensor | None, bank: torch.Tensor) -> torch.Tensor:
@@ -495,9 +524,11 @@ class CompositeMemory:
             far = torch.full(bvalid.shape, -(2**40), dtype=torch.long, device=bvalid.device)
             positions = join(None if own is None else own.positions, far)
         bias = None
-        if self.bank_bias:
+        if self.bank_bias or (own is not None and own.bias is not None):
             bias = torch.zeros(bvalid.shape[0], n_own + bvalid.shape[1], device=bvalid.device)
             bias[:, n_own:] = -self.bank_bias
+            if own is not None and own.bias is not None:
+                bias[:, :n_own] = own.bias
         self.bank.search_seconds += time.perf_counter() - t0
         return BlockRetrieval(
             keys=keys,

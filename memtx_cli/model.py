@@ -175,6 +175,10 @@ class MemoryRead:
     trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None
     heads: list[int] | None = None  # KV heads with memory (None = all); the memory holds only these
     spread: int = 0  # block retrieval: a block inherits the relevance of the `spread` blocks before it
+    # clamped block retrieval: memories past the horizon (at `distance`): -1 = they share the
+    # `blocks` budget, 0 = none, n > 0 = a budget of their own, their scores lowered by far_bias
+    far_blocks: int = -1
+    far_bias: float = 0.0
 
 
 @dataclass
@@ -464,7 +468,9 @@ class Attention(nn.Module):
             q_first, q_last = mem.q_pos[idx[:, 0]], mem.q_pos[idx[:, -1]]  # (n,) each group's ends
             if mem.scheme == "clamped":  # blocks whose every key is within `horizon` of every query
                 near = (q_last[:, None] - mem.memory.block_starts()[None]) <= mem.horizon  # (n, nb)
-            got = mem.memory.retrieve_blocks(sels, mem.blocks, scale, mem.scheme, near, mem.spread)  # (KV*n, M, ...)
+            got = mem.memory.retrieve_blocks(  # (KV*n, M, ...)
+                sels, mem.blocks, scale, mem.scheme, near, mem.spread, mem.far_blocks, mem.far_bias
+            )
             km = got.keys if mem.scheme == "fixed" else got.rkeys
             if mem.scheme == "clamped":  # rows are (KV head, group), head-major
                 km = clamp_keys(got, q_first.repeat(kv), q_last.repeat(kv), mem, inv_freq)
