@@ -482,6 +482,11 @@ class Attention(nn.Module):
                 m_bias.masked_fill_(~got.valid[:, None], float("-inf"))
             qq = qm[:, :, idx].permute(0, 2, 1, 3, 4).reshape(1, kv * n, g * size, d)  # (1, KV*n, G*size, D)
             o, lse = attention_with_lse(qq, km[None].to(q.dtype), got.values[None].to(q.dtype), m_bias, scale)
+            if m_bias is not None:  # a row with no valid memory (near-only, nothing near): weight 0
+                empty = ~got.valid.any(-1)  # (KV*n,)
+                if bool(empty.any()):
+                    lse = lse.masked_fill(empty[:, None], float("-inf"))
+                    o = o.masked_fill(empty[:, None, None], 0.0)
             flat = idx.reshape(-1)
             out_m[:, :, flat] = o.view(kv, n, g, size, d).permute(0, 2, 1, 3, 4).reshape(kv, g, n * size, d)
             lse_m[:, :, flat] = lse.view(kv, n, g, size).permute(0, 2, 1, 3).reshape(kv, g, n * size)

@@ -388,3 +388,44 @@ def test_block_spread_and_memory_heads_stay_causal(tiny_model):
     changed[50:] = torch.randint(0, 300, (30,))
     b, _ = run_stream(tiny_model, changed, c)
     assert torch.equal(a[:49], b[:49])
+
+
+# ----------------------------------------------------------------------------------------------
+# Far memories under clamped positions (--far-layers / --far-blocks / --far-bias)
+
+
+def test_far_budget_past_the_horizon_is_fixed_with_that_budget(tiny_model):
+    """Everything past the horizon: the near budget finds nothing (masked), the far budget picks
+    exactly what the fixed scheme picks with that many blocks, and far-bias b is the joint
+    memory bias c_h = -b on every head. far-blocks 0 reads no memory at all: the window."""
+    torch.manual_seed(31)
+    ids = torch.randint(0, 300, (64,))
+    base = cfg(retrieval="block", block_size=4, blocks=5, block_chunk=1, mem_distance=20, sinks=2)
+    clamped = dataclasses.replace(base, positions="clamped", far_blocks=2)
+    fixed2 = dataclasses.replace(base, positions="fixed", blocks=2)
+    got = _stream_with_horizon(tiny_model, ids, clamped, -1)
+    torch.testing.assert_close(got, _stream_with_horizon(tiny_model, ids, fixed2, -1), atol=1e-4, rtol=1e-4)
+    biased = _stream_with_horizon(tiny_model, ids, dataclasses.replace(clamped, far_bias=2.0), -1)
+    ref_model = copy.deepcopy(tiny_model)
+    ref_model.add_memory_params([0, 1, 2], 0.0)
+    with torch.no_grad():
+        for layer in ref_model.layers:
+            layer.attn.mem_bias.fill_(-2.0)
+    torch.testing.assert_close(biased, _stream_with_horizon(ref_model, ids, fixed2, -1), atol=1e-4, rtol=1e-4)
+    none = _stream_with_horizon(tiny_model, ids, dataclasses.replace(clamped, far_blocks=0), -1)
+    window = _stream_with_horizon(tiny_model, ids, dataclasses.replace(base, memory=False), -1)
+    torch.testing.assert_close(none, window, atol=1e-5, rtol=1e-5)
+    only_top = _stream_with_horizon(tiny_model, ids, dataclasses.replace(clamped, far_layers="2"), -1)
+    assert not torch.allclose(only_top, got) and not torch.allclose(only_top, window)
+
+
+def test_near_budget_within_the_horizon_is_the_shared_budget(tiny_model):
+    """Within the trained context every block is near: separate budgets change nothing."""
+    torch.manual_seed(32)
+    ids = torch.randint(0, 300, (64,))
+    base = cfg(retrieval="block", block_size=4, blocks=3, block_chunk=4, positions="clamped", sinks=2)
+    a, _ = run_stream(tiny_model, ids, base)
+    b, _ = run_stream(tiny_model, ids, dataclasses.replace(base, far_blocks=2, far_bias=1.0))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # (the far picks are masked out)
+    with pytest.raises(MemtxError, match="far-blocks"):
+        dataclasses.replace(base, far_blocks=-2)
