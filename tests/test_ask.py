@@ -62,7 +62,7 @@ class FakeBankMemory:
     def __len__(self):
         return self.keys.shape[1]
 
-    def retrieve_blocks(self, sel, n_blocks, scale, scheme="fixed", near=None):
+    def retrieve_blocks(self, sel, n_blocks, scale, scheme="fixed", near=None, spread=0, far_blocks=-1, far_bias=0.0):
         kv, c = sel.shape[:2]
         m = self.keys.shape[1]
         return BlockRetrieval(
@@ -99,7 +99,8 @@ def test_traced_mass_equals_explicit_attention_weights():
     )
     groups = [(0, t, torch.randn(kv, 1, d))]
     bias = local_bias(t, s, q.dtype, q.device)
-    att.block_memory_attention(q, k, v, bias, qr, groups, mem, inv_freq)
+    out_m, lse_m, traced = att.block_memory_attention(q, qr, groups, mem, inv_freq)
+    att.merge_memory(q, k, v, bias, out_m, lse_m, mem, traced)
     # explicit: one softmax over [local keys (causal), memory keys at distance 50]
     scale = 1 / math.sqrt(d)
     qm = rotate_by(qr, inv_freq, torch.full((kv, g, t), 50))
