@@ -527,3 +527,23 @@ def test_freed_blocks_are_not_reused_while_a_reader_is_open(tmp_path):
     reader.close()
     assert bank.allocate(1, set()) == [b0]
     bank.close()
+
+
+def test_ingest_keeps_the_layers_with_memory_heads(tiny_lm, tiny_gguf, tmp_path):
+    """With --memory-heads, a bank holds the layers that have a memory head (every KV head of
+    them); clamped positions are accepted (bank blocks are read at the fixed distance)."""
+    corpus = make_corpus(tmp_path / "c", n_docs=1)
+    last = tiny_lm.args.n_layers - 1
+    build(
+        tiny_lm,
+        tiny_gguf,
+        corpus,
+        tmp_path / "h.idx",
+        memory_layers="all",
+        memory_heads=f"{last}.0",
+        positions="clamped",
+    )
+    with Bank.open(tmp_path / "h.idx") as b:
+        assert b.geo.layers == [last] and b.geo.n_kv == tiny_lm.args.n_kv_heads
+    with pytest.raises(MemtxError, match="fixed or clamped"):
+        build(tiny_lm, tiny_gguf, corpus, tmp_path / "t.idx", positions="true")
