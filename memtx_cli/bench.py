@@ -155,6 +155,9 @@ GENRE_DOCS = {
     "book": "books/austen_persuasion.txt",
     "code": "code/lua54_interpreter_repo.c.txt",
     "legal": "legal/spdx_license_list_texts.txt",
+    # Ten versions of one constitution, each ~6,700 tokens after the one it amends: the
+    # near-duplicate recall a memory is for, past the window but within the trained context.
+    "legal-versions": "legal/debian_constitution_all_versions.txt",
 }
 
 

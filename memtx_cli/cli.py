@@ -859,7 +859,9 @@ def bench_throughput(
 @handle_errors
 def bench_memory(
     lengths: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "8192,32768,65536",
-    genres: Annotated[str, typer.Option(help="Comma-separated: book, code, legal.")] = "book,code,legal",
+    genres: Annotated[
+        str, typer.Option(help="Comma-separated: book, code, legal, legal-versions.")
+    ] = "book,code,legal,legal-versions",
     model: ModelOpt = None,
     memory_layers: LayersOpt = None,
     top_k: TopKOpt = None,
@@ -948,7 +950,7 @@ def bench_memory(
 @handle_errors
 def bench_recall(
     tokens: Annotated[int, typer.Option(help="Tokens streamed into memory before the query segment.")] = 32768,
-    genre: Annotated[str, typer.Option(help="book, code or legal.")] = "code",
+    genre: Annotated[str, typer.Option(help="book, code, legal or legal-versions.")] = "code",
     kinds: Annotated[
         str,
         typer.Option(

@@ -79,6 +79,8 @@ class Streamer:
         at_window = cfg.positions == "fixed" or (cfg.positions == "clamped" and cfg.retrieval == "block")
         self.distance = cfg.mem_distance or (window if at_window else a.context_length)
         self.horizon = a.context_length - 1  # clamped: the largest real distance used
+        sp = cfg.sink_positions
+        self.real_sinks = sp == "real" or sp == "auto" and cfg.memory and cfg.positions in ("true", "clamped")
         self.cache: list[LayerKV] | None = None
         self.cache_pos = 0  # absolute position of the cache's first token
         self.sink_kv: list[LayerKV] | None = None
@@ -108,6 +110,21 @@ class Streamer:
             for s, c in zip(self.sink_kv, self.cache, strict=True)
         ]
 
+    def _key_positions(self, cache: list[LayerKV] | None, seg_start: int, t: int) -> torch.Tensor | None:
+        """Window positions of the local keys when the sinks sit at their real distance
+        (`sink_positions: real`), or None (0..L+T-1: the sinks just before the cache). The
+        window's first key after the sinks is at window position `sinks`; a sink at absolute
+        position s goes to s - (that key's absolute position) + sinks, moved closer when the
+        segment's last position would see it beyond the trained context (`horizon`). It depends
+        on the segment's bounds only, so decoding token by token (`feed`) equals `step`."""
+        n_s = self.cfg.sinks
+        window_start = self.cache_pos if self.cache else seg_start  # as _local_cache decides
+        if not self.real_sinks or not cache or not self.sink_kv or window_start <= n_s:
+            return None
+        shift = max(0, seg_start + self.cfg.segment - 1 - self.horizon)  # sink 0 at most horizon back
+        sink = torch.arange(n_s) + shift - window_start + n_s  # (n_s,) negative: before the window
+        return torch.cat([sink, torch.arange(n_s, cache[0].length + t)]).to(cache[0].k.device)
+
     def _reads(self, q_pos: torch.Tensor) -> dict[int, MemoryRead]:
         return {
             i: MemoryRead(
@@ -136,7 +153,9 @@ class Streamer:
         """One whole segment: ids (T,) -> hidden (T, C). (Not to be mixed with `feed`.)"""
         t = ids.shape[0]
         q_pos = torch.arange(self.pos, self.pos + t, device=ids.device)
-        res = self.model.forward_segment(ids[None], self._local_cache(), self._reads(q_pos) or None)
+        cache = self._local_cache()
+        key_pos = self._key_positions(cache, self.pos, t)
+        res = self.model.forward_segment(ids[None], cache, self._reads(q_pos) or None, key_pos)
         self.last_kv = res.kv  # this segment's raw K/V per layer (ingest writes them to a bank)
         self._advance(res.kv, t)
         return res.hidden[0]
@@ -162,7 +181,8 @@ class Streamer:
                     for b, c in zip(base, self.cur, strict=True)
                 ]
             q_pos = torch.arange(self.pos, self.pos + take, device=piece.device)
-            res = self.model.forward_segment(piece[None], cache, self._reads(q_pos) or None)
+            key_pos = self._key_positions(cache, self.pos - self.cur_len, take)
+            res = self.model.forward_segment(piece[None], cache, self._reads(q_pos) or None, key_pos)
             if self.cur is None:
                 self.cur = res.kv
             else:

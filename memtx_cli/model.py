@@ -465,7 +465,10 @@ class Attention(nn.Module):
             idx = torch.stack([it[0] for it in items])  # (n, size)
             sels = torch.cat([it[1] for it in items], 1)  # (KV, n, D)
             near = None
-            q_first, q_last = mem.q_pos[idx[:, 0]], mem.q_pos[idx[:, -1]]  # (n,) each group's ends
+            # (n,) the bounds of each group's chunk (not of the tokens of this call), so decoding
+            # token by token draws the clamped near/far line where segment scoring does
+            q_first = mem.q_pos[idx[:, 0]] // mem.chunk * mem.chunk
+            q_last = q_first + mem.chunk - 1
             if mem.scheme == "clamped":  # blocks whose every key is within `horizon` of every query
                 near = (q_last[:, None] - mem.memory.block_starts()[None]) <= mem.horizon  # (n, nb)
             got = mem.memory.retrieve_blocks(  # (KV*n, M, ...)
@@ -698,11 +701,16 @@ class Transformer(nn.Module):
         ids: torch.Tensor,  # (B, T) token ids
         cache: list[LayerKV] | None = None,  # previous segment's raw K/V per layer (XL cache)
         memory: dict[int, MemoryRead] | None = None,  # layer index -> its memory read
+        key_pos: torch.Tensor | None = None,  # (L+T,) window positions of the keys; None = 0..L+T-1
     ) -> SegmentOutput:
         x = self.embed(ids)  # (B, T, C)
         cache_len = cache[0].length if cache else 0
         t = ids.shape[1]
-        rope = self.rope(cache_len + t, ids.device)
+        if key_pos is None:
+            rope = self.rope(cache_len + t, ids.device)
+        else:  # sinks at their real distance: positions before the window's start (negative)
+            cos, sin = rope_cos_sin(self.inv_freq.to(ids.device), key_pos)
+            rope = cos.to(self.embed.weight.dtype), sin.to(self.embed.weight.dtype)
         bias = local_bias(t, cache_len + t, x.dtype, ids.device)
         kvs: list[LayerKV] = []
         grad = torch.is_grad_enabled()

@@ -159,7 +159,7 @@ def test_bank_with_clamped_positions_and_memory_heads(tiny_lm, tiny_gguf, tmp_pa
     corpus = make_corpus(tmp_path / "c")
     build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")
     ids = torch.tensor(tiny_lm.tokenizer.encode((corpus / "doc0.txt").read_text(encoding="utf-8"))[:200])
-    base = dataclasses.replace(tiny_cfg(tiny_gguf), block_chunk=1, mem_distance=40, sinks=2)
+    base = dataclasses.replace(tiny_cfg(tiny_gguf), block_chunk=1, mem_distance=40, sinks=2, sink_positions="window")
     with Bank.open(tmp_path / "b.idx") as b:
         far, st = _stream_bank(tiny_lm, ids, dataclasses.replace(base, positions="clamped"), b, -1)
         assert len(st.bank_memories) > 0 and st.memory_entries > 0

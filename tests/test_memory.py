@@ -46,6 +46,70 @@ def test_memory_with_exact_search_equals_full_attention(tiny_model, positions, x
     torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("retrieval", ["token", "block"])
+@pytest.mark.parametrize("positions", ["true", "clamped"])
+def test_sinks_at_their_real_distance_keep_memory_exact(tiny_model, retrieval, positions):
+    """With sinks (kept out of the memory, always in the window) at their real distance, window
+    + every memory at real positions is still full causal attention; with the sinks at window
+    positions (StreamingLLM) it is not."""
+    torch.manual_seed(9)
+    ids = torch.randint(0, 300, (61,))
+    causal = torch.ones(61, 61, dtype=torch.bool).tril()
+    with torch.no_grad():
+        ref = nll_from_logits(naive_logits(tiny_model, ids, causal), ids)
+    kw = dict(sinks=3, positions=positions, retrieval=retrieval, block_size=4, blocks=1000, block_chunk=4)
+    got, _ = run_stream(tiny_model, ids, cfg(sink_positions="real", **kw))
+    torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-5)
+    moved, _ = run_stream(tiny_model, ids, cfg(sink_positions="window", **kw))
+    assert (moved.double() - ref).abs().max() > 1e-3
+
+
+def test_window_with_real_sinks_equals_masked_reference(tiny_model):
+    """No memory: each token sees the sinks (at their real positions) and its window."""
+    torch.manual_seed(10)
+    ids = torch.randint(0, 300, (50,))
+    allowed = window_mask(50, 8) | (torch.arange(50)[None] < 2) & torch.ones(50, 50, dtype=torch.bool).tril()
+    with torch.no_grad():
+        ref = nll_from_logits(naive_logits(tiny_model, ids, allowed), ids)
+    got, _ = run_stream(tiny_model, ids, cfg(memory=False, sinks=2, sink_positions="real"))
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_real_sinks_move_within_the_horizon_and_decoding_agrees(tiny_model):
+    """Past the trained context (`horizon`) a sink sits at most `horizon` before the segment's
+    last position, the same for segment scoring and token-by-token decoding."""
+    torch.manual_seed(12)
+    ids = torch.randint(0, 300, (70,))
+    c = cfg(
+        sinks=2, sink_positions="real", retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped"
+    )
+    seen = []
+
+    def run(pieces):
+        st = Streamer(tiny_model, c)
+        st.horizon = 20
+        orig = st._key_positions
+
+        def spy(cache, seg_start, t):
+            kp = orig(cache, seg_start, t)
+            if kp is not None:  # window position of the segment's last position - sink 0's
+                window_start = st.cache_pos if st.cache else seg_start
+                seen.append(int(seg_start + c.segment - 1 - window_start + c.sinks - kp[0]))
+            return kp
+
+        st._key_positions = spy
+        with torch.inference_mode():
+            if pieces == 0:
+                h = torch.cat([st.step(ids[s : s + 8]) for s in range(0, 70, 8)])
+            else:
+                h = torch.cat([st.feed(ids[s : s + pieces]) for s in range(0, 70, pieces)])
+            return tiny_model.logits(h[None])[0].float()
+
+    a, b = run(0), run(3)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+    assert seen and max(seen) <= 20 and min(seen) >= 0
+
+
 def test_memory_off_equals_window_baseline(tiny_model):
     torch.manual_seed(8)
     ids = torch.randint(0, 300, (50,))
@@ -400,7 +464,9 @@ def test_far_budget_past_the_horizon_is_fixed_with_that_budget(tiny_model):
     memory bias c_h = -b on every head. far-blocks 0 reads no memory at all: the window."""
     torch.manual_seed(31)
     ids = torch.randint(0, 300, (64,))
-    base = cfg(retrieval="block", block_size=4, blocks=5, block_chunk=1, mem_distance=20, sinks=2)
+    base = cfg(
+        retrieval="block", block_size=4, blocks=5, block_chunk=1, mem_distance=20, sinks=2, sink_positions="window"
+    )
     clamped = dataclasses.replace(base, positions="clamped", far_blocks=2)
     fixed2 = dataclasses.replace(base, positions="fixed", blocks=2)
     got = _stream_with_horizon(tiny_model, ids, clamped, -1)
