@@ -103,6 +103,8 @@ def signal_after_documents(proc, bank: Path, docs: int, sig: int, timeout: float
                 done = 0
             if done >= docs:
                 time.sleep(0.05)
+                if proc.poll() is not None:  # it finished in the meantime: too fast to interrupt
+                    return False
                 proc.send_signal(sig)
                 return True
         time.sleep(0.005)
