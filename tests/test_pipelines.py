@@ -126,7 +126,15 @@ def test_ctrl_c_during_ingest_exits_130_and_leaves_the_bank_intact(world, tiny_g
     corpus = make_corpus(tmp_path / "c", n_docs=24, words=2400)
     out = tmp_path / "int.idx"
     cmd = [*MEMTX, "ingest", str(corpus), "--out", str(out), "--config", world["cfg"]]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    # A job started in the background of a non-interactive shell inherits SIGINT ignored (and
+    # Python then installs no KeyboardInterrupt handler): give the child the default back.
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
+    )
     sent = signal_after_documents(p, out, 1, signal.SIGINT)
     _, err = p.communicate()
     assert sent, "ingest finished before Ctrl-C"
