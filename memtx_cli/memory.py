@@ -289,10 +289,11 @@ class LayerMemory:
         t0 = time.perf_counter()
         relevance = self.block_relevance(sel.float(), scheme, near)  # (KV, C, nb)
         nb = relevance.shape[-1]
-        if scheme != "clamped" or far_blocks < 0:  # one budget
+        separate = scheme == "clamped" and far_blocks >= 0  # near and far blocks compete apart
+        if not separate:  # one budget
             parts = [relevance]
             budgets = [n_blocks]
-        else:  # near and far blocks compete separately
+        else:
             parts = [relevance.masked_fill(~near, float("-inf"))]
             budgets = [n_blocks]
             if far_blocks:
@@ -307,7 +308,7 @@ class LayerMemory:
             scores.append(top.values)
         pick, order = torch.cat(picks, -1).sort(-1)  # (KV, C, m), in document order
         out = self.gather_blocks(pick)
-        if len(parts) > 1 or scheme == "clamped" and far_blocks >= 0:
+        if separate:
             # a budget larger than its blocks picks some at -inf: mask them
             ok = torch.cat(scores, -1).gather(-1, order) > float("-inf")  # (KV, C, m)
             out.valid &= ok.repeat_interleave(self.block_size, -1).view_as(out.valid)

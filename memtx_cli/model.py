@@ -689,10 +689,13 @@ class Transformer(nn.Module):
         self.frozen_below = 0  # layers below this run without autograd (nothing under them trains)
         self.grad_checkpoint = False  # recompute activations in backward to save memory
 
-    def rope(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (n, D) for window positions 0..n-1, in the model's dtype (computed once per
-        segment in float32, cast once: tiny next to a layer)."""
-        cos, sin = rope_cos_sin(self.inv_freq.to(device), torch.arange(n, device=device))
+    def rope(
+        self, n: int, device: torch.device, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (n, D) for window positions 0..n-1 (or `positions` (n,)), in the model's dtype
+        (computed once per segment in float32, cast once: tiny next to a layer)."""
+        pos = torch.arange(n, device=device) if positions is None else positions
+        cos, sin = rope_cos_sin(self.inv_freq.to(device), pos)
         dt = self.embed.weight.dtype
         return cos.to(dt), sin.to(dt)
 
@@ -706,11 +709,7 @@ class Transformer(nn.Module):
         x = self.embed(ids)  # (B, T, C)
         cache_len = cache[0].length if cache else 0
         t = ids.shape[1]
-        if key_pos is None:
-            rope = self.rope(cache_len + t, ids.device)
-        else:  # sinks at their real distance: positions before the window's start (negative)
-            cos, sin = rope_cos_sin(self.inv_freq.to(ids.device), key_pos)
-            rope = cos.to(self.embed.weight.dtype), sin.to(self.embed.weight.dtype)
+        rope = self.rope(cache_len + t, ids.device, key_pos)  # key_pos: sinks before the window start
         bias = local_bias(t, cache_len + t, x.dtype, ids.device)
         kvs: list[LayerKV] = []
         grad = torch.is_grad_enabled()
