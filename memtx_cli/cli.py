@@ -226,7 +226,8 @@ def describe_retrieval(st: dict[str, Any]) -> str:
     where = "" if heads == "all" else f" in heads {heads if len(heads) <= 12 else heads[:12] + '...'}"
     if st.get("retrieval") == "block":
         spread = f", spread {st['block_spread']}" if st.get("block_spread") else ""
-        return f"{st['blocks']} blocks of {st['block_size']} per {st['block_chunk']} queries{spread}{where}"
+        votes = f", {st['block_votes']} voters" if st.get("block_votes") else ""
+        return f"{st['blocks']} blocks of {st['block_size']} per {st['block_chunk']} queries{spread}{votes}{where}"
     return f"top-{st['top_k']} {st['index']}{where}"
 
 
@@ -286,6 +287,21 @@ SpreadOpt = Annotated[
 BlockChunkOpt = Annotated[
     int | None, typer.Option("--block-chunk", help="block retrieval: queries that pick their blocks together.")
 ]
+VotesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--block-votes",
+        help="block retrieval: the last N tokens of the previous chunk vote for blocks, per query head "
+        "(0 = their summed query picks).",
+    ),
+]
+FarBlocksOpt = Annotated[
+    int | None,
+    typer.Option("--far-blocks", help="clamped: blocks older than the trained context (-1 = share --blocks)."),
+]
+FarBiasOpt = Annotated[
+    float | None, typer.Option("--far-bias", help="clamped, with --far-blocks: a prior subtracted from their scores.")
+]
 
 
 @app.command()
@@ -318,6 +334,9 @@ def score(
     memory_heads: HeadsOpt = None,
     block_spread: SpreadOpt = None,
     block_chunk: BlockChunkOpt = None,
+    block_votes: VotesOpt = None,
+    far_blocks: FarBlocksOpt = None,
+    far_bias: FarBiasOpt = None,
     segment: Annotated[int | None, typer.Option(help="Segment length in tokens. Default: 512.")] = None,
     context: Annotated[
         str | None,
@@ -371,6 +390,9 @@ def score(
             memory_heads=memory_heads,
             block_spread=block_spread,
             block_chunk=block_chunk,
+            block_votes=block_votes,
+            far_blocks=far_blocks,
+            far_bias=far_bias,
             bank_blocks=bank_blocks,
             bank_bias=bank_bias,
         ),
@@ -877,6 +899,9 @@ def bench_memory(
     memory_heads: HeadsOpt = None,
     block_spread: SpreadOpt = None,
     block_chunk: BlockChunkOpt = None,
+    block_votes: VotesOpt = None,
+    far_blocks: FarBlocksOpt = None,
+    far_bias: FarBiasOpt = None,
     dtype: DtypeOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -902,6 +927,9 @@ def bench_memory(
             memory_heads=memory_heads,
             block_spread=block_spread,
             block_chunk=block_chunk,
+            block_votes=block_votes,
+            far_blocks=far_blocks,
+            far_bias=far_bias,
         ),
     }
     cfg = build_config(config, model, flags)

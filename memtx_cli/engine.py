@@ -145,6 +145,7 @@ class Streamer:
                 self.cfg.block_spread,
                 self.cfg.far_blocks if i in self.far_layers else 0,
                 self.cfg.far_bias,
+                votes=self.cfg.block_votes,
             )
             for i, m in self.memories.items()
         }

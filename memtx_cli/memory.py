@@ -269,25 +269,19 @@ class LayerMemory:
         far_blocks: int = -1,
         far_bias: float = 0.0,
     ) -> BlockRetrieval:
-        """Per KV head and selector, the `n_blocks` most relevant blocks; sel (KV, C, D) are
-        sums of search vectors (model.block_selectors); returns (KV*C, M, ...) tensors with
-        M = n_blocks x block size.
+        """Per KV head and selector, the `n_blocks` most relevant blocks (`block_relevance`);
+        sel (KV, C, D) sums of search vectors or (KV, C, Q, D) voters (model.block_selectors);
+        returns (KV*C, M, ...) tensors with M = n_blocks x block size.
 
-        Relevance of a block = selector . representative (the block's mean key) = the summed
-        queries' total attention logit on the block's keys: raw keys for `fixed` (the selector
-        is rotated to the fixed distance), keys rotated by their positions for `true`. For
-        `clamped`, sel (KV, C, 2D) holds both selectors [fixed | true] and `near` (C, nb) says
-        which blocks lie within the trained context of each selector's queries (true there).
-        Clamped budgets: `far_blocks` -1 = one budget for near and far blocks; 0 = near blocks only;
-        > 0 = `n_blocks` near plus `far_blocks` far ones, far scores lowered by `far_bias` (far
-        blocks sit at the fixed distance, closer than their real one, and crowd out near ones).
-        Measured at 8K tokens against a softmax vote (each query's unit mass split over the
-        blocks): 7.82 / 4.07 / 29.15 vs 7.84 / 4.06 / 29.14 (legal / code / book).
+        Clamped budgets: `far_blocks` -1 = one budget for near and far blocks; 0 = near blocks
+        only; > 0 = `n_blocks` near plus `far_blocks` far ones, far relevance lowered by
+        `far_bias` (far blocks sit at the fixed distance, closer than their real one, and crowd
+        out near ones). With voters the relevance is a log share, so the bias is a prior e^-b.
         """
         import time
 
         t0 = time.perf_counter()
-        relevance = self.block_relevance(sel.float(), scheme, near)  # (KV, C, nb)
+        relevance = self.block_relevance(sel.float(), scheme, near, scale)  # (KV, C, nb)
         nb = relevance.shape[-1]
         separate = scheme == "clamped" and far_blocks >= 0  # near and far blocks compete apart
         if not separate:  # one budget
@@ -328,17 +322,47 @@ class LayerMemory:
         return self.positions[: self.n : self.block_size]
 
     def block_relevance(
-        self, qsum: torch.Tensor, scheme: str = "fixed", near: torch.Tensor | None = None
+        self,
+        sel: torch.Tensor,
+        scheme: str = "fixed",
+        near: torch.Tensor | None = None,
+        scale: float = 1.0,
     ) -> torch.Tensor:
-        """(KV, C, D) summed chunk queries -> (KV, C, nb) relevance of every block."""
+        """Selectors -> (KV, C, nb) relevance of every block.
+
+        sel (KV, C, D): one summed query per chunk; relevance = its inner product with the block's
+        mean key (= the summed queries' total attention logit on the block's keys).
+        sel (KV, C, Q, D): Q voters per chunk (zero rows: none); each attends over the block means
+        (softmax of scale * q . mean key) and relevance = log of the largest share any voter
+        gives the block. A sum lets the many queries that read nothing in particular drown the
+        few that read one passage; a vote keeps that passage on top.
+
+        Block means are of raw keys for `fixed` (the queries rotated to the fixed distance), of
+        keys rotated by their positions for `true`; `clamped` selectors hold both halves
+        [fixed | true] and `near` (C, nb) says which blocks lie within the trained context of the
+        chunk (true score there, fixed-distance score beyond)."""
         nb = self.n_blocks
+        voting = sel.dim() == 4
+
+        def dot(x: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:  # x (KV, C, [Q,] D) -> (KV, C, [Q,] nb)
+            r = reps[:, :nb]  # (KV, nb, D)
+            return x @ (r[:, None] if voting else r).transpose(-1, -2)
+
         if scheme == "fixed":
-            return qsum @ self.reps[:, :nb].transpose(-1, -2)
-        if scheme == "true":
-            return qsum @ self.rreps[:, :nb].transpose(-1, -2)
-        d = self.head_dim  # clamped: true score for near blocks, fixed-distance score beyond
-        far = qsum[..., :d] @ self.reps[:, :nb].transpose(-1, -2)
-        return torch.where(near, qsum[..., d:] @ self.rreps[:, :nb].transpose(-1, -2), far)
+            s = dot(sel, self.reps)
+        elif scheme == "true":
+            s = dot(sel, self.rreps)
+        else:
+            d = self.head_dim
+            s = torch.where(
+                near[:, None] if voting else near, dot(sel[..., d:], self.rreps), dot(sel[..., :d], self.reps)
+            )
+        if not voting:
+            return s
+        share = (s * scale).log_softmax(-1)  # (KV, C, Q, nb)
+        # Zero rows are no voters; the floor is finite, so a chunk without any still picks blocks.
+        share = share.masked_fill((sel == 0).all(-1)[..., None], -1e30)
+        return share.amax(-2)
 
     def gather_blocks(self, pick: torch.Tensor) -> BlockRetrieval:
         """Blocks pick (KV, C, m) -> their entries as (KV*C, m*b, ...) tensors."""
@@ -506,7 +530,9 @@ class CompositeMemory:
         kv, nc = sel.shape[:2]
         d = self.own.head_dim
         m_b = min(self.bank_blocks, self.bank.n_blocks)
-        _, bank_ids = self.bank.search(sel[..., :d].float(), m_b)  # (KV, C, m_b)
+        # The bank's FAISS index takes one vector per chunk: voters (KV, C, Q, D) search summed.
+        summed = sel.sum(2) if sel.dim() == 4 else sel
+        _, bank_ids = self.bank.search(summed[..., :d].float(), m_b)  # (KV, C, m_b)
         bk, bv, bvalid = self.bank.gather_blocks(bank_ids)
         b = self.block_size
         bk, bv, bvalid = bk.view(kv * nc, m_b * b, -1), bv.view(kv * nc, m_b * b, -1), bvalid.view(kv * nc, m_b * b)

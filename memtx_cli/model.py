@@ -179,6 +179,9 @@ class MemoryRead:
     # `blocks` budget, 0 = none, n > 0 = a budget of their own, their scores lowered by far_bias
     far_blocks: int = -1
     far_bias: float = 0.0
+    # block retrieval: 0 = a chunk selects with the previous chunk's summed query; n > 0 = the
+    # queries of its last n tokens vote, each query head apart (block_selectors, block_relevance)
+    votes: int = 0
 
 
 @dataclass
@@ -233,7 +236,7 @@ def memory_search_vectors(q_raw: torch.Tensor, mem: MemoryRead, inv_freq: torch.
     selected by their true score, older ones by the fixed-distance score).
     """
     kv, g, t, d = q_raw.shape
-    if mem.shared:
+    if mem.shared and not (mem.retrieval == "block" and mem.votes):  # voters are the heads apart
         q_raw = q_raw.sum(1, keepdim=True)  # (KV, 1, T, D)
     gs = q_raw.shape[1]
     fixed = torch.full((1, 1, t), mem.distance, device=q_raw.device)
@@ -339,7 +342,8 @@ class Attention(nn.Module):
             qr = qr if mem.heads is None else qr[mem.heads]
         if mem is not None and mem.retrieval == "block":
             # The selectors' running sums advance even while the memory is still empty.
-            groups = block_selectors(memory_search_vectors(qr, mem, inv_freq), mem.q_pos, mem.chunk, mem.chunk_sums)
+            qs = memory_search_vectors(qr, mem, inv_freq)
+            groups = block_selectors(qs, mem.q_pos, mem.chunk, mem.chunk_sums, mem.votes)
             if len(mem.memory) > 0:
                 out_m, lse_m, traced = self.block_memory_attention(q, qr, groups, mem, inv_freq)
                 y = self.merge_memory(q, k, v, bias, out_m, lse_m, mem, traced)
@@ -551,20 +555,26 @@ def block_selectors(
     qs: torch.Tensor,  # (KV, Gs, T, D) search vectors of consecutive tokens
     q_pos: torch.Tensor,  # (T,) their absolute positions
     chunk: int,
-    sums: dict[int, torch.Tensor],  # state across calls: chunk id -> (KV, D) sum of its queries
+    state: dict[int, torch.Tensor],  # across calls: chunk id -> its sum (KV, D) or its voters
+    votes: int = 0,
 ) -> list[tuple[int, int, torch.Tensor]]:
     """Causal selectors for block retrieval: groups (a, b, sel), tokens a..b-1 of this call.
 
-    Positions are cut into chunks of `chunk`. A token of chunk c >= 1 selects blocks with the
-    sum of the search vectors of chunk c-1 (complete before any token of chunk c is read), so a
-    whole chunk shares one selection (sel (KV, 1, D)) and no token's memory depends on a later
-    token. Tokens of chunk 0 have no earlier chunk: each selects with the sum of the vectors up
-    to itself (sel (KV, b-a, D)). Scoring a segment and decoding token by token therefore see
-    the same memories. (Selecting with the chunk's own queries leaks later tokens into earlier
-    predictions: at 8K it gave legal 7.82 where the causal selector gives 9.10.)
+    Positions are cut into chunks of `chunk`. A token of chunk c >= 1 selects blocks with chunk
+    c-1 (complete before any token of chunk c is read), so a whole chunk shares one selection
+    and no token's memory depends on a later token. votes = 0: the selector is the sum of chunk
+    c-1's search vectors, sel (KV, 1, D). votes = n: the search vectors of its last n tokens, one
+    per query head, sel (KV, 1, Gs*n, D), each to vote apart (LayerMemory.block_relevance).
+    Tokens of chunk 0 have no earlier chunk: each selects with the vectors up to itself (the sum,
+    or the last n, zero rows before the document's start: no vote), sel (KV, b-a, ...). Scoring a
+    segment and decoding token by token therefore see the same memories. (Selecting with the
+    chunk's own queries leaks later tokens into earlier predictions: at 8K it gave legal 7.82
+    where the causal selector gives 9.10.)
     """
-    vec = qs.detach().float().sum(1)  # (KV, T, D); selection is not differentiated
-    t = vec.shape[1]
+    vec = qs.detach().float()  # selection is not differentiated
+    if not votes:
+        vec = vec.sum(1)  # (KV, T, D)
+    kv, t, d = vec.shape[0], vec.shape[-2], vec.shape[-1]
     p0 = int(q_pos[0])
     groups = []
     a = 0
@@ -572,18 +582,36 @@ def block_selectors(
     while a < t:
         c = (p0 + a) // chunk
         b = min(t, (c + 1) * chunk - p0)
-        part = vec[:, a:b]
-        prefix = sums.get(c)
-        if c == 0:
-            cs = part.cumsum(1)
-            groups.append((a, b, cs if prefix is None else cs + prefix[:, None]))
+        before = state.get(c)  # this chunk's state from earlier calls
+        if votes:
+            part = vec[:, :, a:b]  # (KV, Gs, n, D)
+            gs = part.shape[1]
+            held = part if before is None else torch.cat([before, part], 2)
+            state[c] = held[:, :, -votes:]
+            if c == 0:  # token j's voters: the last `votes` vectors up to j, zero-padded in front
+                padded = torch.cat([part.new_zeros(kv, gs, votes, d), held], 2)
+                off = held.shape[2] - part.shape[2]  # vectors held before this call's first token
+                win = padded.unfold(2, votes, 1)[:, :, off + 1 : off + 1 + part.shape[2]]  # (KV, Gs, n, D, votes)
+                groups.append((a, b, win.permute(0, 2, 1, 4, 3).reshape(kv, b - a, gs * votes, d)))
+            else:
+                prev = state.get(c - 1)
+                if prev is None or prev.shape[2] < votes:  # no earlier chunk here: zero rows, no vote
+                    have = 0 if prev is None else prev.shape[2]
+                    fill = part.new_zeros(kv, gs, votes - have, d)
+                    prev = fill if prev is None else torch.cat([fill, prev], 2)
+                groups.append((a, b, prev.reshape(kv, 1, gs * votes, d)))
         else:
-            prev = sums.get(c - 1)
-            groups.append((a, b, (prev if prev is not None else torch.zeros_like(part[:, 0]))[:, None]))
-        sums[c] = part.sum(1) if prefix is None else prefix + part.sum(1)
+            part = vec[:, a:b]  # (KV, n, D)
+            if c == 0:
+                cs = part.cumsum(1)
+                groups.append((a, b, cs if before is None else cs + before[:, None]))
+            else:
+                prev = state.get(c - 1)
+                groups.append((a, b, (prev if prev is not None else torch.zeros_like(part[:, 0]))[:, None]))
+            state[c] = part.sum(1) if before is None else before + part.sum(1)
         a = b
-    for key in [key for key in sums if key < c - 1]:
-        del sums[key]
+    for key in [key for key in state if key < c - 1]:
+        del state[key]
     return groups
 
 

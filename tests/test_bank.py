@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -139,6 +140,11 @@ def test_score_with_bank_reads_it_and_never_modifies_it(tiny_lm, tiny_gguf, tmp_
     assert got["bank"]["documents"] == 4 and got["bank"]["entries"] > 0
     plain = json.loads(runner.invoke(app, ["score", str(target), *common]).stdout)
     assert got["ppl"] != plain["ppl"]  # the bank changed the attention
+    # voters select the own memory's blocks; the bank is searched with their sum
+    r = runner.invoke(app, ["score", str(target), "--memory", str(tmp_path / "b.idx"), "--block-votes", "4", *common])
+    assert r.exit_code == 0, r.output
+    voted = json.loads(r.stdout)
+    assert voted["memory"]["block_votes"] == 4 and math.isfinite(voted["ppl"]) and voted["ppl"] != got["ppl"]
     assert tree_digest(tmp_path / "b.idx") == before
 
 

@@ -21,6 +21,7 @@ CASES = {
     "block": cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="fixed"),
     "block clamped": cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped"),
     "block no xl": cfg(retrieval="block", block_size=4, blocks=2, block_chunk=8, xl_cache=False),
+    "block votes": cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", block_votes=3),
 }
 
 

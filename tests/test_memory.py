@@ -210,8 +210,8 @@ def test_unknown_index_kind(tiny_model):
 
 @pytest.mark.parametrize("positions", ["true", "clamped"])
 @pytest.mark.parametrize("xl", [True, False])
-@pytest.mark.parametrize("chunk", [3, 8])
-def test_block_retrieval_of_every_block_equals_full_attention(tiny_model, xl, chunk, positions):
+@pytest.mark.parametrize(("chunk", "votes"), [(3, 0), (8, 0), (8, 3)])
+def test_block_retrieval_of_every_block_equals_full_attention(tiny_model, xl, chunk, votes, positions):
     """Every block selected (blocks x block size >= memory), true positions: the memory part is
     every earlier token at its real distance, so block mode is full causal attention too. Block
     size 4 with segments of 8 minus nothing leaves partial blocks only at the end; chunk 3 pads
@@ -221,7 +221,15 @@ def test_block_retrieval_of_every_block_equals_full_attention(tiny_model, xl, ch
     causal = torch.ones(61, 61, dtype=torch.bool).tril()
     with torch.no_grad():
         ref = nll_from_logits(naive_logits(tiny_model, ids, causal), ids)
-    c = cfg(retrieval="block", block_size=4, blocks=1000, block_chunk=chunk, xl_cache=xl, positions=positions)
+    c = cfg(
+        retrieval="block",
+        block_size=4,
+        blocks=1000,
+        block_chunk=chunk,
+        xl_cache=xl,
+        positions=positions,
+        block_votes=votes,
+    )
     got, streamer = run_stream(tiny_model, ids, c)  # 61 tokens: inside the trained context (256)
     assert streamer.memory_entries > 0
     torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-5)
@@ -324,17 +332,22 @@ def test_block_memory_grows_by_whole_blocks():
 def test_block_retrieval_bad_settings():
     with pytest.raises(MemtxError, match="retrieval must be"):
         cfg(retrieval="blocks")
+    with pytest.raises(MemtxError, match="block-votes must be between 0"):
+        cfg(retrieval="block", block_chunk=8, block_votes=9)
+    with pytest.raises(MemtxError, match="block-votes"):
+        cfg(retrieval="block", block_votes=-1)
     with pytest.raises(MemtxError, match="block-size"):
         cfg(retrieval="block", block_size=48)
 
 
-@pytest.mark.parametrize("chunk", [4, 8])
-def test_block_retrieval_is_causal(tiny_model, chunk):
+@pytest.mark.parametrize(("chunk", "votes"), [(4, 0), (8, 0), (8, 4)])
+def test_block_retrieval_is_causal(tiny_model, chunk, votes):
     """A token's memories never depend on later tokens: change the tail of the document and
     every earlier prediction stays bit-identical (selectors come from earlier chunks only)."""
     torch.manual_seed(14)
     ids = torch.randint(0, 300, (80,))
     c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=chunk, positions="fixed", sinks=2)
+    c = dataclasses.replace(c, block_votes=votes)
     a, st = run_stream(tiny_model, ids, c)
     assert st.memory_entries > 0
     changed = ids.clone()
@@ -495,3 +508,66 @@ def test_near_budget_within_the_horizon_is_the_shared_budget(tiny_model):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # (the far picks are masked out)
     with pytest.raises(MemtxError, match="far-blocks"):
         dataclasses.replace(base, far_blocks=-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block selection by vote (--block-votes)
+
+
+def test_block_votes_relevance_matches_brute_force():
+    """Each voter attends over the block means (softmax of scale * q . mean key); a block's
+    relevance is the log of the largest share any voter gives it; zero rows do not vote."""
+    torch.manual_seed(31)
+    mem = LayerMemory(2, 8, IndexSpec("flat"), block_size=4)
+    keys = torch.randn(2, 30, 8)  # 8 blocks, the last one partial (2 entries)
+    mem.add(keys, keys.clone(), torch.arange(30))
+    sel = torch.randn(2, 3, 5, 8)  # (KV, C, Q, D)
+    sel[:, 1, :2] = 0.0  # two padding rows in chunk 1
+    got = mem.block_relevance(sel, scale=0.5)
+    assert got.shape == (2, 3, 8)
+    for h in range(2):
+        means = torch.stack([keys[h, b : b + 4].mean(0) for b in range(0, 30, 4)])  # (8, D)
+        for c in range(3):
+            rows = [q for q in sel[h, c] if q.abs().sum() > 0]
+            share = torch.stack([torch.softmax(0.5 * (means @ q), -1) for q in rows])  # (Q', 8)
+            torch.testing.assert_close(got[h, c], share.max(0).values.log(), atol=1e-5, rtol=1e-5)
+
+
+def test_block_votes_keep_the_passage_one_query_reads():
+    """One query reads block 3 sharply, seven others lean mildly to block 5: their sum picks
+    block 5, the vote picks block 3 (the copy a chunk is reading)."""
+    mem = LayerMemory(1, 4, IndexSpec("flat"), block_size=2)
+    keys = torch.zeros(1, 16, 4)
+    keys[0, 6:8, 0] = 3.0  # block 3
+    keys[0, 10:12, 1] = 1.0  # block 5
+    mem.add(keys, keys.clone(), torch.arange(16))
+    voters = torch.zeros(1, 1, 8, 4)
+    voters[0, 0, 0, 0] = 2.0
+    voters[0, 0, 1:, 1] = 1.0
+    summed = mem.retrieve_blocks(voters.sum(2), 1, 1.0)
+    voted = mem.retrieve_blocks(voters, 1, 1.0)
+    torch.testing.assert_close(summed.keys[0], keys[0, 10:12])
+    torch.testing.assert_close(voted.keys[0], keys[0, 6:8])
+
+
+def test_vote_selectors_token_by_token_equal_one_call():
+    """block_selectors with voters: chunk 0 (each token its own last n vectors, zero-padded) and
+    later chunks (the previous chunk's last n) come out the same whether the tokens arrive in one
+    call or one at a time (decoding)."""
+    from memtx_cli.model import block_selectors
+
+    torch.manual_seed(32)
+    qs = torch.randn(2, 3, 13, 4)  # (KV, Gs, T, D)
+    whole = block_selectors(qs, torch.arange(13), 5, {}, votes=3)
+    per_token = []
+    for a, b, sel in whole:
+        per_token += [sel[:, i : i + 1] if sel.shape[1] > 1 else sel for i in range(b - a)]
+    state: dict = {}
+    for t in range(13):
+        ((a, b, sel),) = block_selectors(qs[:, :, t : t + 1], torch.tensor([t]), 5, state, votes=3)
+        torch.testing.assert_close(sel, per_token[t])
+    # chunk 0, token 1: its own and token 0's vectors, one zero row in front, per head
+    want = torch.cat([torch.zeros(2, 3, 1, 4), qs[:, :, :2]], 2).reshape(2, 1, 9, 4)
+    torch.testing.assert_close(per_token[1], want)
+    # chunk 1 (tokens 5-9): the last 3 vectors of chunk 0 (tokens 2-4)
+    torch.testing.assert_close(per_token[7], qs[:, :, 2:5].reshape(2, 1, 9, 4))
