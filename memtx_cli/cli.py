@@ -822,7 +822,7 @@ def bench_throughput(
         typer.Option("--transformers/--no-transformers", help="Also time Hugging Face transformers on the same ids."),
     ] = True,
     text: Annotated[
-        str | None, typer.Option(help="Text file for the ids Default: GPL-3 from ../shared/corpus or sample_docs..")
+        str | None, typer.Option(help="Text file for the ids. Default: GPL-3 from ../shared/corpus or sample_docs.")
     ] = None,
     model: ModelOpt = None,
     threads: ThreadsOpt = None,
