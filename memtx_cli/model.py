@@ -594,11 +594,9 @@ def block_selectors(
                 win = padded.unfold(2, votes, 1)[:, :, off + 1 : off + 1 + part.shape[2]]  # (KV, Gs, n, D, votes)
                 groups.append((a, b, win.permute(0, 2, 1, 4, 3).reshape(kv, b - a, gs * votes, d)))
             else:
-                prev = state.get(c - 1)
-                if prev is None or prev.shape[2] < votes:  # no earlier chunk here: zero rows, no vote
-                    have = 0 if prev is None else prev.shape[2]
-                    fill = part.new_zeros(kv, gs, votes - have, d)
-                    prev = fill if prev is None else torch.cat([fill, prev], 2)
+                prev = state.get(c - 1)  # a whole chunk (>= votes tokens, Config checks) or none
+                if prev is None:  # no earlier chunk seen: zero rows, no vote
+                    prev = part.new_zeros(kv, gs, votes, d)
                 groups.append((a, b, prev.reshape(kv, 1, gs * votes, d)))
         else:
             part = vec[:, a:b]  # (KV, n, D)
