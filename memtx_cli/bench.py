@@ -154,6 +154,8 @@ CORPUS = REPO.parent / "shared/corpus"
 GENRE_DOCS = {
     "book": "books/austen_persuasion.txt",
     "code": "code/lua54_interpreter_repo.c.txt",
+    # One 156K-token file that keeps calling the helpers it defined earlier (lodash's baseXxx).
+    "code-js": "code/lodash.js",
     "legal": "legal/spdx_license_list_texts.txt",
     # Ten versions of one constitution, each ~6,700 tokens after the one it amends: the
     # near-duplicate recall a memory is for, past the window but within the trained context.

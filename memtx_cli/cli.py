@@ -882,7 +882,7 @@ def bench_throughput(
 def bench_memory(
     lengths: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "8192,32768,65536",
     genres: Annotated[
-        str, typer.Option(help="Comma-separated: book, code, legal, legal-versions.")
+        str, typer.Option(help="Comma-separated: book, code, code-js, legal, legal-versions.")
     ] = "book,code,legal,legal-versions",
     model: ModelOpt = None,
     memory_layers: LayersOpt = None,
@@ -978,7 +978,7 @@ def bench_memory(
 @handle_errors
 def bench_recall(
     tokens: Annotated[int, typer.Option(help="Tokens streamed into memory before the query segment.")] = 32768,
-    genre: Annotated[str, typer.Option(help="book, code, legal or legal-versions.")] = "code",
+    genre: Annotated[str, typer.Option(help="book, code, code-js, legal or legal-versions.")] = "code",
     kinds: Annotated[
         str,
         typer.Option(

@@ -1,0 +1,105 @@
+"""What the far past is worth: memory's margin over the window, split by where it comes from.
+
+    python benchmarks/far_value.py 65536 code,code-js,legal \
+        --config benchmarks/configs/memory_quality.yaml --json benchmarks/results/far_value.json
+
+For the first N tokens of each document, per-token NLL of
+- window: the sliding window (segments + XL cache + sinks), no memory;
+- memory: the config's memory settings;
+- near: the same memory limited to the trained context (`far_blocks: 0`; clamped positions only);
+- full-8K: full causal attention over the last 4,097-8,192 tokens (regions of 4,096 tokens,
+  each read after the 4,096 before it): all the model reads in its trained context, no memory.
+
+Margins are log(window ppl / X ppl) in nats. They are printed over the prefixes 8K / 32K / 64K
+(what `memtx bench memory` reports: streaming is causal, so a prefix of one run equals a shorter
+run) and per 8K region. full-8K's margin is a ceiling for what memory can recover inside the
+trained context; memory's margin above full-8K's, or above near's, is what the far past adds.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+
+import torch
+
+from memtx_cli.bench import CORPUS, GENRE_DOCS
+from memtx_cli.config import merge_config, read_yaml_config
+from memtx_cli.engine import run_stream, token_nll
+from memtx_cli.runtime import load_model
+
+
+@torch.inference_mode()
+def full_window_nll(model, ids: torch.Tensor, context: int) -> torch.Tensor:
+    """Per-token NLL (N-1,): regions of context/2 tokens, each read after the context/2 before it."""
+    half, n, out = context // 2, ids.shape[0], []
+    for s in range(0, n, half):
+        a = max(0, s - half)
+        hidden = model.forward_segment(ids[a : s + half][None]).hidden[0]
+        targets = ids[s + 1 : s + half + 1]
+        out.append(token_nll(model, hidden[s - a : s - a + targets.shape[0]], targets))
+    return torch.cat(out)
+
+
+def margins(window: torch.Tensor, other: torch.Tensor, prefixes: list[int], region: int) -> dict:
+    w, o = window.double(), other.double()
+    return {
+        "prefix": {p: float(w[: p - 1].mean() - o[: p - 1].mean()) for p in prefixes},
+        "region": [float(w[s : s + region].mean() - o[s : s + region].mean()) for s in range(0, w.shape[0], region)],
+        "ppl": {p: math.exp(float(o[: p - 1].mean())) for p in prefixes},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tokens", type=int)
+    ap.add_argument("genres")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--region", type=int, default=8192)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    lm = load_model("smollm2-135m", device="cpu", dtype="auto")
+    cfg = merge_config(lm.card.settings, read_yaml_config(args.config) if args.config else None)
+    ctx = lm.args.context_length
+    prefixes = [p for p in (8192, 32768, 65536) if p <= args.tokens]
+    runs = {"window": dataclasses.replace(cfg, memory=False), "memory": cfg}
+    if cfg.positions == "clamped":
+        runs["near"] = dataclasses.replace(cfg, far_blocks=0)
+    report: dict = {"settings": cfg.memory_settings(), "tokens": args.tokens, "documents": {}}
+    for g in args.genres.split(","):
+        text = (CORPUS / GENRE_DOCS[g]).read_text(encoding="utf-8")
+        ids = torch.tensor(lm.tokenizer.encode(text)[: args.tokens])
+        nll, secs = {}, {}
+        for name, c in runs.items():
+            t = time.perf_counter()
+            nll[name] = run_stream(lm.model, ids, c)[0]
+            secs[name] = time.perf_counter() - t
+        t = time.perf_counter()
+        nll["full-8K"] = full_window_nll(lm.model, ids, ctx)
+        secs["full-8K"] = time.perf_counter() - t
+        w = nll["window"].double()
+        doc = {
+            "doc": GENRE_DOCS[g],
+            "ppl_window": {p: math.exp(float(w[: p - 1].mean())) for p in prefixes},
+            "nll_window_region": [float(w[s : s + args.region].mean()) for s in range(0, w.shape[0], args.region)],
+        }
+        for name in nll:
+            if name != "window":
+                doc[name] = margins(nll["window"], nll[name], prefixes, args.region) | {"seconds": secs[name]}
+        report["documents"][g] = doc
+        heads = " / ".join(f"{p // 1024}K" for p in prefixes)
+        print(f"{g} ({GENRE_DOCS[g]}): margin log(window/x) over the first {heads}")
+        for name in nll:
+            if name != "window":
+                m = doc[name]
+                pre = " / ".join(f"{m['prefix'][p]:.3f}" for p in prefixes)
+                reg = " ".join(f"{r:.2f}" for r in m["region"])
+                print(f"  {name:8s} {pre}   per {args.region // 1024}K region: {reg}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
