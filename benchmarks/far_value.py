@@ -26,20 +26,8 @@ import torch
 
 from memtx_cli.bench import CORPUS, GENRE_DOCS
 from memtx_cli.config import merge_config, read_yaml_config
-from memtx_cli.engine import run_stream, token_nll
+from memtx_cli.engine import full_nll, run_stream
 from memtx_cli.runtime import load_model
-
-
-@torch.inference_mode()
-def full_window_nll(model, ids: torch.Tensor, context: int) -> torch.Tensor:
-    """Per-token NLL (N-1,): regions of context/2 tokens, each read after the context/2 before it."""
-    half, n, out = context // 2, ids.shape[0], []
-    for s in range(0, n, half):
-        a = max(0, s - half)
-        hidden = model.forward_segment(ids[a : s + half][None]).hidden[0]
-        targets = ids[s + 1 : s + half + 1]
-        out.append(token_nll(model, hidden[s - a : s - a + targets.shape[0]], targets))
-    return torch.cat(out)
 
 
 def margins(window: torch.Tensor, other: torch.Tensor, prefixes: list[int], region: int) -> dict:
@@ -76,14 +64,10 @@ def main() -> None:
             nll[name] = run_stream(lm.model, ids, c)[0]
             secs[name] = time.perf_counter() - t
         t = time.perf_counter()
-        nll["full-8K"] = full_window_nll(lm.model, ids, ctx)
+        nll["full-8K"] = full_nll(lm.model, ids, ctx // 2, before=ctx // 2)
         secs["full-8K"] = time.perf_counter() - t
         w = nll["window"].double()
-        doc = {
-            "doc": GENRE_DOCS[g],
-            "ppl_window": {p: math.exp(float(w[: p - 1].mean())) for p in prefixes},
-            "nll_window_region": [float(w[s : s + args.region].mean()) for s in range(0, w.shape[0], args.region)],
-        }
+        doc = {"doc": GENRE_DOCS[g], "ppl_window": {p: math.exp(float(w[: p - 1].mean())) for p in prefixes}}
         for name in nll:
             if name != "window":
                 doc[name] = margins(nll["window"], nll[name], prefixes, args.region) | {"seconds": secs[name]}

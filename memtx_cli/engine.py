@@ -269,14 +269,18 @@ def stream_nll(
 
 
 @torch.inference_mode()
-def full_nll(model: Transformer, ids: torch.Tensor, chunk: int, progress: Progress = _noop) -> torch.Tensor:
-    """Per-token NLL (N-1,) with full causal attention inside chunks of `chunk` tokens."""
+def full_nll(
+    model: Transformer, ids: torch.Tensor, chunk: int, progress: Progress = _noop, before: int = 0
+) -> torch.Tensor:
+    """Per-token NLL (N-1,) with full causal attention inside chunks of `chunk` tokens, each
+    chunk read after the `before` tokens preceding it (0: chunks apart)."""
     n = ids.shape[0]
     out = []
     for s in range(0, n, chunk):
-        res = model.forward_segment(ids[s : s + chunk][None])
+        a = max(0, s - before)
+        res = model.forward_segment(ids[a : s + chunk][None])
         targets = ids[s + 1 : s + chunk + 1]
-        out.append(token_nll(model, res.hidden[0, : targets.shape[0]], targets))
+        out.append(token_nll(model, res.hidden[0, s - a : s - a + targets.shape[0]], targets))
         progress(min(s + chunk, n), n)
     return torch.cat(out)
 

@@ -75,6 +75,25 @@ def test_full_equals_causal_reference(tiny_model):
     torch.testing.assert_close(stream_nll(tiny_model, ids, 64).double(), ref, atol=2e-5, rtol=1e-5)
 
 
+def test_full_with_context_before_chunks(tiny_model):
+    """full_nll(before=b): each chunk is one causal pass over the b tokens before it and itself."""
+    torch.manual_seed(4)
+    ids = torch.randint(0, 300, (57,))
+    ref = []
+    with torch.no_grad():
+        for s in range(0, 57, 16):
+            a = max(0, s - 16)
+            x = ids[a : s + 17]  # + the next chunk's first token: the target of this chunk's last
+            nll = nll_from_logits(naive_logits(tiny_model, x, torch.ones(len(x), len(x), dtype=torch.bool).tril()), x)
+            ref.append(nll[s - a : s - a + 16])  # nll[i] is the loss of x[i + 1]
+    ref = torch.cat(ref)
+    got = full_nll(tiny_model, ids, 16, before=16)
+    assert got.shape == ref.shape == (56,)
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+    # Without context before a chunk it is plain chunked full attention.
+    torch.testing.assert_close(full_nll(tiny_model, ids, 16, before=0), full_nll(tiny_model, ids, 16))
+
+
 def test_grouped_attention_equals_repeated_heads():
     torch.manual_seed(3)
     q = torch.randn(2, 6, 5, 8)
