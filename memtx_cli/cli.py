@@ -300,7 +300,12 @@ FarBlocksOpt = Annotated[
     typer.Option("--far-blocks", help="clamped: blocks older than the trained context (-1 = share --blocks)."),
 ]
 FarBiasOpt = Annotated[
-    float | None, typer.Option("--far-bias", help="clamped, with --far-blocks: a prior subtracted from their scores.")
+    float | None,
+    typer.Option("--far-bias", help="clamped, with --far-blocks / --far-top-k: a prior subtracted from their scores."),
+]
+FarTopKOpt = Annotated[
+    int | None,
+    typer.Option("--far-top-k", help="clamped: each query's own top-k memories older than the trained context."),
 ]
 
 
@@ -337,6 +342,7 @@ def score(
     block_votes: VotesOpt = None,
     far_blocks: FarBlocksOpt = None,
     far_bias: FarBiasOpt = None,
+    far_top_k: FarTopKOpt = None,
     segment: Annotated[int | None, typer.Option(help="Segment length in tokens. Default: 512.")] = None,
     context: Annotated[
         str | None,
@@ -393,6 +399,7 @@ def score(
             block_votes=block_votes,
             far_blocks=far_blocks,
             far_bias=far_bias,
+            far_top_k=far_top_k,
             bank_blocks=bank_blocks,
             bank_bias=bank_bias,
         ),
@@ -902,6 +909,7 @@ def bench_memory(
     block_votes: VotesOpt = None,
     far_blocks: FarBlocksOpt = None,
     far_bias: FarBiasOpt = None,
+    far_top_k: FarTopKOpt = None,
     dtype: DtypeOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -930,6 +938,7 @@ def bench_memory(
             block_votes=block_votes,
             far_blocks=far_blocks,
             far_bias=far_bias,
+            far_top_k=far_top_k,
         ),
     }
     cfg = build_config(config, model, flags)

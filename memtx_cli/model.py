@@ -182,6 +182,9 @@ class MemoryRead:
     # block retrieval: 0 = a chunk selects with the previous chunk's summed query; n > 0 = the
     # queries of its last n tokens vote, each query head apart (block_selectors, block_relevance)
     votes: int = 0
+    # clamped block retrieval: each query also attends to its own top `far_top_k` memories older
+    # than the trained context (the paper's per-query kNN, at the fixed distance, prior -far_bias)
+    far_top_k: int = 0
 
 
 @dataclass
@@ -346,6 +349,9 @@ class Attention(nn.Module):
             groups = block_selectors(qs, mem.q_pos, mem.chunk, mem.chunk_sums, mem.votes)
             if len(mem.memory) > 0:
                 out_m, lse_m, traced = self.block_memory_attention(q, qr, groups, mem, inv_freq)
+                if mem.far_top_k and mem.scheme == "clamped":
+                    out_f, lse_f = self.far_token_attention(qr, qs, mem, inv_freq)
+                    out_m, lse_m = merge_lse(out_m, lse_m, out_f, lse_f)
                 y = self.merge_memory(q, k, v, bias, out_m, lse_m, mem, traced)
             else:
                 y = grouped_attention(q, k, v, bias)
@@ -377,6 +383,46 @@ class Attention(nn.Module):
         # Normalise first, then mix in the model dtype: no float32 copy of the retrieved values.
         w = torch.exp(m_scores - lse.nan_to_num(neginf=0.0)[..., None])  # 0 where nothing valid
         out = pair_mix(w.to(qr.dtype), got.values.to(qr.dtype))
+        return out, lse
+
+    def far_token_attention(
+        self,
+        qr: torch.Tensor,  # (KVm, G, T, D) raw queries of the KV heads with memory
+        qs: torch.Tensor,  # (KVm, Gs, T, 2D) clamped search vectors [fixed | true]
+        mem: MemoryRead,
+        inv_freq: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (KVm, G, T, D), (KVm, G, T) float32
+        """Clamped block retrieval, the far past token by token: each query attends to its own
+        top `far_top_k` memories among those older than the trained context (entries of the
+        blocks its chunk cannot read at their real distance), placed at the fixed distance and
+        lowered by `far_bias`. One search per chunk and KV head over the group's summed queries.
+        A chunk's block selector is up to `chunk` tokens stale; a copy from far back needs the
+        key its own last tokens ask for."""
+        kv, g, t, d = qr.shape
+        scale = 1.0 / math.sqrt(d)
+        q_search = qs[..., :d].sum(1)  # (KVm, T, D): the fixed-distance half, group summed
+        q_far = rotate_by(qr, inv_freq, torch.full((kv, g, t), mem.distance, device=qr.device))
+        out = torch.zeros(kv, g, t, d, dtype=qr.dtype, device=qr.device)
+        lse = torch.full((kv, g, t), float("-inf"), device=qr.device)
+        chunk_of = mem.q_pos // mem.chunk
+        chunks = torch.unique(chunk_of)  # (C,) chunks of this call's tokens
+        # Far for chunk c: the blocks block_memory_attention does not read at their real distance,
+        # those starting more than `horizon` before the chunk's last position.
+        q_last = (chunks + 1) * mem.chunk - 1
+        starts = mem.memory.block_starts().contiguous()  # (nb,)
+        n_far = torch.searchsorted(starts, q_last - mem.horizon)  # (C,) far blocks per chunk
+        for c, nf in zip(chunks.tolist(), n_far.tolist(), strict=True):
+            bound = nf * mem.memory.block_size  # far entries: ids 0..bound-1
+            if bound <= 0:
+                continue
+            idx = (chunk_of == c).nonzero().squeeze(1)
+            got = mem.memory.retrieve_far(q_search[:, idx], mem.far_top_k, bound)  # (KVm, n, k, ...)
+            s = torch.einsum("hgtd,htkd->hgtk", q_far[:, :, idx], got.keys.to(qr.dtype)).float()
+            s = s * scale - mem.far_bias  # (KVm, G, n, k)
+            lc = torch.logsumexp(s, -1)
+            w = torch.exp(s - lc[..., None])
+            out[:, :, idx] = torch.einsum("hgtk,htkd->hgtd", w.to(qr.dtype), got.values.to(qr.dtype))
+            lse[:, :, idx] = lc
         return out, lse
 
     def merge_memory(
@@ -528,6 +574,18 @@ class Attention(nn.Module):
             w = torch.exp(s - lq)  # (KV*n, G*size, M)
             mass = w[:, :, w.shape[-1] - m_b * b :].sum(1).view(kv * n, m_b, b).sum(-1)  # (KV*n, m_b)
             trace(bank_ids.reshape(kv * n, m_b), mass)
+
+
+def merge_lse(
+    o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two partial attentions (out (..., D), log-sum-exp (...)) over disjoint keys -> the
+    attention over their union (flash-attention's merge); -inf lse = no keys."""
+    top = torch.maximum(l1, l2).nan_to_num(neginf=0.0)
+    w1, w2 = torch.exp(l1 - top), torch.exp(l2 - top)
+    den = w1 + w2
+    r1, r2 = (w1 / den.clamp_min(1e-30))[..., None], (w2 / den.clamp_min(1e-30))[..., None]
+    return r1.to(o1.dtype) * o1 + r2.to(o1.dtype) * o2, top + torch.log(den)
 
 
 def clamp_keys(

@@ -11,8 +11,8 @@ from test_model import naive_logits, nll_from_logits, window_mask
 from memtx_cli.config import Config
 from memtx_cli.engine import Streamer, run_stream, stream_nll
 from memtx_cli.errors import MemtxError
-from memtx_cli.memory import IndexSpec, LayerMemory, spread_forward
-from memtx_cli.model import BlockRetrieval, MemoryRead, clamp_keys, rotate_by
+from memtx_cli.memory import IndexSpec, LayerMemory, exact_top_k, spread_forward
+from memtx_cli.model import BlockRetrieval, MemoryRead, clamp_keys, merge_lse, rotate_by
 
 
 def cfg(**kw):
@@ -508,6 +508,94 @@ def test_near_budget_within_the_horizon_is_the_shared_budget(tiny_model):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # (the far picks are masked out)
     with pytest.raises(MemtxError, match="far-blocks"):
         dataclasses.replace(base, far_blocks=-2)
+
+
+@pytest.mark.parametrize("k", [3, 1000])
+def test_far_top_k_past_the_horizon_is_fixed_token_retrieval(tiny_model, k):
+    """Everything past the horizon, no far blocks: each query attends to its own top-k memories
+    at the fixed distance, searched with its group's summed query: exactly the fixed scheme's
+    shared token retrieval with that k (k >= the memory: every memory). far-bias b is the
+    joint memory bias c_h = -b."""
+    torch.manual_seed(33)
+    ids = torch.randint(0, 300, (64,))
+    base = cfg(block_size=4, block_chunk=4, mem_distance=20, sinks=2, sink_positions="window", shared_search=True)
+    far = dataclasses.replace(base, retrieval="block", blocks=3, positions="clamped", far_blocks=0, far_top_k=k)
+    token = dataclasses.replace(base, retrieval="token", positions="fixed", top_k=k)
+    got = _stream_with_horizon(tiny_model, ids, far, -1)
+    torch.testing.assert_close(got, _stream_with_horizon(tiny_model, ids, token, -1), atol=1e-4, rtol=1e-4)
+    biased = _stream_with_horizon(tiny_model, ids, dataclasses.replace(far, far_bias=1.5), -1)
+    ref_model = copy.deepcopy(tiny_model)
+    ref_model.add_memory_params([0, 1, 2], 0.0)
+    with torch.no_grad():
+        for layer in ref_model.layers:
+            layer.attn.mem_bias.fill_(-1.5)
+    torch.testing.assert_close(biased, _stream_with_horizon(ref_model, ids, token, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_far_top_k_reads_only_past_the_horizon_and_stays_causal(tiny_model):
+    """Within the trained context far-top-k reads nothing (the near blocks alone); with a short
+    horizon it changes the result, and a token's memories never depend on later tokens."""
+    torch.manual_seed(34)
+    ids = torch.randint(0, 300, (80,))
+    base = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2, far_blocks=0)
+    near = _stream_with_horizon(tiny_model, ids, base, 10_000)
+    withk = dataclasses.replace(base, far_top_k=4, far_bias=1.0)
+    torch.testing.assert_close(_stream_with_horizon(tiny_model, ids, withk, 10_000), near, atol=1e-6, rtol=1e-6)
+    a = _stream_with_horizon(tiny_model, ids, withk, 20)
+    assert (a - _stream_with_horizon(tiny_model, ids, base, 20)).abs().max() > 1e-3
+    changed = ids.clone()
+    changed[50:] = torch.randint(0, 300, (30,))
+    b = _stream_with_horizon(tiny_model, changed, withk, 20)
+    assert torch.equal(a[:49], b[:49])
+    with pytest.raises(MemtxError, match="far-top-k"):
+        dataclasses.replace(base, far_top_k=-1)
+    with pytest.raises(MemtxError, match="positions clamped"):
+        dataclasses.replace(base, far_top_k=4, positions="fixed")
+
+
+def test_far_top_k_decoding_token_by_token_equals_segments(tiny_model):
+    """feed() a few tokens at a time draws the same near/far line and finds the same far
+    memories as whole segments (the bound is per chunk, not per call)."""
+    torch.manual_seed(36)
+    ids = torch.randint(0, 300, (70,))
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2)
+    c = dataclasses.replace(c, far_blocks=0, far_top_k=3, far_bias=0.5, block_votes=2)
+
+    def run(pieces):
+        st = Streamer(tiny_model, c)
+        st.horizon = 20
+        with torch.inference_mode():
+            if pieces == 0:
+                h = torch.cat([st.step(ids[s : s + 8]) for s in range(0, 70, 8)])
+            else:
+                h = torch.cat([st.feed(ids[s : s + pieces]) for s in range(0, 70, pieces)])
+            return tiny_model.logits(h[None])[0].float()
+
+    torch.testing.assert_close(run(0), run(3), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1000, 7), (1003, 32), (40, 32), (5, 5)])
+def test_exact_top_k_equals_topk(n, k):
+    """The two-pass top-k (groups by their maxima, then candidates) finds the same entries."""
+    torch.manual_seed(37)
+    scores = torch.randn(2, 9, n)
+    got = exact_top_k(scores, k).sort(-1).values
+    torch.testing.assert_close(got, scores.topk(k, dim=-1).indices.sort(-1).values)
+
+
+def test_merge_lse_is_attention_over_the_union():
+    """Two partial attentions merged by log-sum-exp equal one softmax over both key sets; a side
+    with no keys (lse -inf) leaves the other unchanged."""
+    torch.manual_seed(35)
+    s1, s2, v1, v2 = torch.randn(5, 7), torch.randn(5, 3), torch.randn(7, 4), torch.randn(3, 4)
+    o, lse = merge_lse(s1.softmax(-1) @ v1, s1.logsumexp(-1), s2.softmax(-1) @ v2, s2.logsumexp(-1))
+    s = torch.cat([s1, s2], -1)
+    torch.testing.assert_close(o, s.softmax(-1) @ torch.cat([v1, v2]))
+    torch.testing.assert_close(lse, s.logsumexp(-1))
+    empty = torch.full((5,), float("-inf"))
+    o2, lse2 = merge_lse(s1.softmax(-1) @ v1, s1.logsumexp(-1), torch.zeros(5, 4), empty)
+    torch.testing.assert_close(o2, s1.softmax(-1) @ v1)
+    torch.testing.assert_close(lse2, s1.logsumexp(-1))
 
 
 # ----------------------------------------------------------------------------------------------
