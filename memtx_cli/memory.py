@@ -391,30 +391,16 @@ class LayerMemory:
     def retrieve_far(self, q: torch.Tensor, k: int, bound: int) -> Retrieval:
         """Block memory: each query's own top-k among entries 0..bound-1 (the memories older than
         the trained context), by exact inner product. q (KV, Q, D) search vectors (the queries
-        rotated to the fixed distance, scored against raw keys). Returns (KV, Q, k, ...) tensors;
-        `valid` is False where fewer than k entries exist."""
+        rotated to the fixed distance, scored against raw keys). Returns (KV, Q, min(k, bound),
+        ...) tensors, no rotated keys (far memories sit at the fixed distance)."""
         import time
 
         t0 = time.perf_counter()
         bound = min(bound, self.n)
-        kk = min(k, bound)
         scores = q.float() @ self.keys[:, :bound].float().transpose(-1, -2)  # (KV, Q, bound)
-        idt = exact_top_k(scores, kk)  # (KV, Q, kk)
+        idt = exact_top_k(scores, min(k, bound))  # (KV, Q, k')
         self.search_seconds += time.perf_counter() - t0
-        kv, nq, _ = idt.shape
-        cap = self.keys.shape[1]
-        flat = (idt + torch.arange(kv, device=self.device).view(kv, 1, 1) * cap).reshape(-1)
-
-        def gather(buf: torch.Tensor) -> torch.Tensor:  # (KV, cap, D) -> (KV, Q, kk, D)
-            return buf.view(kv * cap, -1).index_select(0, flat).view(kv, nq, kk, -1)
-
-        return Retrieval(
-            keys=gather(self.keys),
-            rkeys=None,
-            values=gather(self.values),
-            positions=self.positions.index_select(0, idt.reshape(-1)).view(kv, nq, kk),
-            valid=torch.ones(kv, nq, kk, dtype=torch.bool, device=self.device),
-        )
+        return self._gather_entries(idt, torch.ones_like(idt, dtype=torch.bool), rotated=False)
 
     def retrieve(self, q: torch.Tensor, k: int) -> Retrieval:
         """Top-k entries for every query. q: (KV, Q, D) search vectors (Q = G*T: a GQA group's
@@ -428,8 +414,11 @@ class LayerMemory:
         )  # (KV, Q, k)
         self.search_seconds += time.perf_counter() - t0
         idt = torch.from_numpy(ids).to(self.device)
-        valid = idt >= 0
-        idt = idt.clamp(min=0)
+        return self._gather_entries(idt.clamp(min=0), idt >= 0, rotated=True)
+
+    def _gather_entries(self, idt: torch.Tensor, valid: torch.Tensor, rotated: bool) -> Retrieval:
+        """Entries idt (KV, Q, k) of each head -> (KV, Q, k, ...) tensors (rotated keys only
+        when asked for and kept)."""
         kv, nq, kk = idt.shape
         cap = self.keys.shape[1]
         # One index_select per buffer: row h*cap + id of the (KV*cap, D) view is head h's entry id.
@@ -440,7 +429,7 @@ class LayerMemory:
 
         return Retrieval(
             keys=gather(self.keys),
-            rkeys=gather(self.rkeys) if self.rkeys is not None else None,
+            rkeys=gather(self.rkeys) if rotated and self.rkeys is not None else None,
             values=gather(self.values),
             positions=self.positions.index_select(0, idt.reshape(-1)).view(kv, nq, kk),
             valid=valid,

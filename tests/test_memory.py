@@ -75,6 +75,17 @@ def test_window_with_real_sinks_equals_masked_reference(tiny_model):
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
 
 
+def _logits_in_pieces(model, st, ids, pieces):
+    """Logits of ids streamed as whole segments of 8 (pieces = 0, `step`) or `pieces` tokens
+    at a time (`feed`, as decoding does)."""
+    with torch.inference_mode():
+        if pieces == 0:
+            h = torch.cat([st.step(ids[s : s + 8]) for s in range(0, len(ids), 8)])
+        else:
+            h = torch.cat([st.feed(ids[s : s + pieces]) for s in range(0, len(ids), pieces)])
+        return model.logits(h[None])[0].float()
+
+
 def test_real_sinks_move_within_the_horizon_and_decoding_agrees(tiny_model):
     """Past the trained context (`horizon`) a sink sits at most `horizon` before the segment's
     last position, the same for segment scoring and token-by-token decoding."""
@@ -98,12 +109,7 @@ def test_real_sinks_move_within_the_horizon_and_decoding_agrees(tiny_model):
             return kp
 
         st._key_positions = spy
-        with torch.inference_mode():
-            if pieces == 0:
-                h = torch.cat([st.step(ids[s : s + 8]) for s in range(0, 70, 8)])
-            else:
-                h = torch.cat([st.feed(ids[s : s + pieces]) for s in range(0, 70, pieces)])
-            return tiny_model.logits(h[None])[0].float()
+        return _logits_in_pieces(tiny_model, st, ids, pieces)
 
     a, b = run(0), run(3)
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
@@ -471,6 +477,16 @@ def test_block_spread_and_memory_heads_stay_causal(tiny_model):
 # Far memories under clamped positions (--far-layers / --far-blocks / --far-bias)
 
 
+def _with_joint_bias(model, c):
+    """A copy of the model whose every layer adds c to every memory logit (joint mem_bias)."""
+    ref = copy.deepcopy(model)
+    ref.add_memory_params(list(range(len(ref.layers))), 0.0)
+    with torch.no_grad():
+        for layer in ref.layers:
+            layer.attn.mem_bias.fill_(c)
+    return ref
+
+
 def test_far_budget_past_the_horizon_is_fixed_with_that_budget(tiny_model):
     """Everything past the horizon: the near budget finds nothing (masked), the far budget picks
     exactly what the fixed scheme picks with that many blocks, and far-bias b is the joint
@@ -485,12 +501,8 @@ def test_far_budget_past_the_horizon_is_fixed_with_that_budget(tiny_model):
     got = _stream_with_horizon(tiny_model, ids, clamped, -1)
     torch.testing.assert_close(got, _stream_with_horizon(tiny_model, ids, fixed2, -1), atol=1e-4, rtol=1e-4)
     biased = _stream_with_horizon(tiny_model, ids, dataclasses.replace(clamped, far_bias=2.0), -1)
-    ref_model = copy.deepcopy(tiny_model)
-    ref_model.add_memory_params([0, 1, 2], 0.0)
-    with torch.no_grad():
-        for layer in ref_model.layers:
-            layer.attn.mem_bias.fill_(-2.0)
-    torch.testing.assert_close(biased, _stream_with_horizon(ref_model, ids, fixed2, -1), atol=1e-4, rtol=1e-4)
+    want = _stream_with_horizon(_with_joint_bias(tiny_model, -2.0), ids, fixed2, -1)
+    torch.testing.assert_close(biased, want, atol=1e-4, rtol=1e-4)
     none = _stream_with_horizon(tiny_model, ids, dataclasses.replace(clamped, far_blocks=0), -1)
     window = _stream_with_horizon(tiny_model, ids, dataclasses.replace(base, memory=False), -1)
     torch.testing.assert_close(none, window, atol=1e-5, rtol=1e-5)
@@ -524,12 +536,8 @@ def test_far_top_k_past_the_horizon_is_fixed_token_retrieval(tiny_model, k):
     got = _stream_with_horizon(tiny_model, ids, far, -1)
     torch.testing.assert_close(got, _stream_with_horizon(tiny_model, ids, token, -1), atol=1e-4, rtol=1e-4)
     biased = _stream_with_horizon(tiny_model, ids, dataclasses.replace(far, far_bias=1.5), -1)
-    ref_model = copy.deepcopy(tiny_model)
-    ref_model.add_memory_params([0, 1, 2], 0.0)
-    with torch.no_grad():
-        for layer in ref_model.layers:
-            layer.attn.mem_bias.fill_(-1.5)
-    torch.testing.assert_close(biased, _stream_with_horizon(ref_model, ids, token, -1), atol=1e-4, rtol=1e-4)
+    want = _stream_with_horizon(_with_joint_bias(tiny_model, -1.5), ids, token, -1)
+    torch.testing.assert_close(biased, want, atol=1e-4, rtol=1e-4)
 
 
 def test_far_top_k_reads_only_past_the_horizon_and_stays_causal(tiny_model):
@@ -564,12 +572,7 @@ def test_far_top_k_decoding_token_by_token_equals_segments(tiny_model):
     def run(pieces):
         st = Streamer(tiny_model, c)
         st.horizon = 20
-        with torch.inference_mode():
-            if pieces == 0:
-                h = torch.cat([st.step(ids[s : s + 8]) for s in range(0, 70, 8)])
-            else:
-                h = torch.cat([st.feed(ids[s : s + pieces]) for s in range(0, 70, pieces)])
-            return tiny_model.logits(h[None])[0].float()
+        return _logits_in_pieces(tiny_model, st, ids, pieces)
 
     torch.testing.assert_close(run(0), run(3), atol=1e-3, rtol=1e-4)
 
