@@ -417,11 +417,10 @@ class Attention(nn.Module):
                 continue
             idx = (chunk_of == c).nonzero().squeeze(1)
             got = mem.memory.retrieve_far(q_search[:, idx], mem.far_top_k, bound)  # (KVm, n, k, ...)
-            s = torch.einsum("hgtd,htkd->hgtk", q_far[:, :, idx], got.keys.to(qr.dtype)).float()
-            s = s * scale - mem.far_bias  # (KVm, G, n, k)
-            lc = torch.logsumexp(s, -1)
+            s = pair_dot(q_far[:, :, idx], got.keys[:, None].to(qr.dtype)).float() * scale - mem.far_bias
+            lc = torch.logsumexp(s, -1)  # (KVm, G, n)
             w = torch.exp(s - lc[..., None])
-            out[:, :, idx] = torch.einsum("hgtk,htkd->hgtd", w.to(qr.dtype), got.values.to(qr.dtype))
+            out[:, :, idx] = pair_mix(w.to(qr.dtype), got.values[:, None].to(qr.dtype))
             lse[:, :, idx] = lc
         return out, lse
 
@@ -460,13 +459,9 @@ class Attention(nn.Module):
             jb = jb[sel]
             lse_m = lse_m + jb
         # One softmax over [local, memory]: merge the two partial attentions by their lse.
-        ol, ll = out_l[sel], lse_l[sel]
-        top = torch.maximum(ll, lse_m)
-        w_l, w_m = torch.exp(ll - top), torch.exp(lse_m - top)
-        den = w_l + w_m
-        mixed = (w_l / den)[..., None].to(q.dtype) * ol + (w_m / den)[..., None].to(q.dtype) * out_m
+        mixed, lse_all = merge_lse(out_l[sel], lse_l[sel], out_m, lse_m)
         if traced:  # weights of the joint softmax: exp(score + c_h - lse of [local, memory])
-            self.trace_bank_mass(traced, top + torch.log(den), mem.trace, scale, None if jb is None else jb.exp())
+            self.trace_bank_mass(traced, lse_all, mem.trace, scale, None if jb is None else jb.exp())
         return self._place(out_l, mixed, mem.heads).reshape(1, h, t, d)
 
     @staticmethod
