@@ -224,7 +224,7 @@ class Streamer:
         for i, mem in self.memories.items():
             hs = self.heads[i] if self.heads[i] is not None else slice(None)
             k, v = leaving[i].k[0, hs, skip:], leaving[i].v[0, hs, skip:]  # (KVm, n, D): heads with memory
-            rk = rotate_by(k, self.model.inv_freq, pos.expand(k.shape[0], -1)) if mem.rkeys is not None else None
+            rk = rotate_by(k, self.model.inv_freq, pos) if mem.rkeys is not None else None
             mem.add(k, v, pos, rk, index_rotated=self.cfg.positions == "true")
 
 

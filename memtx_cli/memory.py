@@ -268,10 +268,13 @@ class LayerMemory:
         spread: int = 0,
         far_blocks: int = -1,
         far_bias: float = 0.0,
+        raw_keys: bool | None = None,
     ) -> BlockRetrieval:
         """Per KV head and selector, the `n_blocks` most relevant blocks (`block_relevance`);
         sel (KV, C, D) sums of search vectors or (KV, C, Q, D) voters (model.block_selectors);
-        returns (KV*C, M, ...) tensors with M = n_blocks x block size.
+        returns (KV*C, M, ...) tensors with M = n_blocks x block size. raw_keys: gather the
+        raw keys too (None: unless clamped near-only, where every block is read through its
+        rotated keys; `keys` is then None).
 
         Clamped budgets: `far_blocks` -1 = one budget for near and far blocks; 0 = near blocks
         only; > 0 = `n_blocks` near plus `far_blocks` far ones, far relevance lowered by
@@ -281,9 +284,16 @@ class LayerMemory:
         import time
 
         t0 = time.perf_counter()
-        relevance = self.block_relevance(sel.float(), scheme, near, scale)  # (KV, C, nb)
-        nb = relevance.shape[-1]
         separate = scheme == "clamped" and far_blocks >= 0  # near and far blocks compete apart
+        # Near blocks only: they are the last blocks of the memory (the ones starting within
+        # `horizon` of the chunk), so only that suffix is scored. At 64K tokens it is ~240 of
+        # ~2,000 blocks; voters then share their attention among the blocks they can read.
+        first = 0
+        if separate and not far_blocks:
+            first = min(self.n_blocks - int(near.sum(-1).max()), self.n_blocks - 1)  # >= 1 block, maybe masked
+            near = near[:, first:]
+        relevance = self.block_relevance(sel.float(), scheme, near, scale, first)  # (KV, C, nb - first)
+        nb = relevance.shape[-1]
         if not separate:  # one budget
             parts = [relevance]
             budgets = [n_blocks]
@@ -298,10 +308,10 @@ class LayerMemory:
             if spread:  # a block also counts as relevant as the `spread` blocks before it
                 rel = spread_forward(rel, spread)
             top = rel.topk(min(m, nb), dim=-1)
-            picks.append(top.indices)
+            picks.append(top.indices + first)
             scores.append(top.values)
         pick, order = torch.cat(picks, -1).sort(-1)  # (KV, C, m), in document order
-        out = self.gather_blocks(pick)
+        out = self.gather_blocks(pick, raw_keys if raw_keys is not None else not (separate and not far_blocks))
         if separate:
             # a budget larger than its blocks picks some at -inf: mask them
             ok = torch.cat(scores, -1).gather(-1, order) > float("-inf")  # (KV, C, m)
@@ -327,8 +337,9 @@ class LayerMemory:
         scheme: str = "fixed",
         near: torch.Tensor | None = None,
         scale: float = 1.0,
+        first: int = 0,
     ) -> torch.Tensor:
-        """Selectors -> (KV, C, nb) relevance of every block.
+        """Selectors -> (KV, C, nb - first) relevance of blocks first..nb-1 (`near` (C, nb - first)).
 
         sel (KV, C, D): one summed query per chunk; relevance = its inner product with the block's
         mean key (= the summed queries' total attention logit on the block's keys).
@@ -345,7 +356,7 @@ class LayerMemory:
         voting = sel.dim() == 4
 
         def dot(x: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:  # x (KV, C, [Q,] D) -> (KV, C, [Q,] nb)
-            r = reps[:, :nb]  # (KV, nb, D)
+            r = reps[:, first:nb]  # (KV, nb - first, D)
             return x @ (r[:, None] if voting else r).transpose(-1, -2)
 
         if scheme == "fixed":
@@ -354,9 +365,9 @@ class LayerMemory:
             s = dot(sel, self.rreps)
         else:
             d = self.head_dim
-            s = torch.where(
-                near[:, None] if voting else near, dot(sel[..., d:], self.rreps), dot(sel[..., :d], self.reps)
-            )
+            s = dot(sel[..., d:], self.rreps)
+            if not bool(near.all()):  # blocks beyond the trained context: the fixed-distance score
+                s = torch.where(near[:, None] if voting else near, s, dot(sel[..., :d], self.reps))
         if not voting:
             return s
         share = (s * scale).log_softmax(-1)  # (KV, C, Q, nb)
@@ -364,8 +375,9 @@ class LayerMemory:
         share = share.masked_fill((sel == 0).all(-1)[..., None], -1e30)
         return share.amax(-2)
 
-    def gather_blocks(self, pick: torch.Tensor) -> BlockRetrieval:
-        """Blocks pick (KV, C, m) -> their entries as (KV*C, m*b, ...) tensors."""
+    def gather_blocks(self, pick: torch.Tensor, raw_keys: bool = True) -> BlockRetrieval:
+        """Blocks pick (KV, C, m) -> their entries as (KV*C, m*b, ...) tensors (raw keys only
+        when asked for: a third of the bytes copied)."""
         b = self.block_size
         kv, nc, m = pick.shape
         capb = self.keys.shape[1] // b
@@ -378,7 +390,7 @@ class LayerMemory:
 
         ids = (pick[..., None] * b + torch.arange(b, device=self.device)).view(kv * nc, m * b)
         return BlockRetrieval(
-            keys=gather(self.keys),
+            keys=gather(self.keys) if raw_keys or self.rkeys is None else None,
             rkeys=gather(self.rkeys) if self.rkeys is not None else None,
             values=gather(self.values),
             valid=ids < self.n,
@@ -580,7 +592,7 @@ class CompositeMemory:
         bk, bv, bvalid = bk.view(kv * nc, m_b * b, -1), bv.view(kv * nc, m_b * b, -1), bvalid.view(kv * nc, m_b * b)
         own = None
         if len(self.own):
-            own = self.own.retrieve_blocks(sel, n_blocks, scale, scheme, near, spread, far_blocks, far_bias)
+            own = self.own.retrieve_blocks(sel, n_blocks, scale, scheme, near, spread, far_blocks, far_bias, True)
         n_own = 0 if own is None else own.keys.shape[1]
 
         def join(mine: torch.Tensor | None, bank: torch.Tensor) -> torch.Tensor:

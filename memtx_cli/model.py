@@ -210,7 +210,7 @@ class BlockRetrieval:
     """Whole blocks of memory shared by all queries of a segment (per KV head): (KV, M, D)
     tensors, M = selected blocks x block size, and (KV, M) validity (a block may be partial)."""
 
-    keys: torch.Tensor  # raw keys
+    keys: torch.Tensor | None  # raw keys (None: not gathered, clamped near-only)
     rkeys: torch.Tensor | None  # keys rotated by their absolute positions (true / clamped)
     values: torch.Tensor
     valid: torch.Tensor
@@ -220,7 +220,9 @@ class BlockRetrieval:
 
 
 def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-    """RoPE-rotate x (..., D) by per-row distances `dist` (broadcast to x's leading shape)."""
+    """RoPE-rotate x (..., D) by per-row distances `dist` (broadcast to x's leading shape).
+    Pass `dist` unexpanded ((1, 1, T) for every head alike): the cos/sin are computed for its
+    shape only, not once per head (that was ~3% of a memory run's time)."""
     ang = dist.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
     ang = torch.cat([ang, ang], dim=-1)
     return apply_rope(x, ang.cos(), ang.sin())
@@ -241,13 +243,12 @@ def memory_search_vectors(q_raw: torch.Tensor, mem: MemoryRead, inv_freq: torch.
     kv, g, t, d = q_raw.shape
     if mem.shared and not (mem.retrieval == "block" and mem.votes):  # voters are the heads apart
         q_raw = q_raw.sum(1, keepdim=True)  # (KV, 1, T, D)
-    gs = q_raw.shape[1]
-    fixed = torch.full((1, 1, t), mem.distance, device=q_raw.device)
+    fixed = torch.full((1, 1, 1), mem.distance, device=q_raw.device)
     if mem.scheme == "clamped" and mem.retrieval == "block":  # both: [fixed | true], (KV, Gs, T, 2D)
-        at_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, gs, t))
-        return torch.cat([rotate_by(q_raw, inv_freq, fixed.expand(kv, gs, t)), at_abs], -1)
+        at_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t))
+        return torch.cat([rotate_by(q_raw, inv_freq, fixed), at_abs], -1)
     dist = mem.q_pos.view(1, 1, t) if mem.scheme == "true" else fixed
-    return rotate_by(q_raw, inv_freq, dist.expand(kv, gs, t))
+    return rotate_by(q_raw, inv_freq, dist)
 
 
 def pair_dot(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -277,12 +278,12 @@ def memory_scores(q_raw: torch.Tensor, got: Any, mem: MemoryRead, inv_freq: torc
     dt = q_raw.dtype
 
     def at_distance() -> torch.Tensor:  # every memory `distance` tokens back
-        q_far = rotate_by(q_raw, inv_freq, torch.full((kv, g, t), mem.distance, device=q_raw.device))
+        q_far = rotate_by(q_raw, inv_freq, torch.full((1, 1, 1), mem.distance, device=q_raw.device))
         return pair_dot(q_far, got.keys.to(dt))
 
     if mem.scheme == "fixed":
         return at_distance()
-    q_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t))
+    q_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t))
     s_true = pair_dot(q_abs, got.rkeys.to(dt))
     if mem.scheme == "true":
         return s_true
@@ -401,7 +402,7 @@ class Attention(nn.Module):
         kv, g, t, d = qr.shape
         scale = 1.0 / math.sqrt(d)
         q_search = qs[..., :d].sum(1)  # (KVm, T, D): the fixed-distance half, group summed
-        q_far = rotate_by(qr, inv_freq, torch.full((kv, g, t), mem.distance, device=qr.device))
+        q_far = rotate_by(qr, inv_freq, torch.full((1, 1, 1), mem.distance, device=qr.device))
         out = torch.zeros(kv, g, t, d, dtype=qr.dtype, device=qr.device)
         lse = torch.full((kv, g, t), float("-inf"), device=qr.device)
         chunk_of = mem.q_pos // mem.chunk
@@ -491,9 +492,9 @@ class Attention(nn.Module):
         kv, g, t, d = qr.shape
         scale = 1.0 / math.sqrt(d)
         if mem.scheme in ("true", "clamped"):  # R(a)q . R(b)k: the real distance
-            qm = rotate_by(qr, inv_freq, mem.q_pos.view(1, 1, t).expand(kv, g, t))
+            qm = rotate_by(qr, inv_freq, mem.q_pos.view(1, 1, t))
         else:  # every memory `distance` tokens back
-            qm = rotate_by(qr, inv_freq, torch.full((kv, g, t), mem.distance, device=qr.device))
+            qm = rotate_by(qr, inv_freq, torch.full((1, 1, 1), mem.distance, device=qr.device))
         qm = qm.to(q.dtype)
         out_m = torch.empty(kv, g, t, d, dtype=q.dtype, device=q.device)
         lse_m = torch.empty(kv, g, t, dtype=torch.float32, device=q.device)
@@ -594,7 +595,7 @@ def clamp_keys(
     positions: a key within `horizon` of every query keeps its real distance (its stored
     rotation); an older one is rotated to sit `distance` tokens before the group's first query
     (distance .. distance + group length - 1 for the group's tokens), as the fixed scheme puts it."""
-    near = (q_last[:, None] - got.positions) <= mem.horizon  # (KV*n, M)
+    near = ((q_last[:, None] - got.positions) <= mem.horizon) | ~got.valid  # (KV*n, M); padding: any
     if bool(near.all()):  # every key within the trained context (any document up to it): as stored
         return got.rkeys
     # One rotation per row (its group's start), broadcast over the row's keys: no per-key trig.

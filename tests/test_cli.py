@@ -13,7 +13,7 @@ from helpers import make_tiny, write_gguf
 from typer.testing import CliRunner
 
 from memtx_cli.cli import app
-from memtx_cli.config import Config
+from memtx_cli.config import Config, merge_config
 from memtx_cli.engine import score_text
 
 LUA = str(SAMPLE / "code/lcorolib.c")
@@ -43,7 +43,8 @@ def test_score_json_matches_engine(real_lm):
     for key in ("memory", "memory_entries", "retrieval_seconds"):
         assert key in out
     assert out["memory_entries"] > 0 and out["memory"]["top_k"] == 32
-    direct = score_text(real_lm, open(LUA, encoding="utf-8").read(), Config(max_tokens=1200))
+    cfg = merge_config(real_lm.card.settings, {"max_tokens": 1200})  # the CLI's defaults: the card's
+    direct = score_text(real_lm, open(LUA, encoding="utf-8").read(), cfg)
     assert out["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
     assert 0.1 < out["bits_per_byte"] < 3
 

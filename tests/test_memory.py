@@ -641,6 +641,35 @@ def test_block_votes_keep_the_passage_one_query_reads():
     torch.testing.assert_close(voted.keys[0], keys[0, 6:8])
 
 
+def test_clamped_near_only_scores_the_near_suffix_alone():
+    """Clamped, near blocks only (far_blocks 0): only the blocks within the trained context (the
+    memory's last ones) are scored, so voters share their attention among those alone; the
+    picks are the top near blocks by that relevance, read through their rotated keys (the raw
+    keys are not gathered)."""
+    torch.manual_seed(33)
+    mem = LayerMemory(2, 8, IndexSpec("flat"), block_size=4, rotated=True)
+    keys = torch.randn(2, 40, 8)  # 10 blocks
+    mem.add(keys, keys.clone(), torch.arange(40), rotated_k=keys.flip(-1))
+    sel = torch.randn(2, 2, 6, 16)  # (KV, C, Q, [fixed | true])
+    near = torch.zeros(2, 10, dtype=torch.bool)
+    near[0, 4:], near[1, 5:] = True, True  # chunk 1 sees one block less (it is later)
+    got = mem.retrieve_blocks(sel, 3, 0.5, "clamped", near, far_blocks=0)
+    assert got.keys is None and got.rkeys.shape == (4, 12, 8)
+    rreps = keys.flip(-1).view(2, 10, 4, 8).mean(2)  # (KV, nb, D): means of the rotated keys
+    reps = keys.view(2, 10, 4, 8).mean(2)  # of the raw keys: the fixed-distance score of a far block
+    for h in range(2):
+        for c in range(2):
+            # blocks 4-9 (the suffix any chunk can read); chunk 1's block 4 is far: fixed-distance score
+            logits = [torch.where(near[c, 4:], rreps[h, 4:] @ q[8:], reps[h, 4:] @ q[:8]) for q in sel[h, c]]
+            share = torch.stack([torch.softmax(0.5 * x, -1) for x in logits])
+            rel = share.max(0).values.log().masked_fill(~near[c, 4:], float("-inf"))
+            want = (rel.topk(3).indices + 4).sort().values
+            picked = torch.cat([keys.flip(-1)[h, 4 * b : 4 * b + 4] for b in want.tolist()])
+            torch.testing.assert_close(got.rkeys[h * 2 + c], picked)
+    full = mem.retrieve_blocks(sel, 3, 0.5, "clamped", near, far_blocks=-1)  # one budget: every block
+    assert full.keys is not None
+
+
 def test_vote_selectors_token_by_token_equal_one_call():
     """block_selectors with voters: chunk 0 (each token its own last n vectors, zero-padded) and
     later chunks (the previous chunk's last n) come out the same whether the tokens arrive in one

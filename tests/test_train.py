@@ -365,12 +365,12 @@ def test_real_model_gate_checkpoint_serves_ingest_and_ask(tmp_path):
     assert res["steps"] == 2 and res["evals"][-1]["ppl_memory"] > 1
     card = yaml.safe_load((ck / "memtx.yaml").read_text())
     assert card["name"] == "smollm2-135m-memtx-gate" and card["trained"]["from"]["model"] == "smollm2-135m"
-    assert card["chat_template"] and card["settings"]["memory-layers"] == "15-29"
+    assert card["chat_template"] and card["settings"]["memory-heads"] == "top36"
     from safetensors.torch import load_file
 
     biases = load_file(str(ck / "model.safetensors"))
     assert biases["model.layers.15.self_attn.mem_bias"].abs().sum() > 0  # it moved
-    assert "model.layers.14.self_attn.mem_bias" not in biases
+    assert "model.layers.2.self_attn.mem_bias" not in biases  # no memory head of top36 in layer 2
     bank = tmp_path / "legal.idx"
     r = sh(["ingest", str(legal), "-m", str(ck), "--out", str(bank), "--json"])
     assert r.returncode == 0, r.stderr
