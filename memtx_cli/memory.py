@@ -288,8 +288,9 @@ class LayerMemory:
         # Near blocks only: they are the last blocks of the memory (the ones starting within
         # `horizon` of the chunk), so only that suffix is scored. At 64K tokens it is ~240 of
         # ~2,000 blocks; voters then share their attention among the blocks they can read.
+        near_only = separate and not far_blocks
         first = 0
-        if separate and not far_blocks:
+        if near_only:
             first = min(self.n_blocks - int(near.sum(-1).max()), self.n_blocks - 1)  # >= 1 block, maybe masked
             near = near[:, first:]
         relevance = self.block_relevance(sel.float(), scheme, near, scale, first)  # (KV, C, nb - first)
@@ -311,7 +312,7 @@ class LayerMemory:
             picks.append(top.indices + first)
             scores.append(top.values)
         pick, order = torch.cat(picks, -1).sort(-1)  # (KV, C, m), in document order
-        out = self.gather_blocks(pick, raw_keys if raw_keys is not None else not (separate and not far_blocks))
+        out = self.gather_blocks(pick, raw_keys if raw_keys is not None else not near_only)
         if separate:
             # a budget larger than its blocks picks some at -inf: mask them
             ok = torch.cat(scores, -1).gather(-1, order) > float("-inf")  # (KV, C, m)
@@ -592,7 +593,9 @@ class CompositeMemory:
         bk, bv, bvalid = bk.view(kv * nc, m_b * b, -1), bv.view(kv * nc, m_b * b, -1), bvalid.view(kv * nc, m_b * b)
         own = None
         if len(self.own):
-            own = self.own.retrieve_blocks(sel, n_blocks, scale, scheme, near, spread, far_blocks, far_bias, True)
+            own = self.own.retrieve_blocks(  # raw keys: the joined rows are rotated as far memories
+                sel, n_blocks, scale, scheme, near, spread, far_blocks, far_bias, raw_keys=True
+            )
         n_own = 0 if own is None else own.keys.shape[1]
 
         def join(mine: torch.Tensor | None, bank: torch.Tensor) -> torch.Tensor:

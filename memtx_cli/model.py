@@ -222,7 +222,8 @@ class BlockRetrieval:
 def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     """RoPE-rotate x (..., D) by per-row distances `dist` (broadcast to x's leading shape).
     Pass `dist` unexpanded ((1, 1, T) for every head alike): the cos/sin are computed for its
-    shape only, not once per head (that was ~3% of a memory run's time)."""
+    shape only, not once per head (1.1 s of 37.5 s in `memory_search_vectors` alone, 16K tokens,
+    36 memory heads; a scratch profile before the change)."""
     ang = dist.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
     ang = torch.cat([ang, ang], dim=-1)
     return apply_rope(x, ang.cos(), ang.sin())
