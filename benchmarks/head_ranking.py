@@ -10,7 +10,8 @@ is its contribution to the residual stream that only long context provides. Squa
 averaged over the queries past position 2,048, divided by the layer's mean squared residual
 norm, summed over a KV head's query heads, and normalised per document so each document weighs
 the same. Prints the KV heads (layer.head) best first, comma-separated: `--memory-heads topN`
-takes the first N.
+takes the first N. With `--query-heads`, ranks the query heads instead (layer.query_head, not
+summed per KV head): the card's `query-head-ranking`, which `--memory-heads topqN` reads.
 
 This is the DuoAttention idea (retrieval heads vs streaming heads, Xiao et al. 2024) measured
 directly instead of with trained gates.
@@ -36,9 +37,9 @@ HELD_OUT = "books/austen_northangerabbey.txt,code/cpython311_pydecimal.py,legal/
 
 @torch.inference_mode()
 def head_need(lm, ids: torch.Tensor, window: int, sinks: int, start: int) -> torch.Tensor:
-    """(layers, KV heads) share of the residual change that needs keys beyond the window."""
+    """(layers, query heads) share of the residual change that needs keys beyond the window."""
     m, a = lm.model, lm.args
-    n, h, kv, d = ids.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
+    n, h, d = ids.shape[0], a.n_heads, a.head_dim
     pos = torch.arange(n, device=ids.device)
     dist = pos[:, None] - pos[None]
     allowed = (dist >= 0) & ((dist < window) | (pos[None] < sinks))
@@ -58,8 +59,7 @@ def head_need(lm, ids: torch.Tensor, window: int, sinks: int, start: int) -> tor
         need[li] = moved.cpu() / x[0, start:].float().pow(2).sum(-1).mean().cpu()
         x = x + at.wo(full.transpose(1, 2).reshape(1, n, -1))
         x = x + layer.ffn(layer.ffn_norm(x))
-    per_kv = need.view(a.n_layers, kv, h // kv).sum(-1)
-    return per_kv / per_kv.sum()
+    return need / need.sum()
 
 
 def main() -> None:
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1024, help="local keys besides the sinks (segment x 2)")
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--start", type=int, default=2048, help="queries before this position are not counted")
+    ap.add_argument("--query-heads", action="store_true", help="rank query heads (layer.query_head), not KV heads")
     args = ap.parse_args()
     lm = load_model(args.model, device="cpu", dtype="auto")
     total = 0
@@ -78,9 +79,12 @@ def main() -> None:
         ids = torch.tensor(lm.tokenizer.encode((CORPUS / doc).read_text(encoding="utf-8"))[: args.tokens])
         total = total + head_need(lm, ids, args.window, args.sinks, min(args.start, len(ids) // 2))
         print(f"{doc}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    kv = lm.args.n_kv_heads
+    a = lm.args
+    if not args.query_heads:  # a KV head's need: the sum of its query heads' (q head j -> KV head j // G)
+        total = total.view(a.n_layers, a.n_kv_heads, a.n_heads // a.n_kv_heads).sum(-1)
+    per_layer = total.shape[1]
     order = total.flatten().argsort(descending=True).tolist()
-    print(",".join(f"{i // kv}.{i % kv}" for i in order))
+    print(",".join(f"{i // per_layer}.{i % per_layer}" for i in order))
 
 
 if __name__ == "__main__":

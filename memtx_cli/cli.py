@@ -278,7 +278,10 @@ BankBiasOpt = Annotated[
 ]
 HeadsOpt = Annotated[
     str | None,
-    typer.Option("--memory-heads", help="KV heads with memory: all, topN (the model card's ranking) or 18.2,8.0."),
+    typer.Option(
+        "--memory-heads",
+        help="Heads with memory: all, topN (KV heads, the model card's ranking), topqN (query heads) or 18.2,8.0.",
+    ),
 ]
 SpreadOpt = Annotated[
     int | None,

@@ -40,11 +40,13 @@ class Config:
     # where all 30 gave 29.35 and layers 0-14 30.49 (worse than no memory with sinks, 30.28).
     memory_layers: str = "auto"  # "auto" (upper half), "all", "8,16,24", "10-19", "4,20-29"
     # KV heads with memory within the memory layers: "all", "topN" (the N first of
-    # head_ranking) or "layer.head" pairs ("18.2,8.0").
+    # head_ranking), "topqN" (the N first query heads of query_head_ranking: their KV heads
+    # keep memories, only those query heads read them) or "layer.head" pairs ("18.2,8.0").
     memory_heads: str = "all"
     # KV heads ranked by how much full attention's output needs keys beyond the window (the
     # model card's, from benchmarks/head_ranking.py on held-out documents), best first.
     head_ranking: str = ""
+    query_head_ranking: str = ""  # the same per query head (layer.query_head), for topqN
     top_k: int = 32  # memories retrieved per query (paper: 32)
     # IVF: exact search until 8192 keys per head have arrived, then IVF (nprobe 48); flat
     # search cost grows with the document and dominated memory time past 8K tokens.
@@ -164,27 +166,62 @@ class Config:
             return []
         return parse_layers(self.memory_layers, n_layers)
 
-    def heads_for(self, n_layers: int, n_kv: int) -> dict[int, list[int] | None]:
-        """Memory layer -> its KV heads with memory (None = all of them); {} when memory is off."""
+    def heads_for(self, n_layers: int, n_kv: int, n_heads: int = 0) -> dict[int, list[int] | None]:
+        """Memory layer -> its KV heads with memory (None = all of them); {} when memory is off.
+        n_heads (query heads) is needed by `topqN` only."""
+        chosen = self._head_choice(n_layers, n_kv, n_heads)
+        return {i: (None if len(h) == n_kv else sorted(h)) for i, h in chosen.items()}
+
+    def query_heads_for(self, n_layers: int, n_kv: int, n_heads: int) -> dict[int, list[list[int]] | None]:
+        """Memory layer -> for each of its KV heads with memory (heads_for's order), the query
+        heads of its group (0..G-1) that read memory; None = every query head of them all."""
+        g = n_heads // n_kv
+        out: dict[int, list[list[int]] | None] = {}
+        for i, heads in self._head_choice(n_layers, n_kv, n_heads).items():
+            qs = [sorted(range(g) if heads[h] is None else heads[h]) for h in sorted(heads)]
+            out[i] = None if all(len(q) == g for q in qs) else qs
+        return out
+
+    def _head_choice(self, n_layers: int, n_kv: int, n_heads: int) -> dict[int, dict[int, set[int] | None]]:
+        """Memory layer -> {KV head: its query heads within the group with memory, None = all}."""
         layers = self.layers_for(n_layers)
-        if str(self.memory_heads).strip().lower() == "all":
-            return dict.fromkeys(layers)
         spec = str(self.memory_heads).strip().lower()
+        if spec == "all":
+            return {i: dict.fromkeys(range(n_kv)) for i in layers}
+        query = spec.startswith("topq")
         if spec.startswith("top"):
-            ranked = [p for p in str(self.head_ranking).split(",") if p.strip()]
-            if not spec[3:].isdigit() or int(spec[3:]) < 1:
-                raise MemtxError(f"memory heads {self.memory_heads!r}: use topN with N >= 1, e.g. top60")
+            n = spec[4:] if query else spec[3:]
+            ranking = self.query_head_ranking if query else self.head_ranking
+            key = "query-head-ranking" if query else "head-ranking"
+            ranked = [p for p in str(ranking).split(",") if p.strip()]
+            if not n.isdigit() or int(n) < 1:
+                raise MemtxError(
+                    f"memory heads {self.memory_heads!r}: use topN (KV heads) or topqN (query heads) "
+                    "with N >= 1, e.g. top60 or topq144"
+                )
             if not ranked:
                 raise MemtxError(
-                    f"memory heads {self.memory_heads!r} needs a head-ranking (the model card has none): "
-                    "run benchmarks/head_ranking.py and set head-ranking, or list layer.head pairs"
+                    f"memory heads {self.memory_heads!r} needs a {key} (the model card has none): "
+                    f"run benchmarks/head_ranking.py{' --query-heads' if query else ''} and set {key}, "
+                    "or list layer.head pairs"
                 )
-            spec = ",".join(ranked[: int(spec[3:])])
-        chosen = parse_heads(spec, n_layers, n_kv)
-        out = {i: sorted(chosen[i]) for i in layers if i in chosen}
+            spec = ",".join(ranked[: int(n)])
+        chosen: dict[int, dict[int, set[int] | None]] = {}
+        if query:
+            if n_heads < n_kv:
+                raise MemtxError(f"memory heads {self.memory_heads!r}: the model's query heads are unknown")
+            g = n_heads // n_kv
+            for layer, qheads in parse_heads(spec, n_layers, n_heads, "query head").items():
+                for j in qheads:
+                    got = chosen.setdefault(layer, {}).setdefault(j // g, set())
+                    got.add(j % g)
+        else:
+            for layer, kvs in parse_heads(spec, n_layers, n_kv).items():
+                chosen[layer] = dict.fromkeys(kvs)
+        out = {i: chosen[i] for i in layers if i in chosen}
         if layers and not out:
             raise MemtxError(f"memory heads {self.memory_heads!r} select no head in memory layers {self.memory_layers}")
-        return {i: (None if len(h) == n_kv else h) for i, h in out.items()}
+        return out
 
     def memory_settings(self) -> dict[str, Any]:
         keys = (
@@ -192,6 +229,7 @@ class Config:
             "memory_layers",
             "memory_heads",
             "head_ranking",
+            "query_head_ranking",
             "top_k",
             "index",
             "nprobe",
@@ -306,17 +344,17 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     return sorted(out)
 
 
-def parse_heads(spec: str, n_layers: int, n_kv: int) -> dict[int, set[int]]:
-    """ "18.2,8.0,23.0" (layer.kv_head pairs) -> {layer: {heads}}, each checked."""
+def parse_heads(spec: str, n_layers: int, n_kv: int, what: str = "KV head") -> dict[int, set[int]]:
+    """ "18.2,8.0,23.0" (layer.head pairs; n_kv heads per layer) -> {layer: {heads}}, each checked."""
     out: dict[int, set[int]] = {}
     for part in filter(None, (p.strip() for p in str(spec).split(","))):
         m = re.fullmatch(r"(\d+)\.(\d+)", part)
         if m is None:
-            raise MemtxError(f"memory heads {spec!r}: use all, topN or layer.head pairs like 18.2,8.0")
+            raise MemtxError(f"memory heads {spec!r}: use all, topN, topqN or layer.head pairs like 18.2,8.0")
         layer, head = int(m.group(1)), int(m.group(2))
         if not 0 <= layer < n_layers or not 0 <= head < n_kv:
             raise MemtxError(
-                f"memory head {part} is out of range: the model has {n_layers} layers and {n_kv} KV heads per layer"
+                f"memory head {part} is out of range: the model has {n_layers} layers and {n_kv} {what}s per layer"
             )
         out.setdefault(layer, set()).add(head)
     if not out:

@@ -45,8 +45,19 @@ class Streamer:
         self.model, self.cfg = model, cfg
         a = model.args
         # Memory layer -> its KV heads with memory (None = every head of the layer).
-        self.heads = cfg.heads_for(a.n_layers, a.n_kv_heads)
+        dev = model.embed.weight.device
+        self.heads = cfg.heads_for(a.n_layers, a.n_kv_heads, a.n_heads)
         self.layers = list(self.heads)
+        # Memory layer -> (KVm, G) bool: which query heads of its memory KV heads read memory
+        # (None = all of them; --memory-heads topqN selects query heads).
+        self.qmasks: dict[int, torch.Tensor | None] = {}
+        for i, qs in cfg.query_heads_for(a.n_layers, a.n_kv_heads, a.n_heads).items():
+            mask = None
+            if qs is not None:
+                mask = torch.zeros(len(qs), a.n_heads // a.n_kv_heads, dtype=torch.bool, device=dev)
+                for h, q in enumerate(qs):
+                    mask[h, q] = True
+            self.qmasks[i] = mask
         # clamped: layers that also read memories older than the trained context (at the fixed distance)
         self.far_layers = set(parse_layers(cfg.far_layers, a.n_layers)) if self.layers else set()
         if self.layers:
@@ -147,6 +158,7 @@ class Streamer:
                 self.cfg.far_bias,
                 votes=self.cfg.block_votes,
                 far_top_k=self.cfg.far_top_k if i in self.far_layers else 0,
+                qmask=self.qmasks[i],
             )
             for i, m in self.memories.items()
         }

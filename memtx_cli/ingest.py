@@ -90,7 +90,7 @@ def open_or_create_bank(
             "banks hold block memories read at the fixed distance: use --retrieval block, --positions fixed or clamped"
         )
     # Layers with at least one memory head; a bank keeps every KV head of them.
-    layers = list(cfg.heads_for(lm.args.n_layers, lm.args.n_kv_heads))
+    layers = list(cfg.heads_for(lm.args.n_layers, lm.args.n_kv_heads, lm.args.n_heads))
     if not layers:
         raise MemtxError("ingest needs memory layers (drop --no-memory)")
     if Bank.is_bank(path):

@@ -185,6 +185,9 @@ class MemoryRead:
     # clamped block retrieval: each query also attends to its own top `far_top_k` memories older
     # than the trained context (the paper's per-query kNN, at the fixed distance, prior -far_bias)
     far_top_k: int = 0
+    # (KVm, G) bool: the query heads of those KV heads that read memory (None = all of them); the
+    # others attend locally only (--memory-heads topqN). Block retrieval skips their memory work.
+    qmask: torch.Tensor | None = None
 
 
 @dataclass
@@ -347,6 +350,8 @@ class Attention(nn.Module):
             qr = qr if mem.heads is None else qr[mem.heads]
         if mem is not None and mem.retrieval == "block":
             # The selectors' running sums advance even while the memory is still empty.
+            # Every query head of a memory KV head votes for its blocks, those without memory too
+            # (topqN, 8K: q108 x 96 within 0.2% of voting by the reading heads alone, either way).
             qs = memory_search_vectors(qr, mem, inv_freq)
             groups = block_selectors(qs, mem.q_pos, mem.chunk, mem.chunk_sums, mem.votes)
             if len(mem.memory) > 0:
@@ -444,12 +449,19 @@ class Attention(nn.Module):
         kv, g = self.n_kv, h // self.n_kv
         sel = slice(None) if mem.heads is None else mem.heads
         scale = 1.0 / math.sqrt(d)
+        keep = None  # (KVm, G, 1) 1/0: which query heads read memory (weighs traced bank blocks)
+        if mem.qmask is not None:  # query heads without memory: nothing retrieved (weight 0)
+            out_m = out_m.masked_fill(~mem.qmask[..., None, None], 0.0)
+            lse_m = lse_m.masked_fill(~mem.qmask[..., None], float("-inf"))
+            keep = mem.qmask[..., None].float()
         if mem.combine == "gate":
             local = grouped_attention(q, k, v, bias)[0].view(kv, g, t, d)
             gate = torch.sigmoid(self.mem_gate).view(kv, g, 1)[sel]  # (KVm, G, 1)
             if traced:  # the gate scales the memory's share; within it, the memory's softmax
-                self.trace_bank_mass(traced, lse_m, mem.trace, scale, gate)
+                self.trace_bank_mass(traced, lse_m, mem.trace, scale, gate if keep is None else gate * keep)
             mixed = gate[..., None].to(q.dtype) * out_m + (1 - gate[..., None]).to(q.dtype) * local[sel]
+            if mem.qmask is not None:
+                mixed = torch.where(mem.qmask[..., None, None], mixed, local[sel])
             return self._place(local, mixed, mem.heads).reshape(1, h, t, d)
         if bias is None:
             bias = local_bias(t, k.shape[2] + 1, q.dtype, q.device)[:, 1:]  # plain causal (S == T)
@@ -463,7 +475,10 @@ class Attention(nn.Module):
         # One softmax over [local, memory]: merge the two partial attentions by their lse.
         mixed, lse_all = merge_lse(out_l[sel], lse_l[sel], out_m, lse_m)
         if traced:  # weights of the joint softmax: exp(score + c_h - lse of [local, memory])
-            self.trace_bank_mass(traced, lse_all, mem.trace, scale, None if jb is None else jb.exp())
+            factor = None if jb is None else jb.exp()
+            if keep is not None:
+                factor = keep if factor is None else factor * keep
+            self.trace_bank_mass(traced, lse_all, mem.trace, scale, factor)
         return self._place(out_l, mixed, mem.heads).reshape(1, h, t, d)
 
     @staticmethod
@@ -497,8 +512,13 @@ class Attention(nn.Module):
         else:  # every memory `distance` tokens back
             qm = rotate_by(qr, inv_freq, torch.full((1, 1, 1), mem.distance, device=qr.device))
         qm = qm.to(q.dtype)
-        out_m = torch.empty(kv, g, t, d, dtype=q.dtype, device=q.device)
-        lse_m = torch.empty(kv, g, t, dtype=torch.float32, device=q.device)
+        if mem.qmask is None:
+            out_m = torch.empty(kv, g, t, d, dtype=q.dtype, device=q.device)
+            lse_m = torch.empty(kv, g, t, dtype=torch.float32, device=q.device)
+        else:  # query heads without memory keep nothing (weight 0)
+            out_m = torch.zeros(kv, g, t, d, dtype=q.dtype, device=q.device)
+            lse_m = torch.full((kv, g, t), float("-inf"), device=q.device)
+        runs = query_runs(mem.qmask, kv)
         traced = []  # with mem.trace: what is needed to weigh the bank blocks after the merge
         buckets: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # size -> [(token idx, sel)]
         for a, b, sel in groups:
@@ -530,17 +550,29 @@ class Attention(nn.Module):
                 if got.bias is not None:
                     m_bias += got.bias[:, None].to(q.dtype)
                 m_bias.masked_fill_(~got.valid[:, None], float("-inf"))
-            qq = qm[:, :, idx].permute(0, 2, 1, 3, 4).reshape(1, kv * n, g * size, d)  # (1, KV*n, G*size, D)
-            o, lse = attention_with_lse(qq, km[None].to(q.dtype), got.values[None].to(q.dtype), m_bias, scale)
-            if m_bias is not None:  # a row with no valid memory (near-only, nothing near): weight 0
-                empty = ~got.valid.any(-1)  # (KV*n,)
-                if bool(empty.any()):
-                    lse = lse.masked_fill(empty[:, None], float("-inf"))
-                    o = o.masked_fill(empty[:, None, None], 0.0)
             flat = idx.reshape(-1)
-            out_m[:, :, flat] = o.view(kv, n, g, size, d).permute(0, 2, 1, 3, 4).reshape(kv, g, n * size, d)
-            lse_m[:, :, flat] = lse.view(kv, n, g, size).permute(0, 2, 1, 3).reshape(kv, g, n * size)
-            if mem.trace is not None and got.bank_ids is not None:
+            km, vm = km.to(q.dtype), got.values.to(q.dtype)
+            empty = ~got.valid.any(-1) if m_bias is not None else None  # (KV*n,) rows with nothing valid
+            # Runs of consecutive KV heads whose groups read memory with as many query heads
+            # (one run of all G without topqN): one flash call each, over their rows' slice.
+            for h0, h1, qi in runs:
+                r, c, rows = h1 - h0, g if qi is None else qi.shape[1], slice(h0 * n, h1 * n)
+                qh = qm[h0:h1] if qi is None else qm[h0:h1][torch.arange(r, device=q.device)[:, None], qi]
+                qq = qh[:, :, idx].permute(0, 2, 1, 3, 4).reshape(1, r * n, c * size, d)  # (1, r*n, c*size, D)
+                mb = None if m_bias is None else m_bias[rows]
+                o, lse = attention_with_lse(qq, km[None, rows], vm[None, rows], mb, scale)
+                if empty is not None and bool(empty[rows].any()):  # near-only, nothing near: weight 0
+                    lse = lse.masked_fill(empty[rows, None], float("-inf"))
+                    o = o.masked_fill(empty[rows, None, None], 0.0)
+                o = o.view(r, n, c, size, d).permute(0, 2, 1, 3, 4).reshape(r, c, n * size, d)
+                lse = lse.view(r, n, c, size).permute(0, 2, 1, 3).reshape(r, c, n * size)
+                if qi is None:
+                    out_m[h0:h1, :, flat], lse_m[h0:h1, :, flat] = o, lse
+                else:
+                    at = (torch.arange(h0, h1, device=q.device)[:, None, None], qi[:, :, None], flat[None, None])
+                    out_m[at], lse_m[at] = o, lse
+            if mem.trace is not None and got.bank_ids is not None:  # every query head (qmask weighs them)
+                qq = qm[:, :, idx].permute(0, 2, 1, 3, 4).reshape(1, kv * n, g * size, d)
                 traced.append((idx, qq, km, m_bias, got.bank_ids, mem.memory.block_size))
         return out_m, lse_m, traced
 
@@ -583,6 +615,24 @@ def merge_lse(
     den = w1 + w2
     r1, r2 = (w1 / den.clamp_min(1e-30))[..., None], (w2 / den.clamp_min(1e-30))[..., None]
     return r1.to(o1.dtype) * o1 + r2.to(o1.dtype) * o2, top + torch.log(den)
+
+
+def query_runs(qmask: torch.Tensor | None, kv: int) -> list[tuple[int, int, torch.Tensor | None]]:
+    """(h0, h1, qi): runs of consecutive KV heads h0..h1-1 whose groups read memory with the
+    same number of query heads, qi (h1-h0, c) their indices in the group (None: all G).
+    qmask (KVm, G) bool, None = every query head."""
+    if qmask is None:
+        return [(0, kv, None)]
+    counts = qmask.sum(1).tolist()
+    runs, h0 = [], 0
+    for h in range(1, kv + 1):
+        if h == kv or counts[h] != counts[h0]:
+            c = counts[h0]
+            if c:
+                qi = None if c == qmask.shape[1] else qmask[h0:h].nonzero()[:, 1].view(h - h0, c)
+                runs.append((h0, h, qi))
+            h0 = h
+    return runs
 
 
 def clamp_keys(

@@ -496,7 +496,7 @@ def train(
         scratch = False
         trained_from = {"model": lm.name, "weights_fingerprint": lm.fingerprint}
     cfg.validate_for(net.args.context_length)
-    layers = list(cfg.heads_for(net.args.n_layers, net.args.n_kv_heads))  # layers with memory heads
+    layers = list(cfg.heads_for(net.args.n_layers, net.args.n_kv_heads, net.args.n_heads))  # layers with memory heads
     if layers:
         net.add_memory_params(layers, cfg.gate_init)
         for i in layers:  # trained scalars in float32 whatever the weights' dtype

@@ -12,7 +12,7 @@ from memtx_cli.config import Config
 from memtx_cli.engine import Streamer, run_stream, stream_nll
 from memtx_cli.errors import MemtxError
 from memtx_cli.memory import IndexSpec, LayerMemory, exact_top_k, spread_forward
-from memtx_cli.model import BlockRetrieval, MemoryRead, clamp_keys, merge_lse, rotate_by
+from memtx_cli.model import BlockRetrieval, MemoryRead, clamp_keys, merge_lse, query_runs, rotate_by
 
 
 def cfg(**kw):
@@ -393,6 +393,74 @@ def test_memory_heads_equal_masking_the_other_heads_memory(tiny_model, retrieval
     assert not torch.allclose(got, window) and not torch.allclose(got, full_mem)
 
 
+# Query heads (tiny model: 4 query heads, 2 KV heads, G = 2): layer 0 reads memory in query
+# heads 1 (KV head 0) and 2, 3 (KV head 1), layer 1 in query head 3, layer 2 in query head 0.
+Q_RANKING = "0.1,0.2,0.3,1.3,2.0"
+
+
+@pytest.mark.parametrize("retrieval", ["token", "block"])
+def test_query_heads_equal_masking_the_other_query_heads_memory(tiny_model, retrieval):
+    """--memory-heads topqN: the KV heads of the chosen query heads keep memories; only those
+    query heads read them (block retrieval skips the others' work, in runs of KV heads with as
+    many query heads). Selection is per KV head, so the numbers equal memory in every head with
+    the other query heads' memories weighted e^-inf (joint bias)."""
+    torch.manual_seed(31)
+    ids = torch.randint(0, 300, (64,))
+    kw = dict(retrieval=retrieval, block_size=4, blocks=3, block_chunk=4, top_k=5, positions="clamped", sinks=2)
+    got, st = run_stream(tiny_model, ids, cfg(memory_heads="topq5", query_head_ranking=Q_RANKING, **kw))
+    assert st.heads == {0: None, 1: [1], 2: [0]}
+    assert st.qmasks[0].tolist() == [[False, True], [True, True]]
+    assert st.qmasks[1].tolist() == [[False, True]] and st.qmasks[2].tolist() == [[True, False]]
+    ref_model = copy.deepcopy(tiny_model)
+    ref_model.add_memory_params([0, 1, 2], 0.0)
+    off = {0: [0], 1: [0, 1, 2], 2: [1, 2, 3]}  # query heads without memory, per layer
+    with torch.no_grad():
+        for layer, qs in off.items():
+            ref_model.layers[layer].attn.mem_bias[qs] = -1e9
+    ref, _ = run_stream(ref_model, ids, cfg(**kw))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    window, _ = run_stream(tiny_model, ids, cfg(memory=False, **kw))
+    assert not torch.allclose(got, window)
+
+
+def test_query_runs_group_kv_heads_by_their_query_head_count():
+    t, f = True, False
+    mask = torch.tensor([[t, t, t], [f, t, f], [t, f, f], [t, t, f]])
+    runs = query_runs(mask, 4)
+    assert [(a, b) for a, b, _ in runs] == [(0, 1), (1, 3), (3, 4)]
+    assert runs[0][2] is None and runs[1][2].tolist() == [[1], [0]] and runs[2][2].tolist() == [[0, 1]]
+    assert query_runs(None, 3) == [(0, 3, None)]
+
+
+def test_query_heads_covering_whole_groups_equal_kv_heads(tiny_model):
+    """Every query head of a KV head chosen = that KV head chosen (same blocks, same numbers)."""
+    torch.manual_seed(32)
+    ids = torch.randint(0, 300, (64,))
+    kw = dict(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2, block_votes=2)
+    a, st = run_stream(tiny_model, ids, cfg(memory_heads="topq4", query_head_ranking="0.2,2.0,0.3,2.1", **kw))
+    assert st.heads == {0: [1], 2: [0]} and all(m is None for m in st.qmasks.values())
+    b, _ = run_stream(tiny_model, ids, cfg(memory_heads="0.1,2.0", **kw))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("votes", [0, 2])
+def test_query_heads_stay_causal_and_decoding_agrees(tiny_model, votes):
+    """Query heads without memory skip it: still causal, and token-by-token decoding equals
+    segment scoring."""
+    torch.manual_seed(33)
+    ids = torch.randint(0, 300, (80,))
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2)
+    c = dataclasses.replace(c, block_votes=votes, memory_heads="topq5", query_head_ranking=Q_RANKING)
+    a, _ = run_stream(tiny_model, ids, c)
+    changed = ids.clone()
+    changed[50:] = torch.randint(0, 300, (30,))
+    b, _ = run_stream(tiny_model, changed, c)
+    assert torch.equal(a[:49], b[:49])
+    seg = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids[:64], 0)
+    dec = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids[:64], 3)
+    torch.testing.assert_close(seg, dec, atol=1e-3, rtol=1e-4)
+
+
 def test_memory_heads_listing_every_head_is_all(tiny_model):
     torch.manual_seed(22)
     ids = torch.randint(0, 300, (48,))
@@ -412,12 +480,16 @@ def test_memory_heads_bad_settings(tiny_model):
         ("0.2", "out of range"),
         ("0-1", "layer.head pairs"),
         ("top2", "needs a head-ranking"),
+        ("topq2", "needs a query-head-ranking"),
         ("topx", "topN"),
+        ("topq0", "topqN"),
     ):
         with pytest.raises(MemtxError, match=msg):
             run_stream(tiny_model, ids, cfg(memory_heads=spec))
     with pytest.raises(MemtxError, match="select no head"):
         run_stream(tiny_model, ids, cfg(memory_layers="1", memory_heads="0.0"))
+    with pytest.raises(MemtxError, match="4 query heads per layer"):
+        run_stream(tiny_model, ids, cfg(memory_heads="topq1", query_head_ranking="0.4"))
     with pytest.raises(MemtxError, match="block-spread"):
         cfg(block_spread=-1)
 
