@@ -220,43 +220,93 @@ def run_memory_bench(
     }
 
 
-def _block_recall(st: Any, recorded: dict[int, torch.Tensor], cfg: Any, k: int, log: Callable[[str], None]) -> dict:
-    """Token-level recall@k of block retrieval: the share of each query's exact top-k keys that
-    lie inside the blocks its query chunk selected (what block mode can attend to)."""
-    import numpy as np
+def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[str], None]) -> dict:
+    """Token-level recall@k of block retrieval with the settings as given (selector, votes,
+    spread, positions, heads): the document streams with block memory; in its last segment
+    each memory head's blocks, as its chunks chose them, are compared with every query head's
+    exact top-k memories by attention score (queries and keys at their positions; only the
+    memories a chunk may read at their real distance when clamped near-only, all otherwise),
+    and with the share of each query's softmax over those memories that the chosen blocks hold."""
+    import dataclasses
+    import math
 
-    from memtx_cli.memory import IndexSpec, LayerMemory
+    from memtx_cli.engine import Streamer
+    from memtx_cli.model import rotate_by
 
-    recalls, t_search, nq = [], 0.0, 0
-    for i, mem in st.memories.items():
-        q = recorded[i]  # (KV, T, D): shared search vectors of the last segment
-        n = len(mem)
-        bm = LayerMemory(mem.n_kv, mem.head_dim, IndexSpec("flat"), torch.float32, block_size=cfg.block_size)
-        bm.add(mem.keys[:, :n].float(), mem.values[:, :n].float(), mem.positions[:n])
-        kv, t, d = q.shape
-        c = min(cfg.block_chunk, t)
-        nc = t // c
-        qc = q[:, : nc * c].reshape(kv, nc, c, d)
+    c = dataclasses.replace(cfg, memory=True, retrieval="block")
+    st = Streamer(lm.model, c)
+    seg = c.segment
+    picks: dict[int, list[torch.Tensor]] = {}
+    queries: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    with torch.inference_mode():
+        for s in range(0, len(ids) - seg, seg):
+            st.step(ids[s : s + seg])
+        for i, mem in st.memories.items():
+            orig_gather = mem.gather_blocks
+
+            def gather(pick: torch.Tensor, *a: Any, i: int = i, orig: Any = orig_gather, **kw: Any) -> Any:
+                picks.setdefault(i, []).append(pick.cpu())  # (KV, C, m), chunks in order
+                return orig(pick, *a, **kw)
+
+            mem.gather_blocks = gather  # type: ignore[method-assign]
+            attn = lm.model.layers[i].attn
+            orig_attn = attn.block_memory_attention
+
+            def attend(q: Any, qr: Any, groups: Any, mr: Any, inv: Any, i: int = i, orig: Any = orig_attn) -> Any:
+                queries[i] = (qr.float().cpu(), mr.q_pos.cpu(), len(mr.memory))  # read before write
+                return orig(q, qr, groups, mr, inv)
+
+            attn.block_memory_attention = attend  # type: ignore[method-assign]
         t0 = time.perf_counter()
-        # Causal selectors, as block_selectors builds them: chunk ci selects with chunk ci-1's sum.
-        sel = qc.sum(2)[:, :-1]  # (KV, C-1, D) for chunks 1..C-1
-        relevance = sel @ bm.reps[:, : -(-n // cfg.block_size)].transpose(-1, -2)  # (KV, C-1, nb)
-        pick = relevance.topk(min(cfg.blocks, relevance.shape[-1]), -1).indices  # (KV, C-1, m)
-        t_search += time.perf_counter() - t0
-        exact = (qc @ mem.keys[:, :n].float().transpose(-1, -2)[:, None]).topk(k, -1).indices  # (KV, C, c, k)
-        for h in range(kv):
-            for ci in range(1, nc):
-                chosen = set(pick[h, ci - 1].tolist())
-                hits = (exact[h, ci] // cfg.block_size).numpy()
-                recalls.append(float(np.isin(hits, list(chosen)).mean()))
-                nq += c
+        st.step(ids[len(ids) - seg :])
+        seconds = time.perf_counter() - t0
+    inv_freq = lm.model.inv_freq.cpu()
+    b, chunk = c.block_size, c.block_chunk
+    hit: list[float] = []
+    total: list[float] = []
+    mass: list[torch.Tensor] = []
+    readable: list[torch.Tensor] = []
+    for i, mem in st.memories.items():
+        qr, q_pos, n = queries[i]  # (KV, G, T, D), (T,), memories when the segment read them
+        pick = torch.cat(picks[i], 1)  # (KV, C, m)
+        start = mem.block_starts().cpu()[torch.arange(n) // b]  # (n,) position of each entry's block start
+        keys = (mem.rkeys if c.positions != "fixed" else mem.keys)[:, :n].float().cpu()  # (KV, n, D)
+        if c.positions != "fixed":  # R(a)q . R(b)k: the real distance
+            qm = rotate_by(qr, inv_freq, q_pos.view(1, 1, -1))
+        else:  # every memory at the fixed distance
+            qm = rotate_by(qr, inv_freq, torch.full((1, 1, 1), st.distance))
+        chunk_of = (q_pos // chunk) - int(q_pos[0]) // chunk  # (T,) chunk index within the segment
+        q_last = (q_pos // chunk + 1) * chunk - 1
+        nb = -(-n // b)
+        block_of = torch.arange(n) // b
+        for h in range(qm.shape[0]):
+            scores = (qm[h] @ keys[h].T) / math.sqrt(qm.shape[-1])  # (G, T, n) attention logits
+            if c.positions == "clamped" and c.far_blocks == 0:  # near-only: within the trained context
+                far = (q_last[:, None] - start[None]) > st.horizon  # (T, n), as retrieve_blocks decides
+                scores = scores.masked_fill(far[None], float("-inf"))
+            chosen = torch.zeros(pick.shape[1], nb, dtype=torch.bool)  # (C, nb) blocks each chunk read
+            chosen.scatter_(1, pick[h].clamp(max=nb - 1), True)
+            read = chosen[chunk_of][:, block_of]  # (T, n) entries each token's chunk read
+            top = scores.topk(min(k, n), -1)  # (G, T, k)
+            valid = top.values > float("-inf")
+            got = read[None].expand_as(scores).gather(-1, top.indices)  # (G, T, k)
+            hit.append(float((got & valid).sum()))
+            total.append(float(valid.sum()))
+            w = torch.softmax(scores, -1).nan_to_num(0.0)  # (G, T, n); a row with nothing readable: 0
+            mass.append((w * read[None]).sum(-1).flatten())
+            readable.append((scores[0] > float("-inf")).sum(-1).float())  # (T,) memories each token may read
+    recall, share = sum(hit) / max(sum(total), 1.0), float(torch.cat(mass).mean())
     row = {
-        "index": f"block ({cfg.blocks} x {cfg.block_size} per {cfg.block_chunk} queries)",
-        "recall": float(np.mean(recalls)),
+        "index": f"block ({c.blocks} x {c.block_size} per {c.block_chunk} queries, votes {c.block_votes}, "
+        f"spread {c.block_spread}, {c.positions}, heads {c.memory_heads})",
+        "recall": recall,
+        "attention_mass_read": share,
+        "memories_readable": float(torch.cat(readable).mean()),
+        "memories_read": c.blocks * b,
         "build_seconds": 0.0,
-        "queries_per_s": nq / t_search if t_search else float("nan"),
+        "queries_per_s": sum(len(m) for m in mass) / seconds,
     }
-    log(f"{row['index']}: token recall@{k} {row['recall']:.3f}")
+    log(f"{row['index']}: token recall@{k} {recall:.3f}, share of the memory's attention mass read {share:.3f}")
     return row
 
 
@@ -304,7 +354,7 @@ def run_recall(
     rows = []
     for kind in kinds:
         if kind == "block":
-            rows.append(_block_recall(st, recorded, cfg, k, log))
+            rows.append(_block_recall(lm, ids, cfg, k, log))
             continue
         spec = IndexSpec(kind=kind, nprobe=cfg.nprobe)
         recalls, build_s, search_s, nq = [], 0.0, 0.0, 0

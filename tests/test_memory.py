@@ -763,3 +763,22 @@ def test_vote_selectors_token_by_token_equal_one_call():
     torch.testing.assert_close(per_token[1], want)
     # chunk 1 (tokens 5-9): the last 3 vectors of chunk 0 (tokens 2-4)
     torch.testing.assert_close(per_token[7], qs[:, :, 2:5].reshape(2, 1, 9, 4))
+
+
+@pytest.mark.parametrize("positions", ["fixed", "clamped"])
+def test_block_recall_of_every_block_is_one(tiny_model, positions):
+    """bench recall's block row: reading every block holds every exact top-k memory and all of
+    the memory's attention mass; a budget of one block per chunk holds less."""
+    from types import SimpleNamespace
+
+    from memtx_cli.bench import _block_recall
+
+    torch.manual_seed(41)
+    ids = torch.randint(0, 300, (64,))
+    lm = SimpleNamespace(model=tiny_model)
+    kw = dict(retrieval="block", block_size=4, block_chunk=4, positions=positions, sinks=2, far_blocks=0)
+    every = _block_recall(lm, ids, cfg(blocks=1000, **kw), 5, lambda m: None)
+    assert every["recall"] == pytest.approx(1.0) and every["attention_mass_read"] == pytest.approx(1.0, abs=1e-5)
+    one = _block_recall(lm, ids, cfg(blocks=1, **kw), 5, lambda m: None)
+    assert one["recall"] < 0.9 and one["attention_mass_read"] < 0.99
+    assert one["memories_read"] == 4 < one["memories_readable"] == every["memories_readable"] <= 64
