@@ -222,11 +222,15 @@ def text_sink(as_json: bool) -> Callable[[str], None]:
 
 
 def describe_retrieval(st: dict[str, Any]) -> str:
+    from memtx_cli.config import exact_block_select
+
     heads = str(st.get("memory_heads", "all"))
     where = "" if heads == "all" else f" in heads {heads if len(heads) <= 12 else heads[:12] + '...'}"
     if st.get("retrieval") == "block":
         spread = f", spread {st['block_spread']}" if st.get("block_spread") else ""
         votes = f", {st['block_votes']} voters" if st.get("block_votes") else ""
+        if st.get("block_votes") and exact_block_select(st):
+            votes += " (exact)"
         return f"{st['blocks']} blocks of {st['block_size']} per {st['block_chunk']} queries{spread}{votes}{where}"
     return f"top-{st['top_k']} {st['index']}{where}"
 
@@ -290,6 +294,14 @@ SpreadOpt = Annotated[
 BlockChunkOpt = Annotated[
     int | None, typer.Option("--block-chunk", help="block retrieval: queries that pick their blocks together.")
 ]
+BlockSelectOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--block-select",
+        help="block retrieval, clamped with voters: exact (voters' attention over the memories), "
+        "means (over block means) or auto (exact where it applies).",
+    ),
+]
 VotesOpt = Annotated[
     int | None,
     typer.Option(
@@ -343,6 +355,7 @@ def score(
     block_spread: SpreadOpt = None,
     block_chunk: BlockChunkOpt = None,
     block_votes: VotesOpt = None,
+    block_select: BlockSelectOpt = None,
     far_blocks: FarBlocksOpt = None,
     far_bias: FarBiasOpt = None,
     far_top_k: FarTopKOpt = None,
@@ -400,6 +413,7 @@ def score(
             block_spread=block_spread,
             block_chunk=block_chunk,
             block_votes=block_votes,
+            block_select=block_select,
             far_blocks=far_blocks,
             far_bias=far_bias,
             far_top_k=far_top_k,
@@ -910,6 +924,7 @@ def bench_memory(
     block_spread: SpreadOpt = None,
     block_chunk: BlockChunkOpt = None,
     block_votes: VotesOpt = None,
+    block_select: BlockSelectOpt = None,
     far_blocks: FarBlocksOpt = None,
     far_bias: FarBiasOpt = None,
     far_top_k: FarTopKOpt = None,
@@ -939,6 +954,7 @@ def bench_memory(
             block_spread=block_spread,
             block_chunk=block_chunk,
             block_votes=block_votes,
+            block_select=block_select,
             far_blocks=far_blocks,
             far_bias=far_bias,
             far_top_k=far_top_k,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from memtx_cli.config import Config, parse_layers
+from memtx_cli.config import Config, exact_block_select, parse_layers
 from memtx_cli.errors import MemtxError
 from memtx_cli.model import LayerKV, MemoryRead, Transformer, rotate_by, token_nll
 from memtx_cli.runtime import LoadedModel
@@ -90,6 +90,7 @@ class Streamer:
         at_window = cfg.positions == "fixed" or (cfg.positions == "clamped" and cfg.retrieval == "block")
         self.distance = cfg.mem_distance or (window if at_window else a.context_length)
         self.horizon = a.context_length - 1  # clamped: the largest real distance used
+        self.exact_select = exact_block_select(cfg.memory_settings())  # Config.block_select
         sp = cfg.sink_positions
         self.real_sinks = sp == "real" or sp == "auto" and cfg.memory and cfg.positions in ("true", "clamped")
         self.cache: list[LayerKV] | None = None
@@ -159,6 +160,7 @@ class Streamer:
                 votes=self.cfg.block_votes,
                 far_top_k=self.cfg.far_top_k if i in self.far_layers else 0,
                 qmask=self.qmasks[i],
+                exact_select=self.exact_select,
             )
             for i, m in self.memories.items()
         }

@@ -188,6 +188,9 @@ class MemoryRead:
     # (KVm, G) bool: the query heads of those KV heads that read memory (None = all of them); the
     # others attend locally only (--memory-heads topqN). Block retrieval skips their memory work.
     qmask: torch.Tensor | None = None
+    # clamped block retrieval with voters: score the blocks within the trained context by the
+    # voters' exact attention over their memories, not over block means (Config.block_select)
+    exact_select: bool = False
 
 
 @dataclass
@@ -538,9 +541,8 @@ class Attention(nn.Module):
             q_last = q_first + mem.chunk - 1
             if mem.scheme == "clamped":  # blocks whose every key is within `horizon` of every query
                 near = (q_last[:, None] - mem.memory.block_starts()[None]) <= mem.horizon  # (n, nb)
-            got = mem.memory.retrieve_blocks(  # (KV*n, M, ...)
-                sels, mem.blocks, scale, mem.scheme, near, mem.spread, mem.far_blocks, mem.far_bias
-            )
+            how = (mem.blocks, scale, mem.scheme, near, mem.spread, mem.far_blocks, mem.far_bias)
+            got = mem.memory.retrieve_blocks(sels, *how, exact=mem.exact_select)  # (KV*n, M, ...)
             km = got.keys if mem.scheme == "fixed" else got.rkeys
             if mem.scheme == "clamped":  # rows are (KV head, group), head-major
                 km = clamp_keys(got, q_first.repeat(kv), q_last.repeat(kv), mem, inv_freq)

@@ -62,7 +62,9 @@ class FakeBankMemory:
     def __len__(self):
         return self.keys.shape[1]
 
-    def retrieve_blocks(self, sel, n_blocks, scale, scheme="fixed", near=None, spread=0, far_blocks=-1, far_bias=0.0):
+    def retrieve_blocks(
+        self, sel, n_blocks, scale, scheme="fixed", near=None, spread=0, far_blocks=-1, far_bias=0.0, exact=False
+    ):
         kv, c = sel.shape[:2]
         m = self.keys.shape[1]
         return BlockRetrieval(

@@ -782,3 +782,133 @@ def test_block_recall_of_every_block_is_one(tiny_model, positions):
     one = _block_recall(lm, ids, cfg(blocks=1, **kw), 5, lambda m: None)
     assert one["recall"] < 0.9 and one["attention_mass_read"] < 0.99
     assert one["memories_read"] == 4 < one["memories_readable"] == every["memories_readable"] <= 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact block selection (--block-select)
+
+
+def _voter_memory(keys: torch.Tensor, block: int = 4) -> LayerMemory:
+    """A clamped block memory whose rotated keys are `keys` (KV, N, D) as given."""
+    kv, n, d = keys.shape
+    mem = LayerMemory(kv, d, IndexSpec("flat"), rotated=True, block_size=block)
+    mem.add(keys, torch.randn(kv, n, d), torch.arange(n), rotated_k=keys)
+    return mem
+
+
+def test_exact_block_relevance_equals_a_reference():
+    """log of the voters' summed softmax over the near blocks, each block scored by its best
+    key's logit (exact, at the real distance); zero rows vote for nothing."""
+    torch.manual_seed(51)
+    kv, n, d, b = 2, 22, 8, 4  # a partial last block
+    keys = torch.randn(kv, n, d) * 2
+    mem = _voter_memory(keys, b)
+    nb = mem.n_blocks
+    sel = torch.randn(kv, 2, 3, 2 * d)  # (KV, C, Q, [fixed | true])
+    sel[:, 1, 2] = 0  # chunk 1's third voter: none
+    near = torch.ones(2, nb, dtype=torch.bool)
+    near[1, :2] = False  # chunk 1 may not read blocks 0-1
+    scale = 0.35
+    got = mem.block_relevance(sel, "clamped", near, scale, 0, exact=True)
+    want = torch.zeros(kv, 2, nb, dtype=torch.float64)
+    for h in range(kv):
+        for c in range(2):
+            share = torch.zeros(nb, dtype=torch.float64)
+            for q in range(3):
+                v = sel[h, c, q, d:].double()
+                if not v.any():
+                    continue
+                logit = keys[h].double() @ v * scale  # (n,)
+                best = torch.stack([logit[j * b : (j + 1) * b].max() for j in range(nb)])
+                share += torch.softmax(best.masked_fill(~near[c], float("-inf")), 0)
+            want[h, c] = share.clamp_min(1e-30).log()
+    on = near.expand(kv, -1, -1)
+    torch.testing.assert_close(got[on].double(), want[on], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got).all()
+
+
+def test_exact_selection_finds_the_block_with_one_matching_key():
+    """A block holding one key that matches the voter (and three opposed ones) has a low mean
+    key; a block of middling keys has a higher one. The voter's attention is on the first:
+    exact selection picks it, means selection does not."""
+    d = 8
+    e = torch.zeros(d)
+    e[0] = 1.0
+    keys = torch.zeros(1, 12, d)
+    keys[0, 0] = 8 * e  # block 0: one strong match ...
+    keys[0, 1:4] = -4 * e  # ... and three opposed keys: mean 1 * e
+    keys[0, 4:8] = 2 * e  # block 1: middling keys, mean 2 * e
+    keys[0, 8:12] = torch.randn(4, d) * 0.1  # block 2: noise
+    mem = _voter_memory(keys)
+    sel = torch.cat([torch.zeros(d), e]).view(1, 1, 1, 2 * d)
+    near = torch.ones(1, 3, dtype=torch.bool)
+    means = mem.block_relevance(sel, "clamped", near, 1.0, 0)
+    exact = mem.block_relevance(sel, "clamped", near, 1.0, 0, exact=True)
+    assert int(means[0, 0].argmax()) == 1 and int(exact[0, 0].argmax()) == 0
+
+
+@pytest.mark.parametrize("far_blocks", [0, 1])
+def test_exact_selection_stays_causal_and_decoding_agrees(tiny_model, far_blocks):
+    """auto = exact with clamped voters and near blocks in their own budget; past the trained
+    context (256) far blocks keep the means' score. Causal, and decoding equals scoring."""
+    torch.manual_seed(52)
+    ids = torch.randint(0, 300, (300,))
+    kw = dict(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2)
+    c = cfg(block_votes=2, far_blocks=far_blocks, **kw)
+    a, st = run_stream(tiny_model, ids, c)
+    assert st.exact_select
+    means, _ = run_stream(tiny_model, ids, dataclasses.replace(c, block_select="means"))
+    assert not torch.equal(a, means)  # the selection differs somewhere
+    changed = ids.clone()
+    changed[280:] = torch.randint(0, 300, (20,))
+    b, _ = run_stream(tiny_model, changed, c)
+    assert torch.equal(a[:279], b[:279])
+    seg = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids, 0)
+    dec = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids, 5)
+    torch.testing.assert_close(seg, dec, atol=1e-3, rtol=1e-4)
+
+
+def test_exact_selection_reading_every_block_equals_means(tiny_model):
+    """With a budget of every block the selection cannot matter."""
+    torch.manual_seed(53)
+    ids = torch.randint(0, 300, (96,))
+    c = cfg(retrieval="block", block_size=4, blocks=1000, block_chunk=4, positions="clamped", sinks=2)
+    c = dataclasses.replace(c, block_votes=2, far_blocks=0)
+    a, _ = run_stream(tiny_model, ids, c)
+    b, _ = run_stream(tiny_model, ids, dataclasses.replace(c, block_select="means"))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(block_select="best"),
+        dict(block_select="exact", positions="fixed", block_votes=2, far_blocks=0),
+        dict(block_select="exact", positions="clamped", block_votes=0, far_blocks=0),
+        dict(block_select="exact", positions="clamped", block_votes=2, far_blocks=-1),
+    ],
+)
+def test_block_select_bad_settings(kw):
+    with pytest.raises(MemtxError, match="block-select"):
+        Config(retrieval="block", **kw)
+
+
+def test_exact_relevance_is_reused_until_the_memory_changes():
+    """Decoding asks for a chunk's blocks once per token with the same voters: the relevance
+    is computed once, and again after new memories arrive."""
+    torch.manual_seed(54)
+    mem = _voter_memory(torch.randn(1, 14, 8))  # 4 blocks, the last partial
+    calls = []
+    real = mem._exact_relevance
+    mem._exact_relevance = lambda *a: calls.append(1) or real(*a)
+    sel = torch.randn(1, 1, 2, 16)
+    near = torch.ones(1, mem.n_blocks, dtype=torch.bool)
+    a = mem.block_relevance(sel, "clamped", near, 0.3, 0, exact=True)
+    b = mem.block_relevance(sel.clone(), "clamped", near.clone(), 0.3, 0, exact=True)
+    assert len(calls) == 1 and torch.equal(a, b)
+    mem.block_relevance(sel + 1, "clamped", near, 0.3, 0, exact=True)
+    assert len(calls) == 2
+    k = torch.randn(1, 2, 8)
+    mem.add(k, k, torch.arange(14, 16), rotated_k=k)  # fills the last block: same shapes
+    mem.block_relevance(sel + 1, "clamped", near, 0.3, 0, exact=True)
+    assert len(calls) == 3
