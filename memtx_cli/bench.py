@@ -220,7 +220,7 @@ def run_memory_bench(
     }
 
 
-def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[str], None]) -> dict:
+def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[str], None]) -> tuple[dict, Any]:
     """Token-level recall@k of block retrieval with the settings as given (selector, votes,
     spread, positions, heads): the document streams with block memory; in its last segment
     each memory head's blocks, as its chunks chose them, are compared with every query head's
@@ -307,7 +307,7 @@ def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[s
         "queries_per_s": sum(len(m) for m in mass) / seconds,
     }
     log(f"{row['index']}: token recall@{k} {recall:.3f}, share of the memory's attention mass read {share:.3f}")
-    return row
+    return row, st
 
 
 def run_recall(
@@ -338,8 +338,9 @@ def run_recall(
     c = dataclasses.replace(cfg, memory=True, index="flat", retrieval="token")
     st = Streamer(lm.model, c)
     seg = c.segment
+    # Index kinds search the token memory's recorded queries; block recall streams on its own.
     with torch.inference_mode():
-        for s in range(0, len(ids) - seg, seg):
+        for s in range(0, len(ids) - seg, seg) if set(kinds) - {"block"} else ():
             st.step(ids[s : s + seg])
         recorded: dict[int, torch.Tensor] = {}
         for i, mem in st.memories.items():
@@ -350,11 +351,15 @@ def run_recall(
                 return orig(q, kk)
 
             mem.retrieve = rec  # type: ignore[method-assign]
-        st.step(ids[len(ids) - seg :])
+        if set(kinds) - {"block"}:
+            st.step(ids[len(ids) - seg :])
     rows = []
     for kind in kinds:
         if kind == "block":
-            rows.append(_block_recall(lm, ids, cfg, k, log))
+            row, bst = _block_recall(lm, ids, cfg, k, log)
+            rows.append(row)
+            if not len(next(iter(st.memories.values()))):
+                st = bst  # block recall alone: its memory tells the entries and layers
             continue
         spec = IndexSpec(kind=kind, nprobe=cfg.nprobe)
         recalls, build_s, search_s, nq = [], 0.0, 0.0, 0

@@ -298,8 +298,8 @@ BlockSelectOpt = Annotated[
     str | None,
     typer.Option(
         "--block-select",
-        help="block retrieval, clamped with voters: exact (voters' attention over the memories), "
-        "means (over block means) or auto (exact where it applies).",
+        help="block retrieval, clamped with voters: exact (each block scored by its best key's logit), "
+        "means (by its mean key) or auto (exact where it applies).",
     ),
 ]
 VotesOpt = Annotated[

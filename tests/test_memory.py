@@ -777,9 +777,9 @@ def test_block_recall_of_every_block_is_one(tiny_model, positions):
     ids = torch.randint(0, 300, (64,))
     lm = SimpleNamespace(model=tiny_model)
     kw = dict(retrieval="block", block_size=4, block_chunk=4, positions=positions, sinks=2, far_blocks=0)
-    every = _block_recall(lm, ids, cfg(blocks=1000, **kw), 5, lambda m: None)
+    every, _ = _block_recall(lm, ids, cfg(blocks=1000, **kw), 5, lambda m: None)
     assert every["recall"] == pytest.approx(1.0) and every["attention_mass_read"] == pytest.approx(1.0, abs=1e-5)
-    one = _block_recall(lm, ids, cfg(blocks=1, **kw), 5, lambda m: None)
+    one, _ = _block_recall(lm, ids, cfg(blocks=1, **kw), 5, lambda m: None)
     assert one["recall"] < 0.9 and one["attention_mass_read"] < 0.99
     assert one["memories_read"] == 4 < one["memories_readable"] == every["memories_readable"] <= 64
 
