@@ -10,6 +10,7 @@ python benchmarks/report.py bank benchmarks/results/bank_usefulness.json
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 
@@ -32,21 +33,28 @@ def throughput(r: dict) -> None:
 def memory(r: dict) -> None:
     s = r["settings"]
     if s.get("retrieval", "token") == "block":
-        how = f"block retrieval: {s['blocks']} blocks of {s['block_size']} per {s['block_chunk']} queries (exact search over block means)"
+        own = [int(p.split(":")[1]) for p in str(s.get("memory_heads", "")).split(",") if ":" in p]
+        blocks = (
+            f"{min(own)}-{max(own)} blocks per head ({len(own)} heads, {sum(own):,} in all)"
+            if own
+            else f"{s['blocks']} blocks"
+        )
+        how = f"block retrieval: {blocks} of {s['block_size']} per {s['block_chunk']} queries"
     else:
         how = f"token retrieval: top-{s['top_k']}, index {s['index']} (nprobe {s['nprobe']}), shared search {s.get('shared_search', True)}"
     print(
         f"settings: layers {s['memory_layers']}, {how}, {s['positions']} positions, sinks {s['sinks']}, dtype {r['dtype']}\n"
     )
     print(
-        "| genre | tokens | ppl window (+sinks) | ppl memory | ppl full | gap recovered | tok/s window | tok/s memory | memory cost | retrieval s |"
+        "| genre | tokens | ppl window (+sinks) | ppl memory | ppl full | gap recovered | log(window/memory) | tok/s window | tok/s memory | memory cost | retrieval s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for x in r["rows"]:
         full = f"{x['ppl_full']:.3f}" if "ppl_full" in x else "-"
         gap = f"{100 * x['gap_recovered']:.0f}%" if "gap_recovered" in x else "-"
         print(
             f"| {x['genre']} | {x['tokens']:,} | {x['ppl_window']:.3f} | {x['ppl_memory']:.3f} | {full} | {gap} | "
+            f"{math.log(x['ppl_window'] / x['ppl_memory']):.3f} | "
             f"{x['tokens_per_s_window']:,.0f} | {x['tokens_per_s_memory']:,.0f} | {100 * x['memory_cost']:.0f}% | {x['retrieval_seconds']:.1f} |"
         )
 

@@ -220,6 +220,12 @@ def run_memory_bench(
     }
 
 
+def _short(heads: str) -> str:
+    """A long head list (per-head budgets) named by its size."""
+    n = len([p for p in str(heads).split(",") if p.strip()])
+    return heads if len(heads) <= 24 else f"{n} listed"
+
+
 def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[str], None]) -> tuple[dict, Any]:
     """Token-level recall@k of block retrieval with the settings as given (selector, votes,
     spread, positions, heads): the document streams with block memory; in its last segment
@@ -252,9 +258,9 @@ def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[s
             attn = lm.model.layers[i].attn
             orig_attn = attn.block_memory_attention
 
-            def attend(q: Any, qr: Any, groups: Any, mr: Any, inv: Any, i: int = i, orig: Any = orig_attn) -> Any:
+            def attend(q: Any, qr: Any, groups: Any, mr: Any, *rest: Any, i: int = i, orig: Any = orig_attn) -> Any:
                 queries[i] = (qr.float().cpu(), mr.q_pos.cpu(), len(mr.memory))  # read before write
-                return orig(q, qr, groups, mr, inv)
+                return orig(q, qr, groups, mr, *rest)
 
             attn.block_memory_attention = attend  # type: ignore[method-assign]
         t0 = time.perf_counter()
@@ -285,7 +291,9 @@ def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[s
                 far = (q_last[:, None] - start[None]) > st.horizon  # (T, n), as retrieve_blocks decides
                 scores = scores.masked_fill(far[None], float("-inf"))
             chosen = torch.zeros(pick.shape[1], nb, dtype=torch.bool)  # (C, nb) blocks each chunk read
-            chosen.scatter_(1, pick[h].clamp(max=nb - 1), True)
+            budget = st.head_blocks[i]  # per-head budgets: the head's first (best) blocks only
+            ph = pick[h] if budget is None else pick[h][:, : int(budget[h])]
+            chosen.scatter_(1, ph.clamp(max=nb - 1), True)
             read = chosen[chunk_of][:, block_of]  # (T, n) entries each token's chunk read
             top = scores.topk(min(k, n), -1)  # (G, T, k)
             valid = top.values > float("-inf")
@@ -298,11 +306,19 @@ def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[s
     recall, share = sum(hit) / max(sum(total), 1.0), float(torch.cat(mass).mean())
     row = {
         "index": f"block ({c.blocks} x {c.block_size} per {c.block_chunk} queries, votes {c.block_votes}, "
-        f"spread {c.block_spread}, {c.positions}, heads {c.memory_heads})",
+        f"spread {c.block_spread}, {c.positions}, heads {_short(c.memory_heads)})",
         "recall": recall,
         "attention_mass_read": share,
         "memories_readable": float(torch.cat(readable).mean()),
-        "memories_read": c.blocks * b,
+        "memories_read": b
+        * float(  # per memory head, on average (heads may have budgets of their own)
+            torch.cat(
+                [
+                    v.float().cpu() if v is not None else torch.full((st.memories[i].n_kv,), float(c.blocks))
+                    for i, v in st.head_blocks.items()
+                ]
+            ).mean()
+        ),
         "build_seconds": 0.0,
         "queries_per_s": sum(len(m) for m in mass) / seconds,
     }

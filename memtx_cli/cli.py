@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -231,7 +232,9 @@ def describe_retrieval(st: dict[str, Any]) -> str:
         votes = f", {st['block_votes']} voters" if st.get("block_votes") else ""
         if st.get("block_votes") and exact_block_select(st):
             votes += " (exact)"
-        return f"{st['blocks']} blocks of {st['block_size']} per {st['block_chunk']} queries{spread}{votes}{where}"
+        own = [int(n) for n in re.findall(r":(\d+)", heads)]  # per-head budgets (layer.head:n)
+        blocks = f"{min(own)}-{max(own)} blocks ({sum(own):,} in all)" if own else f"{st['blocks']} blocks"
+        return f"{blocks} of {st['block_size']} per {st['block_chunk']} queries{spread}{votes}{where}"
     return f"top-{st['top_k']} {st['index']}{where}"
 
 
@@ -284,7 +287,8 @@ HeadsOpt = Annotated[
     str | None,
     typer.Option(
         "--memory-heads",
-        help="Heads with memory: all, topN (KV heads, the model card's ranking), topqN (query heads) or 18.2,8.0.",
+        help="Heads with memory: all, topN (KV heads, the model card's ranking), topqN (query heads) or 18.2,8.0; "
+        "18.2:224,8.0:32 gives KV heads block budgets of their own (--blocks: heads without one).",
     ),
 ]
 SpreadOpt = Annotated[

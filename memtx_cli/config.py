@@ -43,6 +43,9 @@ class Config:
     # KV heads with memory within the memory layers: "all", "topN" (the N first of
     # head_ranking), "topqN" (the N first query heads of query_head_ranking: their KV heads
     # keep memories, only those query heads read them) or "layer.head" pairs ("18.2,8.0").
+    # Block retrieval: a pair may carry the number of blocks that head reads ("18.2:224"; the
+    # others read `blocks`). Heads differ: at 8K one head still misses a third of its memory
+    # attention with 96 blocks where most hold theirs in 16-32 (benchmarks/head_budgets.py).
     memory_heads: str = "all"
     # KV heads ranked by how much full attention's output needs keys beyond the window (the
     # model card's, from benchmarks/head_ranking.py on held-out documents), best first.
@@ -147,6 +150,10 @@ class Config:
                 "far-top-k reads memories older than the trained context token by token: "
                 "it needs --positions clamped and --retrieval block"
             )
+        if ":" in str(self.memory_heads) and self.retrieval != "block":
+            raise MemtxError(
+                f"memory heads {self.memory_heads!r} give heads block budgets of their own: they need --retrieval block"
+            )
         if self.block_spread < 0:
             raise MemtxError(f"block-spread must be >= 0, got {self.block_spread}")
         if not 0 <= self.block_votes <= self.block_chunk:
@@ -198,6 +205,19 @@ class Config:
         for i, heads in self._head_choice(n_layers, n_kv, n_heads).items():
             qs = [sorted(range(g) if heads[h] is None else heads[h]) for h in sorted(heads)]
             out[i] = None if all(len(q) == g for q in qs) else qs
+        return out
+
+    def blocks_for(self, n_layers: int, n_kv: int, n_heads: int = 0) -> dict[int, list[int] | None]:
+        """Memory layer -> the blocks each of its memory KV heads reads (heads_for's order), None
+        when every head reads `blocks` (only "layer.head:n" pairs give a head its own budget)."""
+        spec = str(self.memory_heads).strip().lower()
+        if ":" not in spec:
+            return dict.fromkeys(self.heads_for(n_layers, n_kv, n_heads))
+        own = parse_head_blocks(spec, n_layers, n_kv)
+        out: dict[int, list[int] | None] = {}
+        for i, heads in self.heads_for(n_layers, n_kv, n_heads).items():
+            got = [own[i][h] or self.blocks for h in (heads if heads is not None else range(n_kv))]
+            out[i] = None if all(n == self.blocks for n in got) else got
         return out
 
     def _head_choice(self, n_layers: int, n_kv: int, n_heads: int) -> dict[int, dict[int, set[int] | None]]:
@@ -314,17 +334,23 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
 
 
 def merge_config(*layers: dict[str, Any] | None) -> Config:
-    """Merge dicts left to right (later wins; None values are skipped) into a checked Config."""
+    """Merge dicts left to right (later wins; None values are skipped) into a checked Config.
+    `blocks` set in a later layer than per-head budgets (memory-heads "18.2:224,...", the
+    card's) overrides them: the same heads, each reading `blocks`."""
     known = {f.name: f for f in fields(Config)}
     merged: dict[str, Any] = {}
-    for layer in layers:
+    where: dict[str, int] = {}  # key -> the layer that set it
+    for n, layer in enumerate(layers):
         for k, v in (layer or {}).items():
             k = _norm_key(k)
             if v is None:
                 continue
             if k not in known:
                 raise MemtxError(f"unknown setting {k!r} (known: {', '.join(sorted(known))})")
-            merged[k] = _coerce(k, v, known[k].type)
+            merged[k], where[k] = _coerce(k, v, known[k].type), n
+    heads = str(merged.get("memory_heads", ""))
+    if ":" in heads and where.get("blocks", -1) > where["memory_heads"]:
+        merged["memory_heads"] = ",".join(p.split(":")[0].strip() for p in heads.split(",") if p.strip())
     return Config(**merged)
 
 
@@ -378,18 +404,27 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 
 
 def parse_heads(spec: str, n_layers: int, n_kv: int, what: str = "KV head") -> dict[int, set[int]]:
-    """ "18.2,8.0,23.0" (layer.head pairs; n_kv heads per layer) -> {layer: {heads}}, each checked."""
-    out: dict[int, set[int]] = {}
+    """ "18.2,8.0,23.0" (layer.head pairs; n_kv heads per layer) -> {layer: {heads}}, each checked.
+    A pair may carry its own block budget, "18.2:224" (`parse_head_blocks` reads it)."""
+    return {layer: set(heads) for layer, heads in parse_head_blocks(spec, n_layers, n_kv, what).items()}
+
+
+def parse_head_blocks(spec: str, n_layers: int, n_kv: int, what: str = "KV head") -> dict[int, dict[int, int]]:
+    """ "18.2:224,8.0" -> {layer: {head: blocks}}, 0 where the pair gives no budget of its own."""
+    out: dict[int, dict[int, int]] = {}
     for part in filter(None, (p.strip() for p in str(spec).split(","))):
-        m = re.fullmatch(r"(\d+)\.(\d+)", part)
-        if m is None:
-            raise MemtxError(f"memory heads {spec!r}: use all, topN, topqN or layer.head pairs like 18.2,8.0")
+        m = re.fullmatch(r"(\d+)\.(\d+)(?::(\d+))?", part)
+        if m is None or m.group(3) is not None and (int(m.group(3)) < 1 or what != "KV head"):
+            raise MemtxError(
+                f"memory heads {spec!r}: use all, topN, topqN or layer.head pairs like 18.2,8.0 "
+                "(KV heads may carry their own block budget >= 1: 18.2:224,8.0:32)"
+            )
         layer, head = int(m.group(1)), int(m.group(2))
         if not 0 <= layer < n_layers or not 0 <= head < n_kv:
             raise MemtxError(
                 f"memory head {part} is out of range: the model has {n_layers} layers and {n_kv} {what}s per layer"
             )
-        out.setdefault(layer, set()).add(head)
+        out.setdefault(layer, {})[head] = int(m.group(3) or 0)
     if not out:
         raise MemtxError(f"memory heads {spec!r} selects no head")
     return out

@@ -58,6 +58,12 @@ class Streamer:
                 for h, q in enumerate(qs):
                     mask[h, q] = True
             self.qmasks[i] = mask
+        # Memory layer -> (KVm,) blocks each memory KV head reads (None = `blocks` for all):
+        # "layer.head:n" budgets (memory heads differ in how many blocks hold their attention).
+        self.head_blocks: dict[int, torch.Tensor | None] = {
+            i: None if n is None else torch.tensor(n, device=dev)
+            for i, n in cfg.blocks_for(a.n_layers, a.n_kv_heads, a.n_heads).items()
+        }
         # clamped: layers that also read memories older than the trained context (at the fixed distance)
         self.far_layers = set(parse_layers(cfg.far_layers, a.n_layers)) if self.layers else set()
         if self.layers:
@@ -149,7 +155,7 @@ class Streamer:
                 self.cfg.combine,
                 self.cfg.shared_search,
                 self.cfg.retrieval,
-                self.cfg.blocks,
+                self.cfg.blocks if self.head_blocks[i] is None else int(self.head_blocks[i].max()),
                 self.cfg.block_chunk,
                 self.chunk_sums[i],
                 self.trace,
@@ -161,6 +167,7 @@ class Streamer:
                 far_top_k=self.cfg.far_top_k if i in self.far_layers else 0,
                 qmask=self.qmasks[i],
                 exact_select=self.exact_select,
+                head_blocks=self.head_blocks[i],
             )
             for i, m in self.memories.items()
         }

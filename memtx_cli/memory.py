@@ -274,6 +274,7 @@ class LayerMemory:
         far_bias: float = 0.0,
         raw_keys: bool | None = None,
         exact: bool = False,
+        budgets: torch.Tensor | None = None,
     ) -> BlockRetrieval:
         """Per KV head and selector, the `n_blocks` most relevant blocks (`block_relevance`);
         sel (KV, C, D) sums of search vectors or (KV, C, Q, D) voters (model.block_selectors);
@@ -287,6 +288,9 @@ class LayerMemory:
         out near ones). With voters the relevance is a log share, so the bias is a prior e^-b.
         exact: with voters and separate budgets, near blocks are scored by the voters' exact
         attention (`block_relevance`).
+        budgets (KV,): head h reads only its best budgets[h] blocks (<= n_blocks) of the first
+        (near or shared) budget; the blocks then come best first, not in document order, and
+        the others are invalid, so a caller may cut each row to its head's first blocks.
         """
         import time
 
@@ -306,25 +310,35 @@ class LayerMemory:
         nb = relevance.shape[-1]
         if not separate:  # one budget
             parts = [relevance]
-            budgets = [n_blocks]
+            sizes = [n_blocks]
         else:
             parts = [relevance.masked_fill(~near, float("-inf"))]
-            budgets = [n_blocks]
+            sizes = [n_blocks]
             if far_blocks:
                 parts.append(relevance.masked_fill(near, float("-inf")) - far_bias)
-                budgets.append(far_blocks)
+                sizes.append(far_blocks)
         picks, scores = [], []
-        for rel, m in zip(parts, budgets, strict=True):
+        for rel, m in zip(parts, sizes, strict=True):
             if spread:  # a block also counts as relevant as the `spread` blocks before it
                 rel = spread_forward(rel, spread)
             top = rel.topk(min(m, nb), dim=-1)
             picks.append(top.indices + first)
             scores.append(top.values)
-        pick, order = torch.cat(picks, -1).sort(-1)  # (KV, C, m), in document order
+        if budgets is None:
+            pick, order = torch.cat(picks, -1).sort(-1)  # (KV, C, m), in document order
+        else:  # best first: head h's first budgets[h] blocks are the ones it reads
+            pick = torch.cat(picks, -1)
+            order = torch.arange(pick.shape[-1], device=pick.device).expand_as(pick)
         out = self.gather_blocks(pick, raw_keys if raw_keys is not None else not near_only)
+        ok = None
         if separate:
             # a budget larger than its blocks picks some at -inf: mask them
             ok = torch.cat(scores, -1).gather(-1, order) > float("-inf")  # (KV, C, m)
+        if budgets is not None:  # past a head's own budget: not read
+            rank = torch.arange(pick.shape[-1], device=pick.device)
+            within = (rank[None] < budgets.to(pick.device)[:, None]) | (rank[None] >= picks[0].shape[-1])  # (KV, m)
+            ok = within[:, None].expand_as(pick) if ok is None else ok & within[:, None]
+        if ok is not None:
             out.valid &= ok.repeat_interleave(self.block_size, -1).view_as(out.valid)
             if far_bias and far_blocks > 0:  # the same prior in the attention scores
                 far_pick = ~near.expand_as(relevance).gather(-1, pick)  # (KV, C, m)
@@ -635,6 +649,7 @@ class CompositeMemory:
         far_blocks: int = -1,
         far_bias: float = 0.0,
         exact: bool = False,
+        budgets: torch.Tensor | None = None,
     ) -> BlockRetrieval:
         """The own memory's best blocks (as it would give them alone), then the bank's. With
         clamped positions the bank's blocks, from other documents, are far memories: searched with
@@ -655,7 +670,7 @@ class CompositeMemory:
         own = None
         if len(self.own):
             own = self.own.retrieve_blocks(  # raw keys: the joined rows are rotated as far memories
-                sel, n_blocks, scale, scheme, near, spread, far_blocks, far_bias, raw_keys=True, exact=exact
+                sel, n_blocks, scale, scheme, near, spread, far_blocks, far_bias, True, exact, budgets
             )
         n_own = 0 if own is None else own.keys.shape[1]
 

@@ -191,6 +191,9 @@ class MemoryRead:
     # clamped block retrieval with voters: score the blocks within the trained context by the
     # voters' exact attention over their memories, not over block means (Config.block_select)
     exact_select: bool = False
+    # block retrieval: (KVm,) blocks each memory KV head reads, best first (`blocks` = their
+    # maximum); None = `blocks` for every head (--memory-heads 18.2:224,8.0:32,...)
+    head_blocks: torch.Tensor | None = None
 
 
 @dataclass
@@ -253,7 +256,10 @@ def memory_search_vectors(q_raw: torch.Tensor, mem: MemoryRead, inv_freq: torch.
     fixed = torch.full((1, 1, 1), mem.distance, device=q_raw.device)
     if mem.scheme == "clamped" and mem.retrieval == "block":  # both: [fixed | true], (KV, Gs, T, 2D)
         at_abs = rotate_by(q_raw, inv_freq, mem.q_pos.view(1, 1, t))
-        return torch.cat([rotate_by(q_raw, inv_freq, fixed), at_abs], -1)
+        # Exact selection of near blocks only, no bank: nothing is scored at the fixed distance.
+        unused = mem.exact_select and mem.far_blocks == 0 and not mem.far_top_k and not hasattr(mem.memory, "bank")
+        at_fixed = torch.zeros_like(at_abs) if unused else rotate_by(q_raw, inv_freq, fixed)
+        return torch.cat([at_fixed, at_abs], -1)
     dist = mem.q_pos.view(1, 1, t) if mem.scheme == "true" else fixed
     return rotate_by(q_raw, inv_freq, dist)
 
@@ -358,7 +364,11 @@ class Attention(nn.Module):
             qs = memory_search_vectors(qr, mem, inv_freq)
             groups = block_selectors(qs, mem.q_pos, mem.chunk, mem.chunk_sums, mem.votes)
             if len(mem.memory) > 0:
-                out_m, lse_m, traced = self.block_memory_attention(q, qr, groups, mem, inv_freq)
+                # The queries at their absolute positions: the search vectors' true half, if not summed.
+                qm = None
+                if mem.scheme in ("true", "clamped") and qs.shape[1] == qr.shape[1]:
+                    qm = qs[..., self.hd :] if mem.scheme == "clamped" else qs
+                out_m, lse_m, traced = self.block_memory_attention(q, qr, groups, mem, inv_freq, qm)
                 if mem.far_top_k and mem.scheme == "clamped":
                     out_f, lse_f = self.far_token_attention(qr, qs, mem, inv_freq)
                     out_m, lse_m = merge_lse(out_m, lse_m, out_f, lse_f)
@@ -500,6 +510,7 @@ class Attention(nn.Module):
         groups: list[tuple[int, int, torch.Tensor]],  # from block_selectors
         mem: MemoryRead,
         inv_freq: torch.Tensor,
+        qm: torch.Tensor | None = None,  # (KVm, G, T, D) qr rotated by q_pos, if already done
     ) -> tuple[torch.Tensor, torch.Tensor, list]:  # (KVm, G, T, D), (KVm, G, T), traced
         """Block retrieval (InfLLM-style), causal: tokens select the `blocks` most relevant
         blocks of memory per KV head with a selector built from earlier queries only
@@ -511,7 +522,7 @@ class Attention(nn.Module):
         kv, g, t, d = qr.shape
         scale = 1.0 / math.sqrt(d)
         if mem.scheme in ("true", "clamped"):  # R(a)q . R(b)k: the real distance
-            qm = rotate_by(qr, inv_freq, mem.q_pos.view(1, 1, t))
+            qm = rotate_by(qr, inv_freq, mem.q_pos.view(1, 1, t)) if qm is None else qm
         else:  # every memory `distance` tokens back
             qm = rotate_by(qr, inv_freq, torch.full((1, 1, 1), mem.distance, device=qr.device))
         qm = qm.to(q.dtype)
@@ -521,7 +532,7 @@ class Attention(nn.Module):
         else:  # query heads without memory keep nothing (weight 0)
             out_m = torch.zeros(kv, g, t, d, dtype=q.dtype, device=q.device)
             lse_m = torch.full((kv, g, t), float("-inf"), device=q.device)
-        runs = query_runs(mem.qmask, kv)
+        runs = query_runs(mem.qmask, kv, mem.head_blocks)
         traced = []  # with mem.trace: what is needed to weigh the bank blocks after the merge
         buckets: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # size -> [(token idx, sel)]
         for a, b, sel in groups:
@@ -542,30 +553,30 @@ class Attention(nn.Module):
             if mem.scheme == "clamped":  # blocks whose every key is within `horizon` of every query
                 near = (q_last[:, None] - mem.memory.block_starts()[None]) <= mem.horizon  # (n, nb)
             how = (mem.blocks, scale, mem.scheme, near, mem.spread, mem.far_blocks, mem.far_bias)
-            got = mem.memory.retrieve_blocks(sels, *how, exact=mem.exact_select)  # (KV*n, M, ...)
+            got = mem.memory.retrieve_blocks(
+                sels, *how, exact=mem.exact_select, budgets=mem.head_blocks
+            )  # (KV*n, M, ...)
             km = got.keys if mem.scheme == "fixed" else got.rkeys
             if mem.scheme == "clamped":  # rows are (KV head, group), head-major
                 km = clamp_keys(got, q_first.repeat(kv), q_last.repeat(kv), mem, inv_freq)
-            m_bias = None  # a mask only when a partial block was picked: it costs ~20% in the kernel
-            if got.bias is not None or not bool(got.valid.all()):
-                m_bias = torch.zeros(kv * n, 1, got.valid.shape[1], dtype=q.dtype, device=q.device)
-                if got.bias is not None:
-                    m_bias += got.bias[:, None].to(q.dtype)
-                m_bias.masked_fill_(~got.valid[:, None], float("-inf"))
             flat = idx.reshape(-1)
             km, vm = km.to(q.dtype), got.values.to(q.dtype)
-            empty = ~got.valid.any(-1) if m_bias is not None else None  # (KV*n,) rows with nothing valid
+            # Per-head budgets come best first: a run reads its rows' first budget x b entries
+            # (the rest are invalid) unless a bank's or far blocks fill the rows' tails.
+            cut = mem.head_blocks is not None and got.bank_ids is None and mem.far_blocks <= 0
             # Runs of consecutive KV heads whose groups read memory with as many query heads
-            # (one run of all G without topqN): one flash call each, over their rows' slice.
+            # (one run of all G without topqN) and blocks: one flash call each, over their rows.
             for h0, h1, qi in runs:
                 r, c, rows = h1 - h0, g if qi is None else qi.shape[1], slice(h0 * n, h1 * n)
+                span = min(int(mem.head_blocks[h0]) * mem.memory.block_size, km.shape[1]) if cut else km.shape[1]
                 qh = qm[h0:h1] if qi is None else qm[h0:h1][torch.arange(r, device=q.device)[:, None], qi]
                 qq = qh[:, :, idx].permute(0, 2, 1, 3, 4).reshape(1, r * n, c * size, d)  # (1, r*n, c*size, D)
-                mb = None if m_bias is None else m_bias[rows]
-                o, lse = attention_with_lse(qq, km[None, rows], vm[None, rows], mb, scale)
-                if empty is not None and bool(empty[rows].any()):  # near-only, nothing near: weight 0
-                    lse = lse.masked_fill(empty[rows, None], float("-inf"))
-                    o = o.masked_fill(empty[rows, None, None], 0.0)
+                mb = memory_bias(got, rows, span, q.dtype)
+                o, lse = attention_with_lse(qq, km[None, rows, :span], vm[None, rows, :span], mb, scale)
+                empty = None if mb is None else ~got.valid[rows, :span].any(-1)  # (r*n,) rows with nothing valid
+                if empty is not None and bool(empty.any()):  # near-only, nothing near: weight 0
+                    lse = lse.masked_fill(empty[:, None], float("-inf"))
+                    o = o.masked_fill(empty[:, None, None], 0.0)
                 o = o.view(r, n, c, size, d).permute(0, 2, 1, 3, 4).reshape(r, c, n * size, d)
                 lse = lse.view(r, n, c, size).permute(0, 2, 1, 3).reshape(r, c, n * size)
                 if qi is None:
@@ -575,6 +586,7 @@ class Attention(nn.Module):
                     out_m[at], lse_m[at] = o, lse
             if mem.trace is not None and got.bank_ids is not None:  # every query head (qmask weighs them)
                 qq = qm[:, :, idx].permute(0, 2, 1, 3, 4).reshape(1, kv * n, g * size, d)
+                m_bias = memory_bias(got, slice(None), km.shape[1], q.dtype)
                 traced.append((idx, qq, km, m_bias, got.bank_ids, mem.memory.block_size))
         return out_m, lse_m, traced
 
@@ -619,19 +631,33 @@ def merge_lse(
     return r1.to(o1.dtype) * o1 + r2.to(o1.dtype) * o2, top + torch.log(den)
 
 
-def query_runs(qmask: torch.Tensor | None, kv: int) -> list[tuple[int, int, torch.Tensor | None]]:
+def memory_bias(got: BlockRetrieval, rows: slice, span: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """(R, 1, span) additive bias of the retrieved rows' first `span` entries: their prior (a
+    bank's) and -inf where invalid; None when there is neither (a mask costs ~20% in the kernel)."""
+    valid = got.valid[rows, :span]
+    if got.bias is None and bool(valid.all()):
+        return None
+    out = torch.zeros(valid.shape[0], 1, span, dtype=dtype, device=valid.device)
+    if got.bias is not None:
+        out += got.bias[rows, None, :span].to(dtype)
+    return out.masked_fill_(~valid[:, None], float("-inf"))
+
+
+def query_runs(
+    qmask: torch.Tensor | None, kv: int, blocks: torch.Tensor | None = None
+) -> list[tuple[int, int, torch.Tensor | None]]:
     """(h0, h1, qi): runs of consecutive KV heads h0..h1-1 whose groups read memory with the
-    same number of query heads, qi (h1-h0, c) their indices in the group (None: all G).
-    qmask (KVm, G) bool, None = every query head."""
-    if qmask is None:
-        return [(0, kv, None)]
-    counts = qmask.sum(1).tolist()
+    same number of query heads (and the same number of blocks, `blocks` (KVm,) or None), qi
+    (h1-h0, c) their indices in the group (None: all G). qmask (KVm, G) bool, None = every
+    query head."""
+    counts = [-1] * kv if qmask is None else qmask.sum(1).tolist()  # -1: every query head
+    budget = [0] * kv if blocks is None else blocks.tolist()
     runs, h0 = [], 0
     for h in range(1, kv + 1):
-        if h == kv or counts[h] != counts[h0]:
+        if h == kv or counts[h] != counts[h0] or budget[h] != budget[h0]:
             c = counts[h0]
             if c:
-                qi = None if c == qmask.shape[1] else qmask[h0:h].nonzero()[:, 1].view(h - h0, c)
+                qi = None if c < 0 or c == qmask.shape[1] else qmask[h0:h].nonzero()[:, 1].view(h - h0, c)
                 runs.append((h0, h, qi))
             h0 = h
     return runs

@@ -63,7 +63,17 @@ class FakeBankMemory:
         return self.keys.shape[1]
 
     def retrieve_blocks(
-        self, sel, n_blocks, scale, scheme="fixed", near=None, spread=0, far_blocks=-1, far_bias=0.0, exact=False
+        self,
+        sel,
+        n_blocks,
+        scale,
+        scheme="fixed",
+        near=None,
+        spread=0,
+        far_blocks=-1,
+        far_bias=0.0,
+        exact=False,
+        budgets=None,
     ):
         kv, c = sel.shape[:2]
         m = self.keys.shape[1]

@@ -494,6 +494,106 @@ def test_memory_heads_bad_settings(tiny_model):
         cfg(block_spread=-1)
 
 
+# Block budgets per KV head (--memory-heads 18.2:224,8.0:32): tiny model, 3 layers x 2 KV heads.
+BUDGET_KW = dict(retrieval="block", block_size=4, block_chunk=4, positions="clamped", sinks=2, block_votes=2)
+
+
+def _layer0_memory_attention(model, ids, c):
+    """The memory attention (out, lse) of layer 0 for every segment. Layer 0's inputs do not
+    depend on memory, so two settings can be compared head by head."""
+    attn, got = model.layers[0].attn, []
+    orig = attn.block_memory_attention
+
+    def record(*a):
+        out = orig(*a)
+        got.append(out[:2])
+        return out
+
+    attn.block_memory_attention = record
+    try:
+        run_stream(model, ids, c)
+    finally:
+        del attn.block_memory_attention
+    return got
+
+
+def test_head_budgets_read_each_heads_best_blocks(tiny_model):
+    """Head 0.0 with a budget of 1 block and 0.1 with 3 read what they read with those budgets
+    for every head: each KV head selects alone, and a budget keeps its best blocks."""
+    torch.manual_seed(61)
+    ids = torch.randint(0, 300, (96,))
+    mixed = _layer0_memory_attention(tiny_model, ids, cfg(memory_heads="0.0:1,0.1:3", blocks=2, **BUDGET_KW))
+    one = _layer0_memory_attention(tiny_model, ids, cfg(memory_heads="0.0,0.1", blocks=1, **BUDGET_KW))
+    three = _layer0_memory_attention(tiny_model, ids, cfg(memory_heads="0.0,0.1", blocks=3, **BUDGET_KW))
+    assert len(mixed) == len(one) > 5
+    for (o, lse), (o1, l1), (o3, l3) in zip(mixed, one, three, strict=True):
+        torch.testing.assert_close(o[0], o1[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[0], l1[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(o[1], o3[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[1], l3[1], atol=1e-5, rtol=1e-5)
+
+
+def test_equal_head_budgets_equal_one_budget_and_masking_equals_cutting(tiny_model):
+    """Every head with the same budget = `blocks` for all (best-first order, same numbers); a
+    (here empty) far budget keeps the rows whole and masks past each head's budget instead of
+    cutting them: the same numbers."""
+    torch.manual_seed(62)
+    ids = torch.randint(0, 300, (96,))
+    every = ",".join(f"{i}.{h}:2" for i in range(3) for h in range(2))
+    a, st = run_stream(tiny_model, ids, cfg(memory_heads=every, blocks=5, **BUDGET_KW))
+    assert all(b is not None and b.tolist() == [2, 2] for b in st.head_blocks.values())
+    b, st = run_stream(tiny_model, ids, cfg(blocks=2, **BUDGET_KW))
+    assert all(v is None for v in st.head_blocks.values())
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    spec = "0.0:1,0.1:3,1.1,2.0:4"
+    cut, st = run_stream(tiny_model, ids, cfg(memory_heads=spec, blocks=2, far_blocks=0, **BUDGET_KW))
+    assert st.head_blocks[0].tolist() == [1, 3] and st.head_blocks[1] is None and st.head_blocks[2].tolist() == [4]
+    masked, _ = run_stream(tiny_model, ids, cfg(memory_heads=spec, blocks=2, far_blocks=1, **BUDGET_KW))
+    torch.testing.assert_close(cut, masked, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cut, b)
+
+
+def test_head_budgets_stay_causal_and_decoding_agrees(tiny_model):
+    torch.manual_seed(63)
+    ids = torch.randint(0, 300, (80,))
+    c = cfg(memory_heads="0.0:1,0.1:3,2.1:2", blocks=2, **BUDGET_KW)
+    a, _ = run_stream(tiny_model, ids, c)
+    changed = ids.clone()
+    changed[50:] = torch.randint(0, 300, (30,))
+    b, _ = run_stream(tiny_model, changed, c)
+    assert torch.equal(a[:49], b[:49])
+    seg = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids[:64], 0)
+    dec = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids[:64], 3)
+    torch.testing.assert_close(seg, dec, atol=1e-3, rtol=1e-4)
+
+
+def test_query_runs_split_where_the_budget_changes():
+    runs = query_runs(None, 4, torch.tensor([2, 2, 5, 2]))
+    assert [(a, b) for a, b, _ in runs] == [(0, 2), (2, 3), (3, 4)]
+
+
+def test_blocks_set_later_override_head_budgets():
+    """--blocks on the command line beats the card's per-head budgets (same heads, `blocks`
+    each); budgets set later than `blocks` stand."""
+    from memtx_cli.config import merge_config
+
+    card = {"memory_heads": "0.0:2, 1.1:3", "blocks": 5, "retrieval": "block", "memory_layers": "all"}
+    assert merge_config(card).memory_heads == "0.0:2, 1.1:3"
+    flags = merge_config(card, {"blocks": 7})
+    assert flags.memory_heads == "0.0,1.1" and flags.blocks == 7
+    assert flags.blocks_for(3, 2) == {0: None, 1: None}
+    assert merge_config({"blocks": 7}, card).blocks_for(3, 2) == {0: [2], 1: [3]}
+
+
+def test_head_budgets_bad_settings(tiny_model):
+    ids = torch.randint(0, 300, (20,))
+    for spec in ("0.0:0", "0.0:x", "0.0:-1"):
+        with pytest.raises(MemtxError, match="block budget"):
+            run_stream(tiny_model, ids, cfg(memory_heads=spec, retrieval="block"))
+    with pytest.raises(MemtxError, match="need --retrieval block"):
+        cfg(memory_heads="0.0:2", retrieval="token")
+
+
 def test_spread_forward_gives_each_block_its_predecessors_relevance():
     rel = torch.tensor([[5.0, 0.0, 1.0, -2.0, 3.0, -1.0]])
     torch.testing.assert_close(spread_forward(rel, 0), rel)
@@ -782,6 +882,13 @@ def test_block_recall_of_every_block_is_one(tiny_model, positions):
     one, _ = _block_recall(lm, ids, cfg(blocks=1, **kw), 5, lambda m: None)
     assert one["recall"] < 0.9 and one["attention_mass_read"] < 0.99
     assert one["memories_read"] == 4 < one["memories_readable"] == every["memories_readable"] <= 64
+    # Per-head budgets: a head counts only its own best blocks; every head at 1000 = every block.
+    heads = ",".join(f"{i}.{h}:{n}" for i in range(3) for h, n in ((0, 1000), (1, 1)))
+    both, _ = _block_recall(lm, ids, cfg(blocks=1, memory_heads=heads, **kw), 5, lambda m: None)
+    assert one["recall"] < both["recall"] < every["recall"] and both["memories_read"] == 4 * (1000 + 1) / 2
+    heads = ",".join(f"{i}.{h}:1000" for i in range(3) for h in range(2))
+    all_of, _ = _block_recall(lm, ids, cfg(blocks=1, memory_heads=heads, **kw), 5, lambda m: None)
+    assert all_of["recall"] == pytest.approx(1.0) and all_of["attention_mass_read"] == pytest.approx(1.0, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
