@@ -169,7 +169,9 @@ def main() -> None:
     if args.curves:
         with open(args.curves) as f:
             saved = json.load(f)
-        steps, per_doc = saved["steps"], [saved["curves"]]
+        keep = [j for j, m in enumerate(saved["steps"]) if m in steps]  # --steps picks among the saved
+        steps = [saved["steps"][j] for j in keep]
+        per_doc = [{h: [cv[j] for j in keep] for h, cv in saved["curves"].items()}]
     for doc in args.docs.split(",") if not args.curves else []:
         path = CORPUS / doc if not doc.startswith("/") else doc
         ids = torch.tensor(lm.tokenizer.encode(open(path, encoding="utf-8").read())[: args.tokens])
