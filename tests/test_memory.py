@@ -590,8 +590,11 @@ def test_head_budgets_bad_settings(tiny_model):
     for spec in ("0.0:0", "0.0:x", "0.0:-1"):
         with pytest.raises(MemtxError, match="block budget"):
             run_stream(tiny_model, ids, cfg(memory_heads=spec, retrieval="block"))
-    with pytest.raises(MemtxError, match="need --retrieval block"):
-        cfg(memory_heads="0.0:2", retrieval="token")
+    # Token retrieval reads top-k in the same heads, budgets aside (the card's budgets must not
+    # stop --retrieval token).
+    a, _ = run_stream(tiny_model, ids, cfg(memory_heads="0.0:2,2.1:5", retrieval="token", top_k=3))
+    b, _ = run_stream(tiny_model, ids, cfg(memory_heads="0.0,2.1", retrieval="token", top_k=3))
+    assert torch.equal(a, b)
 
 
 def test_spread_forward_gives_each_block_its_predecessors_relevance():
