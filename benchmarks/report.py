@@ -13,6 +13,8 @@ import json
 import math
 import sys
 
+from memtx_cli.config import blocks_read
+
 
 def throughput(r: dict) -> None:
     p = r["peak_gflops"]
@@ -33,13 +35,8 @@ def throughput(r: dict) -> None:
 def memory(r: dict) -> None:
     s = r["settings"]
     if s.get("retrieval", "token") == "block":
-        own = [int(p.split(":")[1]) for p in str(s.get("memory_heads", "")).split(",") if ":" in p]
-        blocks = (
-            f"{min(own)}-{max(own)} blocks per head ({len(own)} heads, {sum(own):,} in all)"
-            if own
-            else f"{s['blocks']} blocks"
-        )
-        how = f"block retrieval: {blocks} of {s['block_size']} per {s['block_chunk']} queries"
+        blocks = blocks_read(s.get("memory_heads", ""), s["blocks"])  # per-head budgets or `blocks`
+        how = f"block retrieval: {blocks} blocks of {s['block_size']} per {s['block_chunk']} queries"
     else:
         how = f"token retrieval: top-{s['top_k']}, index {s['index']} (nprobe {s['nprobe']}), shared search {s.get('shared_search', True)}"
     print(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from memtx_cli.config import blocks_read
 from memtx_cli.engine import full_nll, stream_nll
 from memtx_cli.errors import MemtxError
 from memtx_cli.runtime import load_model
@@ -226,12 +227,6 @@ def _short(heads: str) -> str:
     return heads if len(heads) <= 24 else f"{n} listed"
 
 
-def _blocks(c: Any) -> str:
-    """The blocks read per head: `blocks`, or the range of per-head budgets and their sum."""
-    own = [int(p.split(":")[1]) for p in str(c.memory_heads).split(",") if ":" in p]
-    return f"{min(own)}-{max(own)} ({sum(own):,} in all)" if own else str(c.blocks)
-
-
 def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[str], None]) -> tuple[dict, Any]:
     """Token-level recall@k of block retrieval with the settings as given (selector, votes,
     spread, positions, heads): the document streams with block memory; in its last segment
@@ -311,7 +306,8 @@ def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[s
             readable.append((scores[0] > float("-inf")).sum(-1).float())  # (T,) memories each token may read
     recall, share = sum(hit) / max(sum(total), 1.0), float(torch.cat(mass).mean())
     row = {
-        "index": f"block ({_blocks(c)} x {c.block_size} per {c.block_chunk} queries, votes {c.block_votes}, "
+        "index": f"block ({blocks_read(c.memory_heads, c.blocks)} x {c.block_size} per {c.block_chunk} queries, "
+        f"votes {c.block_votes}, "
         f"spread {c.block_spread}, {c.positions}, heads {_short(c.memory_heads)})",
         "recall": recall,
         "attention_mass_read": share,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -223,7 +222,7 @@ def text_sink(as_json: bool) -> Callable[[str], None]:
 
 
 def describe_retrieval(st: dict[str, Any]) -> str:
-    from memtx_cli.config import exact_block_select
+    from memtx_cli.config import blocks_read, exact_block_select
 
     heads = str(st.get("memory_heads", "all"))
     where = "" if heads == "all" else f" in heads {heads if len(heads) <= 12 else heads[:12] + '...'}"
@@ -232,9 +231,8 @@ def describe_retrieval(st: dict[str, Any]) -> str:
         votes = f", {st['block_votes']} voters" if st.get("block_votes") else ""
         if st.get("block_votes") and exact_block_select(st):
             votes += " (exact)"
-        own = [int(n) for n in re.findall(r":(\d+)", heads)]  # per-head budgets (layer.head:n)
-        blocks = f"{min(own)}-{max(own)} blocks ({sum(own):,} in all)" if own else f"{st['blocks']} blocks"
-        return f"{blocks} of {st['block_size']} per {st['block_chunk']} queries{spread}{votes}{where}"
+        blocks = blocks_read(heads, st["blocks"])  # per-head budgets (layer.head:n) or `blocks`
+        return f"{blocks} blocks of {st['block_size']} per {st['block_chunk']} queries{spread}{votes}{where}"
     return f"top-{st['top_k']} {st['index']}{where}"
 
 

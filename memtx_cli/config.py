@@ -311,6 +311,13 @@ def exact_block_select(settings: dict[str, Any]) -> bool:
     return mode == "exact" or (mode == "auto" and applies)
 
 
+def blocks_read(memory_heads: str, blocks: int) -> str:
+    """How many blocks a head reads, for display: "96", or the range of the per-head budgets
+    a memory-heads spec lists ("18.2:224,8.0:16" -> "16-224 (240 in all)")."""
+    own = [int(n) for n in re.findall(r":(\d+)", str(memory_heads))]
+    return f"{min(own)}-{max(own)} ({sum(own):,} in all)" if own else str(blocks)
+
+
 def _norm_key(k: str) -> str:
     return k.replace("-", "_")
 

@@ -60,10 +60,11 @@ class Streamer:
             self.qmasks[i] = mask
         # Memory layer -> (KVm,) blocks each memory KV head reads (None = `blocks` for all):
         # "layer.head:n" budgets (memory heads differ in how many blocks hold their attention).
+        budgets = cfg.blocks_for(a.n_layers, a.n_kv_heads, a.n_heads)
         self.head_blocks: dict[int, torch.Tensor | None] = {
-            i: None if n is None else torch.tensor(n, device=dev)
-            for i, n in cfg.blocks_for(a.n_layers, a.n_kv_heads, a.n_heads).items()
+            i: None if n is None else torch.tensor(n, device=dev) for i, n in budgets.items()
         }
+        self.layer_blocks = {i: cfg.blocks if n is None else max(n) for i, n in budgets.items()}  # the most any reads
         # clamped: layers that also read memories older than the trained context (at the fixed distance)
         self.far_layers = set(parse_layers(cfg.far_layers, a.n_layers)) if self.layers else set()
         if self.layers:
@@ -155,7 +156,7 @@ class Streamer:
                 self.cfg.combine,
                 self.cfg.shared_search,
                 self.cfg.retrieval,
-                self.cfg.blocks if self.head_blocks[i] is None else int(self.head_blocks[i].max()),
+                self.layer_blocks[i],
                 self.cfg.block_chunk,
                 self.chunk_sums[i],
                 self.trace,

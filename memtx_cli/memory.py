@@ -324,16 +324,13 @@ class LayerMemory:
             top = rel.topk(min(m, nb), dim=-1)
             picks.append(top.indices + first)
             scores.append(top.values)
-        if budgets is None:
-            pick, order = torch.cat(picks, -1).sort(-1)  # (KV, C, m), in document order
-        else:  # best first: head h's first budgets[h] blocks are the ones it reads
-            pick = torch.cat(picks, -1)
-            order = torch.arange(pick.shape[-1], device=pick.device).expand_as(pick)
+        pick, score = torch.cat(picks, -1), torch.cat(scores, -1)  # (KV, C, m), best first per budget
+        if budgets is None:  # in document order (with budgets, head h reads its first budgets[h])
+            pick, order = pick.sort(-1)
+            score = score.gather(-1, order) if separate else score
         out = self.gather_blocks(pick, raw_keys if raw_keys is not None else not near_only)
-        ok = None
-        if separate:
-            # a budget larger than its blocks picks some at -inf: mask them
-            ok = torch.cat(scores, -1).gather(-1, order) > float("-inf")  # (KV, C, m)
+        # a budget larger than its blocks picks some at -inf: mask them
+        ok = score > float("-inf") if separate else None
         if budgets is not None:  # past a head's own budget: not read
             rank = torch.arange(pick.shape[-1], device=pick.device)
             within = (rank[None] < budgets.to(pick.device)[:, None]) | (rank[None] >= picks[0].shape[-1])  # (KV, m)

@@ -451,13 +451,19 @@ def test_query_heads_stay_causal_and_decoding_agrees(tiny_model, votes):
     ids = torch.randint(0, 300, (80,))
     c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2)
     c = dataclasses.replace(c, block_votes=votes, memory_heads="topq5", query_head_ranking=Q_RANKING)
-    a, _ = run_stream(tiny_model, ids, c)
+    _assert_causal_and_decoding_agrees(tiny_model, ids, c)
+
+
+def _assert_causal_and_decoding_agrees(model, ids, c, at=50, pieces=3, n_dec=64):
+    """Changing tokens from `at` on leaves every earlier prediction bit-identical, and decoding
+    the first n_dec tokens in pieces equals scoring them as segments."""
+    a, _ = run_stream(model, ids, c)
     changed = ids.clone()
-    changed[50:] = torch.randint(0, 300, (30,))
-    b, _ = run_stream(tiny_model, changed, c)
-    assert torch.equal(a[:49], b[:49])
-    seg = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids[:64], 0)
-    dec = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids[:64], 3)
+    changed[at:] = torch.randint(0, 300, (len(ids) - at,))
+    b, _ = run_stream(model, changed, c)
+    assert torch.equal(a[: at - 1], b[: at - 1])
+    seg = _logits_in_pieces(model, Streamer(model, c), ids[:n_dec], 0)
+    dec = _logits_in_pieces(model, Streamer(model, c), ids[:n_dec], pieces)
     torch.testing.assert_close(seg, dec, atol=1e-3, rtol=1e-4)
 
 
@@ -557,14 +563,7 @@ def test_head_budgets_stay_causal_and_decoding_agrees(tiny_model):
     torch.manual_seed(63)
     ids = torch.randint(0, 300, (80,))
     c = cfg(memory_heads="0.0:1,0.1:3,2.1:2", blocks=2, **BUDGET_KW)
-    a, _ = run_stream(tiny_model, ids, c)
-    changed = ids.clone()
-    changed[50:] = torch.randint(0, 300, (30,))
-    b, _ = run_stream(tiny_model, changed, c)
-    assert torch.equal(a[:49], b[:49])
-    seg = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids[:64], 0)
-    dec = _logits_in_pieces(tiny_model, Streamer(tiny_model, c), ids[:64], 3)
-    torch.testing.assert_close(seg, dec, atol=1e-3, rtol=1e-4)
+    _assert_causal_and_decoding_agrees(tiny_model, ids, c)
 
 
 def test_query_runs_split_where_the_budget_changes():
