@@ -2,9 +2,10 @@
 budgets (`layer.head:blocks`, best first).
 
     python benchmarks/head_budgets.py [--tokens 8192] [--docs a.txt,b.txt] [--json curves.json]
-    python benchmarks/head_budgets.py --curves benchmarks/results/head_budget_curves.json [--total N]
+    python benchmarks/head_budgets.py --curves benchmarks/results/head_budget_curves.json[,more.json] [--total N]
 
-The second form reuses saved curves; with the defaults either prints the card's memory-heads.
+The second form reuses saved curves (several files: the mean over all their documents); with
+the defaults either prints the card's memory-heads.
 
 For each document (held out from the memory benchmark's, as for head_ranking.py), the first N
 tokens stream through the model with block memory in every head (the card's settings
@@ -161,17 +162,17 @@ def main() -> None:
     ap.add_argument("--layer-cost", type=int, default=80, help="fixed cost of a memory layer, in blocks")
     ap.add_argument("--steps", default="0,16,32,48,64,80,96,128,160,192,224,256")
     ap.add_argument("--json", default="", help="write the curves here")
-    ap.add_argument("--curves", default="", help="read the curves from a --json file instead of measuring them")
+    ap.add_argument("--curves", default="", help="read curves from --json files (comma-separated), not measure")
     args = ap.parse_args()
     steps = [int(x) for x in args.steps.split(",")]
     lm = load_model(args.model, device="cpu", dtype="auto")
     per_doc = []
-    if args.curves:
-        with open(args.curves) as f:
+    for name in args.curves.split(",") if args.curves else []:  # each file: the mean of its docs
+        with open(name) as f:
             saved = json.load(f)
         keep = [j for j, m in enumerate(saved["steps"]) if m in steps]  # --steps picks among the saved
         steps = [saved["steps"][j] for j in keep]
-        per_doc = [{h: [cv[j] for j in keep] for h, cv in saved["curves"].items()}]
+        per_doc += [{h: [cv[j] for j in keep] for h, cv in saved["curves"].items()}] * len(saved["docs"].split(","))
     for doc in args.docs.split(",") if not args.curves else []:
         path = CORPUS / doc if not doc.startswith("/") else doc
         ids = torch.tensor(lm.tokenizer.encode(open(path, encoding="utf-8").read())[: args.tokens])

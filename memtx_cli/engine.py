@@ -18,7 +18,7 @@ import torch
 
 from memtx_cli.config import Config, exact_block_select, parse_layers
 from memtx_cli.errors import MemtxError
-from memtx_cli.model import LayerKV, MemoryRead, Transformer, rotate_by, token_nll
+from memtx_cli.model import LayerKV, MemoryRead, Transformer, apply_rope, rope_cos_sin, token_nll
 from memtx_cli.runtime import LoadedModel
 
 # progress(done_tokens, total_tokens): the library reports, the CLI draws.
@@ -145,6 +145,7 @@ class Streamer:
         return torch.cat([sink, torch.arange(n_s, cache[0].length + t)]).to(cache[0].k.device)
 
     def _reads(self, q_pos: torch.Tensor) -> dict[int, MemoryRead]:
+        rope = rope_cos_sin(self.model.inv_freq.to(q_pos.device), q_pos) if self.memories else None
         return {
             i: MemoryRead(
                 m,
@@ -169,6 +170,7 @@ class Streamer:
                 qmask=self.qmasks[i],
                 exact_select=self.exact_select,
                 head_blocks=self.head_blocks[i],
+                q_rope=rope,
             )
             for i, m in self.memories.items()
         }
@@ -243,10 +245,11 @@ class Streamer:
         n = leaving[0].length
         skip = max(0, min(n, n_s - start))  # sink tokens stay out of the memory
         pos = torch.arange(start + skip, start + n, device=leaving[0].k.device)
+        rope = rope_cos_sin(self.model.inv_freq.to(pos.device), pos)  # once for every layer
         for i, mem in self.memories.items():
             hs = self.heads[i] if self.heads[i] is not None else slice(None)
             k, v = leaving[i].k[0, hs, skip:], leaving[i].v[0, hs, skip:]  # (KVm, n, D): heads with memory
-            rk = rotate_by(k, self.model.inv_freq, pos) if mem.rkeys is not None else None
+            rk = apply_rope(k, *rope) if mem.rkeys is not None else None
             mem.add(k, v, pos, rk, index_rotated=self.cfg.positions == "true")
 
 
@@ -281,6 +284,32 @@ def run_stream(
         out.append(token_nll(model, hidden[: targets.shape[0]], targets))
         progress(min(s + cfg.segment, n), n)
     return torch.cat(out), streamer
+
+
+@torch.inference_mode()
+def run_streams(
+    model: Transformer, ids: torch.Tensor, cfgs: list[Config], progress: Progress = _noop
+) -> list[tuple[torch.Tensor, Streamer, float]]:
+    """`run_stream` for several settings at once, interleaved segment by segment: each
+    setting's per-token NLL, streamer and seconds spent in its own steps. Timing them in turn
+    pairs their tok/s against the machine's drift (a busy neighbour slows every setting's
+    next segments alike, not one setting's whole run). The settings must share a segment."""
+    if len({c.segment for c in cfgs}) != 1:
+        raise MemtxError("interleaved streams need one segment length")
+    seg = cfgs[0].segment
+    streamers = [Streamer(model, c) for c in cfgs]
+    outs: list[list[torch.Tensor]] = [[] for _ in cfgs]
+    seconds = [0.0] * len(cfgs)
+    n = ids.shape[0]
+    for s in range(0, n, seg):
+        targets = ids[s + 1 : s + seg + 1]
+        for j, st in enumerate(streamers):
+            t0 = time.perf_counter()
+            hidden = st.step(ids[s : s + seg])
+            outs[j].append(token_nll(model, hidden[: targets.shape[0]], targets))
+            seconds[j] += time.perf_counter() - t0
+        progress(min(s + seg, n), n)
+    return [(torch.cat(o), st, sec) for o, st, sec in zip(outs, streamers, seconds, strict=True)]
 
 
 def stream_nll(

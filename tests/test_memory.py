@@ -9,7 +9,7 @@ import torch
 from test_model import naive_logits, nll_from_logits, window_mask
 
 from memtx_cli.config import Config
-from memtx_cli.engine import Streamer, run_stream, stream_nll
+from memtx_cli.engine import Streamer, run_stream, run_streams, stream_nll
 from memtx_cli.errors import MemtxError
 from memtx_cli.memory import IndexSpec, LayerMemory, exact_top_k, spread_forward
 from memtx_cli.model import BlockRetrieval, MemoryRead, clamp_keys, merge_lse, query_runs, rotate_by
@@ -125,6 +125,21 @@ def test_memory_off_equals_window_baseline(tiny_model):
     assert streamer.memory_entries == 0
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(stream_nll(tiny_model, ids, 8).double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_interleaved_streams_equal_separate_runs(tiny_model):
+    """The benchmarks time window and memory interleaved segment by segment: each setting's
+    numbers are exactly those of its own run (the streams share nothing but the model)."""
+    torch.manual_seed(10)
+    ids = torch.randint(0, 300, (61,))
+    cfgs = [cfg(memory=False), cfg(), cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4)]
+    runs = run_streams(tiny_model, ids, cfgs)
+    for c, (nll, st, sec) in zip(cfgs, runs, strict=True):
+        ref, ref_st = run_stream(tiny_model, ids, c)
+        torch.testing.assert_close(nll, ref, atol=0, rtol=0)
+        assert st.memory_entries == ref_st.memory_entries and sec > 0
+    with pytest.raises(MemtxError, match="one segment length"):
+        run_streams(tiny_model, ids, [cfg(), cfg(segment=16)])
 
 
 def test_small_top_k_and_fixed_positions_change_the_result(tiny_model):
