@@ -269,35 +269,29 @@ def check_bank_settings(bank: Any, cfg: Config, layers: list[int]) -> None:
         )
 
 
-@torch.inference_mode()
 def run_stream(
     model: Transformer, ids: torch.Tensor, cfg: Config, progress: Progress = _noop, bank: Any = None
 ) -> tuple[torch.Tensor, Streamer]:
     """Per-token NLL (N-1,) of ids[1:] (N,), streaming segments as `cfg` says (XL cache,
     sinks, memory, and a bank read-only), and the streamer (memory size, retrieval time)."""
-    streamer = Streamer(model, cfg, bank)
-    n = ids.shape[0]
-    out = []
-    for s in range(0, n, cfg.segment):
-        hidden = streamer.step(ids[s : s + cfg.segment])
-        targets = ids[s + 1 : s + cfg.segment + 1]  # the last position predicts the next segment's first
-        out.append(token_nll(model, hidden[: targets.shape[0]], targets))
-        progress(min(s + cfg.segment, n), n)
-    return torch.cat(out), streamer
+    nll, streamer, _ = run_streams(model, ids, [cfg], progress, bank)[0]
+    return nll, streamer
 
 
 @torch.inference_mode()
 def run_streams(
-    model: Transformer, ids: torch.Tensor, cfgs: list[Config], progress: Progress = _noop
+    model: Transformer, ids: torch.Tensor, cfgs: list[Config], progress: Progress = _noop, bank: Any = None
 ) -> list[tuple[torch.Tensor, Streamer, float]]:
     """`run_stream` for several settings at once, interleaved segment by segment: each
     setting's per-token NLL, streamer and seconds spent in its own steps. Timing them in turn
     pairs their tok/s against the machine's drift (a busy neighbour slows every setting's
-    next segments alike, not one setting's whole run). The settings must share a segment."""
+    next segments alike, not one setting's whole run). The settings must share a segment;
+    `bank` (read-only) is read by each of them. The last position of a segment predicts the
+    next segment's first token."""
     if len({c.segment for c in cfgs}) != 1:
         raise MemtxError("interleaved streams need one segment length")
     seg = cfgs[0].segment
-    streamers = [Streamer(model, c) for c in cfgs]
+    streamers = [Streamer(model, c, bank) for c in cfgs]
     outs: list[list[torch.Tensor]] = [[] for _ in cfgs]
     seconds = [0.0] * len(cfgs)
     n = ids.shape[0]

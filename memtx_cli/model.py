@@ -195,7 +195,8 @@ class MemoryRead:
     # maximum); None = `blocks` for every head (--memory-heads 18.2:224,8.0:32,...)
     head_blocks: torch.Tensor | None = None
     # cos, sin (T, D) of q_pos, float32: the engine computes them once per segment for every
-    # memory layer (23 layers each recomputing them cost ~4% of the memory path's extra time)
+    # memory layer (each layer recomputing them: cos/sin were 64 ms of the memory path's 2.2 s
+    # of extra time over the last 8 segments at 64K, ~3%; a torch.profiler scratch run)
     q_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def at_positions(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -488,7 +489,7 @@ class Attention(nn.Module):
         if bias is None:
             bias = local_bias(t, k.shape[2] + 1, q.dtype, q.device)[:, 1:]  # plain causal (S == T)
         qg = q.reshape(1, kv, g * t, d)  # fold a group's G heads into the query axis
-        out_l, lse_l = attention_with_lse(qg, k, v, grouped_bias(bias, g), scale)  # (KV, G*T, D), (KV, G*T)
+        out_l, lse_l = attention_with_lse(qg, k, v, bias.repeat(g, 1), scale)  # (KV, G*T, D), (KV, G*T)
         out_l, lse_l = out_l.view(kv, g, t, d), lse_l.view(kv, g, t)
         jb = self.joint_bias(kv, g)
         if jb is not None:  # every memory logit + c_h: the memory's log-sum-exp moves by c_h
@@ -773,20 +774,6 @@ def local_bias(t: int, s: int, dtype: torch.dtype, device: torch.device) -> torc
         return None
     allowed = torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)
     return torch.zeros(t, s, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-
-
-_GROUPED_BIAS: list = []  # [(bias, g, bias repeated g times)]: the last one asked for
-
-
-def grouped_bias(bias: torch.Tensor, g: int) -> torch.Tensor:
-    """(T, S) causal bias -> (G*T, S) for queries of a group's G heads folded into one axis.
-    Every memory layer of a segment asks for the same one: it is built once (a 3 MB copy per
-    layer otherwise, ~1% of the memory path's time)."""
-    if _GROUPED_BIAS and _GROUPED_BIAS[0][0] is bias and _GROUPED_BIAS[0][1] == g:
-        return _GROUPED_BIAS[0][2]
-    out = bias.repeat(g, 1)
-    _GROUPED_BIAS[:] = [(bias, g, out)]
-    return out
 
 
 def grouped_attention(
