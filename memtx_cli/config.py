@@ -73,6 +73,10 @@ class Config:
     # asks for; a chunk's block selector is up to block_chunk tokens stale. Lua at 32K, quality
     # setting: 4.001 vs 4.092 with 16 far blocks (README "Far memory token by token").
     far_top_k: int = 0
+    # far_top_k: the KV heads (layer.head pairs, memory heads of far layers) that read the far
+    # past; "all" = every memory head of the far layers. The far search is most of far memory's
+    # cost (one matmul over every far key per head and chunk), so a few heads can afford it.
+    far_heads: str = "all"
     mem_distance: int = 0  # fixed: distance memories sit at; clamped: cap / block: far distance (0 = auto)
     # One search per token for a GQA group (sum of its queries): half the time, nearly the
     # same perplexity (layers 15-29: 4.14 vs 4.10 on code, 29.46 vs 29.34 on a book).
@@ -258,6 +262,28 @@ class Config:
             raise MemtxError(f"memory heads {self.memory_heads!r} select no head in memory layers {self.memory_layers}")
         return out
 
+    def far_rows_for(self, n_layers: int, n_kv: int, n_heads: int = 0) -> dict[int, list[int] | None]:
+        """Memory layer -> the rows of its memory heads (heads_for's order) that read the far past
+        (far_layers x far_heads): None = all of them, [] = none."""
+        heads = self.heads_for(n_layers, n_kv, n_heads)
+        far = set(parse_layers(self.far_layers, n_layers)) if heads else set()
+        if str(self.far_heads).strip().lower() == "all":
+            return {i: (None if i in far else []) for i in heads}
+        wanted = parse_heads(self.far_heads, n_layers, n_kv)
+        for layer, hs in wanted.items():
+            mine = heads.get(layer, [])
+            stray = [h for h in sorted(hs) if layer not in heads or (mine is not None and h not in mine)]
+            if stray or layer not in far:
+                raise MemtxError(
+                    f"far head {layer}.{(stray or sorted(hs))[0]} is not a memory head of a far layer "
+                    f"(memory heads {self.memory_heads}, far layers {self.far_layers})"
+                )
+        out: dict[int, list[int] | None] = {}
+        for i, hs in heads.items():
+            order = list(range(n_kv)) if hs is None else hs
+            out[i] = [r for r, h in enumerate(order) if h in wanted.get(i, set())]
+        return out
+
     def memory_settings(self) -> dict[str, Any]:
         keys = (
             "memory",
@@ -276,6 +302,7 @@ class Config:
             "far_blocks",
             "far_bias",
             "far_top_k",
+            "far_heads",
             "shared_search",
             "retrieval",
             "block_size",

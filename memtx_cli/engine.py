@@ -67,6 +67,9 @@ class Streamer:
         self.layer_blocks = {i: cfg.blocks if n is None else max(n) for i, n in budgets.items()}  # the most any reads
         # clamped: layers that also read memories older than the trained context (at the fixed distance)
         self.far_layers = set(parse_layers(cfg.far_layers, a.n_layers)) if self.layers else set()
+        # Memory layer -> the rows of its memory heads that read the far past token by token
+        # (None = all, [] = none; far_layers x far_heads).
+        self.far_rows = cfg.far_rows_for(a.n_layers, a.n_kv_heads, a.n_heads)
         if self.layers:
             check_index_kind(cfg.index)
         if cfg.combine == "gate" and self.layers:
@@ -166,7 +169,8 @@ class Streamer:
                 self.cfg.far_blocks if i in self.far_layers and not self.cfg.far_top_k else 0,
                 self.cfg.far_bias,
                 votes=self.cfg.block_votes,
-                far_top_k=self.cfg.far_top_k if i in self.far_layers else 0,
+                far_top_k=self.cfg.far_top_k if self.far_rows[i] != [] else 0,
+                far_rows=self.far_rows[i],
                 qmask=self.qmasks[i],
                 exact_select=self.exact_select,
                 head_blocks=self.head_blocks[i],

@@ -185,6 +185,9 @@ class MemoryRead:
     # clamped block retrieval: each query also attends to its own top `far_top_k` memories older
     # than the trained context (the paper's per-query kNN, at the fixed distance, prior -far_bias)
     far_top_k: int = 0
+    # far_top_k: the rows of `heads` (indices into the memory's KV heads) that read the far past
+    # (None = all of them); the others read near blocks only (Config.far_heads)
+    far_rows: list[int] | None = None
     # (KVm, G) bool: the query heads of those KV heads that read memory (None = all of them); the
     # others attend locally only (--memory-heads topqN). Block retrieval skips their memory work.
     qmask: torch.Tensor | None = None
@@ -430,10 +433,14 @@ class Attention(nn.Module):
         key its own last tokens ask for."""
         kv, g, t, d = qr.shape
         scale = 1.0 / math.sqrt(d)
-        q_search = qs[..., :d].sum(1)  # (KVm, T, D): the fixed-distance half, group summed
+        rows = mem.far_rows
+        if rows is not None:  # only these heads read the far past (Config.far_heads)
+            qr, qs = qr[rows], qs[rows]
+        r = qr.shape[0]
+        q_search = qs[..., :d].sum(1)  # (R, T, D): the fixed-distance half, group summed
         q_far = rotate_by(qr, inv_freq, torch.full((1, 1, 1), mem.distance, device=qr.device))
-        out = torch.zeros(kv, g, t, d, dtype=qr.dtype, device=qr.device)
-        lse = torch.full((kv, g, t), float("-inf"), device=qr.device)
+        out = torch.zeros(r, g, t, d, dtype=qr.dtype, device=qr.device)
+        lse = torch.full((r, g, t), float("-inf"), device=qr.device)
         chunk_of = mem.q_pos // mem.chunk
         chunks = torch.unique(chunk_of)  # (C,) chunks of this call's tokens
         # Far for chunk c: the blocks block_memory_attention does not read at their real distance,
@@ -446,13 +453,18 @@ class Attention(nn.Module):
             if bound <= 0:
                 continue
             idx = (chunk_of == c).nonzero().squeeze(1)
-            got = mem.memory.retrieve_far(q_search[:, idx], mem.far_top_k, bound)  # (KVm, n, k, ...)
+            got = mem.memory.retrieve_far(q_search[:, idx], mem.far_top_k, bound, rows)  # (R, n, k, ...)
             s = pair_dot(q_far[:, :, idx], got.keys[:, None].to(qr.dtype)).float() * scale - mem.far_bias
-            lc = torch.logsumexp(s, -1)  # (KVm, G, n)
+            lc = torch.logsumexp(s, -1)  # (R, G, n)
             w = torch.exp(s - lc[..., None])
             out[:, :, idx] = pair_mix(w.to(qr.dtype), got.values[:, None].to(qr.dtype))
             lse[:, :, idx] = lc
-        return out, lse
+        if rows is None:
+            return out, lse
+        out_all = torch.zeros(kv, g, t, d, dtype=qr.dtype, device=qr.device)  # other heads: no far keys
+        lse_all = torch.full((kv, g, t), float("-inf"), device=qr.device)
+        out_all[rows], lse_all[rows] = out, lse
+        return out_all, lse_all
 
     def merge_memory(
         self,

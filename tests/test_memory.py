@@ -766,6 +766,78 @@ def test_far_top_k_decoding_token_by_token_equals_segments(tiny_model):
     torch.testing.assert_close(run(0), run(3), atol=1e-3, rtol=1e-4)
 
 
+def _far_attention_by_layer(model, ids, c, horizon, layer=0):
+    """far_token_attention's (out, lse) in `layer` for every segment, with the trained context
+    ending `horizon` tokens back. Layer 0's inputs do not depend on memory."""
+    attn, got = model.layers[layer].attn, []
+    orig = attn.far_token_attention
+
+    def record(*a):
+        out = orig(*a)
+        got.append(out)
+        return out
+
+    attn.far_token_attention = record
+    try:
+        logits = _stream_with_horizon(model, ids, c, horizon)
+    finally:
+        del attn.far_token_attention
+    return logits, got
+
+
+def test_far_heads_read_the_far_past_alone(tiny_model):
+    """--far-heads: the listed memory heads read the far past exactly as they do when every head
+    reads it (each searches its own keys); the others read none of it (lse -inf: weight 0).
+    Listing every head is "all"; a subset differs from both all and none."""
+    torch.manual_seed(38)
+    ids = torch.randint(0, 300, (80,))
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2)
+    c = dataclasses.replace(c, far_blocks=0, far_top_k=3, far_bias=0.5)
+    every, want = _far_attention_by_layer(tiny_model, ids, c, 20)
+    some, got = _far_attention_by_layer(tiny_model, ids, dataclasses.replace(c, far_heads="0.1,2.0"), 20)
+    assert len(got) == len(want) and any(torch.isfinite(lse).any() for _, lse in want)
+    for (o, lse), (o_all, lse_all) in zip(got, want, strict=True):
+        torch.testing.assert_close(o[1], o_all[1], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse[1], lse_all[1], atol=1e-6, rtol=1e-6)
+        assert not o[0].any() and torch.isneginf(lse[0]).all()
+    listed = _stream_with_horizon(tiny_model, ids, dataclasses.replace(c, far_heads="0.0,0.1,1.0,1.1,2.0,2.1"), 20)
+    assert torch.equal(listed, every)
+    none = _stream_with_horizon(tiny_model, ids, dataclasses.replace(c, far_top_k=0), 20)
+    assert (some - every).abs().max() > 1e-3 and (some - none).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        (dict(memory_heads="0.0", far_heads="0.1"), "far head 0.1 is not a memory head"),
+        (dict(far_layers="0", far_heads="1.0"), "far head 1.0 is not a memory head of a far layer"),
+        (dict(far_heads="0.5"), "out of range"),
+        (dict(far_heads="zero"), "memory heads"),
+    ],
+)
+def test_far_heads_bad_settings(tiny_model, kw, msg):
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", far_top_k=2, **kw)
+    with pytest.raises(MemtxError, match=msg):
+        run_stream(tiny_model, torch.randint(0, 300, (20,)), c)
+
+
+def test_far_search_in_bfloat16_finds_the_exact_top_k():
+    """Keys kept in bfloat16: the 16-bit matmul shortlists 4k candidates and float32 rescoring
+    picks the top k; the same entries as exact float32 search over the same keys, for the heads
+    asked for."""
+    torch.manual_seed(39)
+    mem = LayerMemory(3, 64, IndexSpec("flat"), dtype=torch.bfloat16, block_size=32)
+    keys, n = torch.randn(3, 5000, 64), 5000
+    mem.add(keys, torch.randn(3, n, 64), torch.arange(n))
+    q = torch.randn(2, 16, 64).bfloat16().float()  # a bfloat16 model's search vectors
+    got = mem.retrieve_far(q, 32, 4800, rows=[2, 0])
+    exact = torch.einsum("rqd,rnd->rqn", q, mem.keys[[2, 0], :4800].float()).topk(32, dim=-1).indices
+    assert torch.equal(got.positions.sort(-1).values, exact.sort(-1).values)
+    values = mem.values[[2, 0]].float()[torch.arange(2)[:, None, None], exact.sort(-1).values]
+    order = got.positions.sort(-1).indices
+    torch.testing.assert_close(got.values.float().gather(2, order[..., None].expand(-1, -1, -1, 64)), values)
+
+
 @pytest.mark.parametrize(("n", "k"), [(1000, 7), (1003, 32), (40, 32), (5, 5)])
 def test_exact_top_k_equals_topk(n, k):
     """The two-pass top-k (groups by their maxima, then candidates) finds the same entries."""
