@@ -39,7 +39,7 @@ class Streamer:
     (StreamingLLM) and are kept out of the memory, so nothing is attended twice.
     """
 
-    def __init__(self, model: Transformer, cfg: Config, bank: Any = None) -> None:
+    def __init__(self, model: Transformer, cfg: Config, bank: Any = None, expected_tokens: int = 0) -> None:
         from memtx_cli.memory import BankLayerMemory, CompositeMemory, IndexSpec, LayerMemory, check_index_kind
 
         self.model, self.cfg = model, cfg
@@ -79,8 +79,11 @@ class Streamer:
         rotated = cfg.positions != "fixed"  # true / clamped score memories at real distances
         wdt = model.embed.weight.dtype
         bs = cfg.block_size if cfg.retrieval == "block" else 0
+        # Room for a document of `expected_tokens` at once: growing by doubling copied every
+        # entry again and paged in new buffers while the model waited (~1-2 s per doubling at
+        # 32K entries in 23 layers, torch.profiler). Room costs nothing until written.
         self.memories = {
-            i: LayerMemory(len(h) if h else a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated, bs)
+            i: LayerMemory(len(h) if h else a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated, bs, expected_tokens)
             for i, h in self.heads.items()
         }
         self.chunk_sums: dict[int, dict] = {i: {} for i in self.layers}  # block selectors' state
@@ -295,7 +298,7 @@ def run_streams(
     if len({c.segment for c in cfgs}) != 1:
         raise MemtxError("interleaved streams need one segment length")
     seg = cfgs[0].segment
-    streamers = [Streamer(model, c, bank) for c in cfgs]
+    streamers = [Streamer(model, c, bank, expected_tokens=ids.shape[0]) for c in cfgs]
     outs: list[list[torch.Tensor]] = [[] for _ in cfgs]
     seconds = [0.0] * len(cfgs)
     n = ids.shape[0]

@@ -126,7 +126,7 @@ def stream_into_bank(
     Nothing is committed here."""
     bs = bank.geo.block_size
     layers = bank.geo.layers
-    streamer = Streamer(lm.model, cfg)
+    streamer = Streamer(lm.model, cfg, expected_tokens=len(ids))
     x = torch.tensor(ids, dtype=torch.long, device=lm.device)
     n = len(ids)
     pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in layers}

@@ -350,6 +350,23 @@ def test_block_memory_grows_by_whole_blocks():
     torch.testing.assert_close(mem.reps[0, 78], mem.keys[0, 2496:2507].mean(0))
 
 
+def test_block_memory_room_and_the_partial_blocks_tail():
+    """Buffers are not zero-filled: the last partial block's tail (gathered whole, masked) is
+    zeroed as entries arrive; a capacity hint makes room at once, growing past it keeps every
+    entry."""
+    mem = LayerMemory(2, 8, IndexSpec("flat"), block_size=32, rotated=True, capacity=3000)
+    assert mem.keys.shape[1] == 3072
+    for buf in (mem.keys, mem.values, mem.rkeys):
+        buf.fill_(float("nan"))  # garbage, as torch.empty may hold
+    k, v = torch.randn(2, 3100, 8), torch.randn(2, 3100, 8)
+    mem.add(k[:, :50], v[:, :50], torch.arange(50), rotated_k=k[:, :50])
+    for buf in (mem.keys, mem.values, mem.rkeys):
+        assert torch.equal(buf[:, 50:64], torch.zeros(2, 14, 8))
+    mem.add(k[:, 50:], v[:, 50:], torch.arange(50, 3100), rotated_k=k[:, 50:])  # past the room
+    assert mem.keys.shape[1] >= 3100 and torch.equal(mem.keys[:, :3100], k) and torch.equal(mem.values[:, :3100], v)
+    assert not mem.keys[:, 3100:3104].any() and not torch.isnan(mem.reps[:, :97]).any()
+
+
 def test_block_retrieval_bad_settings():
     with pytest.raises(MemtxError, match="retrieval must be"):
         cfg(retrieval="blocks")
@@ -822,7 +839,7 @@ def test_far_heads_bad_settings(tiny_model, kw, msg):
 
 
 def test_far_search_in_bfloat16_finds_the_exact_top_k():
-    """Keys kept in bfloat16: the 16-bit matmul shortlists 4k candidates and float32 rescoring
+    """Keys kept in bfloat16: the 16-bit matmul shortlists 2k candidates and float32 rescoring
     picks the top k; the same entries as exact float32 search over the same keys, for the heads
     asked for."""
     torch.manual_seed(39)
