@@ -2,6 +2,10 @@
 
     python benchmarks/run_variants.py 8192 book,code,legal '{"memory": false}' '{"retrieval": "token"}' \
         '{"retrieval": "block", "block_chunk": 32}'
+    python benchmarks/run_variants.py 65536:8192,32768 code '{"memory": false}' '{}'
+
+N:P,Q also prints each variant's perplexity over the first P and Q tokens: scoring is causal,
+so a prefix of a run is the shorter run (the same numbers as running P tokens alone).
 
 Each variant is a JSON object of Config fields applied on top of the model card's settings
 (an optional "label" names it in the output). The variants run interleaved, segment by
@@ -22,7 +26,9 @@ from memtx_cli.runtime import load_model
 
 
 def main() -> None:
-    n = int(sys.argv[1])
+    n, _, pre = sys.argv[1].partition(":")
+    n = int(n)
+    prefixes = [int(p) for p in pre.split(",") if p]
     genres = sys.argv[2].split(",")
     variants = [json.loads(v) for v in sys.argv[3:]] or [{}]
     lm = load_model("smollm2-135m", device="cpu", dtype="auto")
@@ -38,7 +44,9 @@ def main() -> None:
         # Interleaved segment by segment: the variants' tok/s see the same machine.
         for name, (nll, st, sec) in zip(names, run_streams(lm.model, ids, cfgs), strict=True):
             ppl = float(nll.double().mean().exp())
-            print(f"{g} {n} {name}: ppl {ppl:.3f}, {n / sec:.0f} tok/s, retrieval {st.retrieval_seconds:.1f} s")
+            # token i's NLL predicts token i+1: the first p tokens hold p-1 predictions
+            pre = "".join(f", ppl@{p} {float(nll[: p - 1].double().mean().exp()):.3f}" for p in prefixes)
+            print(f"{g} {n} {name}: ppl {ppl:.3f}{pre}, {n / sec:.0f} tok/s, retrieval {st.retrieval_seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -505,7 +505,8 @@ class LayerMemory:
         # over it copies every key first (4.7 vs 2.3 ms per call, real far searches at 32K).
         low = self.keys.dtype in (torch.bfloat16, torch.float16)
         qd = q.to(self.keys.dtype) if low else q.float()
-        scores = torch.stack([qd[i] @ self.keys[h, :bound].t() for i, h in enumerate(rows)]).float()  # (R, Q, bound)
+        parts = [qd[i] @ self.keys[h, :bound].t() for i, h in enumerate(rows)]
+        scores = (parts[0][None] if len(parts) == 1 else torch.stack(parts)).float()  # (R, Q, bound), no copy for one
         if not low or 2 * kk >= bound:
             idt = exact_top_k(scores, kk)  # (R, Q, k')
         else:
