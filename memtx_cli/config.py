@@ -263,25 +263,24 @@ class Config:
         return out
 
     def far_rows_for(self, n_layers: int, n_kv: int, n_heads: int = 0) -> dict[int, list[int] | None]:
-        """Memory layer -> the rows of its memory heads (heads_for's order) that read the far past
-        (far_layers x far_heads): None = all of them, [] = none."""
+        """Memory layer -> the rows of its memory heads (heads_for's order) that read the far past:
+        None = all of them, [] = none. far_heads lists candidates; those that are memory heads of
+        far layers read it (the card's list stays valid when --memory-heads changes)."""
         heads = self.heads_for(n_layers, n_kv, n_heads)
         far = set(parse_layers(self.far_layers, n_layers)) if heads else set()
         if str(self.far_heads).strip().lower() == "all":
             return {i: (None if i in far else []) for i in heads}
-        wanted = parse_heads(self.far_heads, n_layers, n_kv)
-        for layer, hs in wanted.items():
-            mine = heads.get(layer, [])
-            stray = [h for h in sorted(hs) if layer not in heads or (mine is not None and h not in mine)]
-            if stray or layer not in far:
-                raise MemtxError(
-                    f"far head {layer}.{(stray or sorted(hs))[0]} is not a memory head of a far layer "
-                    f"(memory heads {self.memory_heads}, far layers {self.far_layers})"
-                )
+        try:
+            wanted = parse_heads(self.far_heads, n_layers, n_kv)
+        except MemtxError:
+            raise MemtxError(
+                f"far heads {self.far_heads!r}: use all or layer.head pairs, e.g. 18.2,23.0 "
+                f"(the model has {n_layers} layers x {n_kv} KV heads)"
+            ) from None
         out: dict[int, list[int] | None] = {}
         for i, hs in heads.items():
             order = list(range(n_kv)) if hs is None else hs
-            out[i] = [r for r, h in enumerate(order) if h in wanted.get(i, set())]
+            out[i] = [r for r, h in enumerate(order) if i in far and h in wanted.get(i, set())]
         return out
 
     def memory_settings(self) -> dict[str, Any]:
@@ -382,6 +381,12 @@ def merge_config(*layers: dict[str, Any] | None) -> Config:
     heads = str(merged.get("memory_heads", ""))
     if ":" in heads and where.get("blocks", -1) > where["memory_heads"]:
         merged["memory_heads"] = ",".join(p.split(":")[0].strip() for p in heads.split(",") if p.strip())
+    # Far memory token by token needs clamped block retrieval: positions or retrieval set later
+    # than far-top-k (the card's) turn it off rather than fail (`--retrieval token` just works).
+    later = max(where.get("positions", -1), where.get("retrieval", -1))
+    clamped_blocks = merged.get("positions", "fixed") == "clamped" and merged.get("retrieval", "block") == "block"
+    if merged.get("far_top_k") and not clamped_blocks and later > where["far_top_k"]:
+        merged["far_top_k"] = 0
     return Config(**merged)
 
 

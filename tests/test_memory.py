@@ -823,19 +823,29 @@ def test_far_heads_read_the_far_past_alone(tiny_model):
     assert (some - every).abs().max() > 1e-3 and (some - none).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(
-    ("kw", "msg"),
-    [
-        (dict(memory_heads="0.0", far_heads="0.1"), "far head 0.1 is not a memory head"),
-        (dict(far_layers="0", far_heads="1.0"), "far head 1.0 is not a memory head of a far layer"),
-        (dict(far_heads="0.5"), "out of range"),
-        (dict(far_heads="zero"), "memory heads"),
-    ],
-)
-def test_far_heads_bad_settings(tiny_model, kw, msg):
-    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", far_top_k=2, **kw)
-    with pytest.raises(MemtxError, match=msg):
-        run_stream(tiny_model, torch.randint(0, 300, (20,)), c)
+def test_far_heads_outside_the_memory_heads_read_nothing_far(tiny_model):
+    """far-heads lists candidates: a listed head that is not a memory head of a far layer reads
+    no far past (the card's list stays valid under other --memory-heads); bad pairs are refused."""
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", far_top_k=2)
+    rows = dataclasses.replace(c, memory_heads="0.0,1.1,2.0", far_heads="0.1,1.1,2.0", far_layers="0-1")
+    assert rows.far_rows_for(3, 2, 4) == {0: [], 1: [0], 2: []}
+    assert dataclasses.replace(c, far_layers="1-2").far_rows_for(3, 2, 4) == {0: [], 1: None, 2: None}
+    for bad in ("0.5", "zero"):
+        with pytest.raises(MemtxError, match=f"far heads '{bad}': use all or layer.head pairs"):
+            run_stream(tiny_model, torch.randint(0, 300, (20,)), dataclasses.replace(c, far_heads=bad))
+
+
+def test_far_top_k_from_an_earlier_layer_yields_to_other_positions():
+    """The card's far-top-k is dropped when a later layer (YAML, flags) asks for positions or a
+    retrieval it cannot work with; set in the same layer as them it is an error."""
+    from memtx_cli.config import merge_config
+
+    card = {"positions": "clamped", "retrieval": "block", "far_top_k": 32, "far_heads": "18.2"}
+    assert merge_config(card, {"positions": "fixed"}).far_top_k == 0
+    assert merge_config(card, {"retrieval": "token"}).far_top_k == 0
+    assert merge_config(card, {"blocks": 8}).far_top_k == 32
+    with pytest.raises(MemtxError, match="positions clamped"):
+        merge_config(card, {"positions": "fixed", "far_top_k": 8})
 
 
 def test_far_search_in_bfloat16_finds_the_exact_top_k():
