@@ -73,9 +73,11 @@ class Config:
     # asks for; a chunk's block selector is up to block_chunk tokens stale. Lua at 32K, quality
     # setting: 4.001 vs 4.092 with 16 far blocks (README "Far memory token by token").
     far_top_k: int = 0
-    # far_top_k: the KV heads (layer.head pairs, memory heads of far layers) that read the far
-    # past; "all" = every memory head of the far layers. The far search is most of far memory's
-    # cost (one matmul over every far key per head and chunk), so a few heads can afford it.
+    # far_top_k: the KV heads that read the far past, "layer.head" pairs (those that are memory
+    # heads of far layers do; others are skipped) or "all" = every memory head of the far
+    # layers. The far search is most of far memory's cost (every far key scored per head and
+    # chunk): in 4 heads it costs 5-7 points of throughput at 64K, in 33 ~30 (README "Far
+    # memory in four heads").
     far_heads: str = "all"
     mem_distance: int = 0  # fixed: distance memories sit at; clamped: cap / block: far distance (0 = auto)
     # One search per token for a GQA group (sum of its queries): half the time, nearly the

@@ -173,8 +173,9 @@ class LayerMemory:
         cap = -(-max(capacity, 1) // 1024) * 1024  # whole blocks (block sizes divide 1024)
         # Not zero-filled: `add` zeroes the unused tail of the last partial block, which block
         # retrieval gathers whole (masked out, but NaN garbage would still poison the softmax);
-        # nothing reads past it. Zero-filling every grown buffer cost ~7 s of a 64K-token run
-        # in 23 memory layers (fill_ 27 ms per buffer at 32K entries: first touch of new pages).
+        # nothing reads past it. Zero-filling grown buffers took 1.8 s of 10 s over the 8
+        # segments around 16K tokens in 23 memory layers (fill_ 27 ms per (3, 32768, 64)
+        # buffer: the first touch of new pages; torch.profiler, README "Memory buffers sized once").
         self.keys = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)  # raw, no RoPE
         self.values = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)
         # Keys rotated by their absolute positions (true / clamped schemes): scoring a retrieved
