@@ -26,9 +26,9 @@ from memtx_cli.runtime import load_model
 
 
 def main() -> None:
-    n, _, pre = sys.argv[1].partition(":")
-    n = int(n)
-    prefixes = [int(p) for p in pre.split(",") if p]
+    length, _, spec = sys.argv[1].partition(":")
+    n = int(length)
+    prefixes = [int(p) for p in spec.split(",") if p]
     genres = sys.argv[2].split(",")
     variants = [json.loads(v) for v in sys.argv[3:]] or [{}]
     lm = load_model("smollm2-135m", device="cpu", dtype="auto")
