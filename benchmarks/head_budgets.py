@@ -46,8 +46,9 @@ HELD_OUT = "books/austen_northangerabbey.txt,code/cpython311_pydecimal.py,legal/
 
 
 @torch.inference_mode()
-def head_curves(lm, ids: torch.Tensor, steps: list[int]) -> dict[str, list[float]]:
-    """'layer.head' -> output change (share of the residual) with the window + best m blocks."""
+def head_curves(lm, ids: torch.Tensor, steps: list[int], query_heads: bool = False) -> dict[str, list[float]]:
+    """'layer.head' -> output change (share of the residual) with the window + best m blocks;
+    query_heads: 'layer.query_head' -> the same per query head (its slice of the output)."""
     c = dataclasses.replace(merge_config(lm.card.settings), memory_heads="all")
     st = Streamer(lm.model, c)
     seg, b, chunk = c.segment, c.block_size, c.block_chunk
@@ -109,12 +110,16 @@ def head_curves(lm, ids: torch.Tensor, steps: list[int]) -> dict[str, list[float
             full = s.softmax(-1) @ vals[h]  # (G, T, D)
             rk = rank[h][chunk_of][:, block]  # (T, N) rank of each memory's block for its chunk
             rk[:, n:] = 1 << 30
-            curve = []
+            curves = [[] for _ in range(g)]  # per query head j of the group
             for m in steps:
                 part = s.masked_fill(~(local | (rk < m))[None], float("-inf")).softmax(-1) @ vals[h]
-                moved = sum(float(((full - part)[j] @ wo[:, h * g + j].T).pow(2).sum(-1).mean()) for j in range(g))
-                curve.append(moved / resid[i])
-            out[f"{i}.{h}"] = curve
+                for j in range(g):
+                    moved = float(((full - part)[j] @ wo[:, h * g + j].T).pow(2).sum(-1).mean())
+                    curves[j].append(moved / resid[i])
+            if query_heads:  # 'layer.query_head', as in the card's query-head-ranking
+                out.update({f"{i}.{h * g + j}": cv for j, cv in enumerate(curves)})
+            else:
+                out[f"{i}.{h}"] = [sum(x) for x in zip(*curves, strict=True)]
     return out
 
 
@@ -162,6 +167,7 @@ def main() -> None:
     ap.add_argument("--layer-cost", type=int, default=80, help="fixed cost of a memory layer, in blocks")
     ap.add_argument("--steps", default="0,16,32,48,64,80,96,128,160,192,224,256")
     ap.add_argument("--json", default="", help="write the curves here")
+    ap.add_argument("--query-heads", action="store_true", help="measure per query head (with --json)")
     ap.add_argument("--curves", default="", help="read curves from --json files (comma-separated), not measure")
     args = ap.parse_args()
     steps = [int(x) for x in args.steps.split(",")]
@@ -177,7 +183,7 @@ def main() -> None:
         path = CORPUS / doc if not doc.startswith("/") else doc
         ids = torch.tensor(lm.tokenizer.encode(open(path, encoding="utf-8").read())[: args.tokens])
         ids = ids[: len(ids) // 512 * 512]  # whole segments (the GPL has 7,639 tokens)
-        cv = head_curves(lm, ids, steps)
+        cv = head_curves(lm, ids, steps, args.query_heads)
         z = sum(v[0] for v in cv.values())
         per_doc.append({h: [x / z for x in v] for h, v in cv.items()})
         print(f"{doc}: {len(ids)} tokens", file=sys.stderr)

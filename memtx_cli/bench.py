@@ -245,13 +245,14 @@ def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[s
         for s in range(0, len(ids) - seg, seg):
             st.step(ids[s : s + seg])
         for i, mem in st.memories.items():
-            orig_gather = mem.gather_blocks
+            orig_retrieve = mem.retrieve_blocks
 
-            def gather(pick: torch.Tensor, *a: Any, i: int = i, orig: Any = orig_gather, **kw: Any) -> Any:
-                picks.setdefault(i, []).append(pick.cpu())  # (KV, C, m), chunks in order
-                return orig(pick, *a, **kw)
+            def retrieve(*a: Any, i: int = i, orig: Any = orig_retrieve, **kw: Any) -> Any:
+                got = orig(*a, **kw)
+                picks.setdefault(i, []).append(got.pick.cpu())  # (KV, C, m), chunks in order
+                return got
 
-            mem.gather_blocks = gather  # type: ignore[method-assign]
+            mem.retrieve_blocks = retrieve  # type: ignore[method-assign]
             attn = lm.model.layers[i].attn
             orig_attn = attn.block_memory_attention
 

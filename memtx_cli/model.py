@@ -239,6 +239,7 @@ class BlockRetrieval:
     bias: torch.Tensor | None = None  # (KV, M) additive score bias (a bank's prior), or None
     positions: torch.Tensor | None = None  # (KV, M) absolute positions (the clamped scheme needs them)
     bank_ids: torch.Tensor | None = None  # (KV, m) ids of the bank blocks, which fill M's tail
+    pick: torch.Tensor | None = None  # (KV, C, m) the own memory's blocks, as chosen (benchmarks read them)
 
 
 def rotate_by(x: torch.Tensor, inv_freq: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
@@ -575,30 +576,51 @@ class Attention(nn.Module):
             if mem.scheme == "clamped":  # blocks whose every key is within `horizon` of every query
                 near = (q_last[:, None] - mem.memory.block_starts()[None]) <= mem.horizon  # (n, nb)
             how = (mem.blocks, scale, mem.scheme, near, mem.spread, mem.far_blocks, mem.far_bias)
+            # Per-head budgets come best first: a run of heads reads its rows' first budget x b
+            # entries. Without a bank's or far blocks filling the rows' tails, each run gathers
+            # just those (lazy); otherwise every row is gathered whole and cut (the rest invalid).
+            lazy = (
+                mem.head_blocks is not None
+                and mem.far_blocks <= 0
+                and mem.trace is None
+                and getattr(mem.memory, "gathers_by_head", False)
+            )
             got = mem.memory.retrieve_blocks(
-                sels, *how, exact=mem.exact_select, budgets=mem.head_blocks
-            )  # (KV*n, M, ...)
-            km = got.keys if mem.scheme == "fixed" else got.rkeys
-            if mem.scheme == "clamped":  # rows are (KV head, group), head-major
-                km = clamp_keys(got, q_first.repeat(kv), q_last.repeat(kv), mem, inv_freq)
+                sels, *how, exact=mem.exact_select, budgets=mem.head_blocks, **({"gather": False} if lazy else {})
+            )  # (KV*n, M, ...), or the picks (lazy)
             flat = idx.reshape(-1)
             # One bucket of every token in order (a segment of whole chunks): views, not gathers.
             whole = flat.numel() == t
-            km, vm = km.to(q.dtype), got.values.to(q.dtype)
-            # Per-head budgets come best first: a run reads its rows' first budget x b entries
-            # (the rest are invalid) unless a bank's or far blocks fill the rows' tails.
-            cut = mem.head_blocks is not None and got.bank_ids is None and mem.far_blocks <= 0
+
+            def block_keys(part: BlockRetrieval, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+                km = part.keys if mem.scheme == "fixed" else part.rkeys
+                if mem.scheme == "clamped":  # rows are (KV head, group), head-major
+                    km = clamp_keys(part, first, last, mem, inv_freq)
+                return km.to(q.dtype)
+
+            if not lazy:
+                km, vm = block_keys(got, q_first.repeat(kv), q_last.repeat(kv)), got.values.to(q.dtype)
+                cut = mem.head_blocks is not None and got.bank_ids is None and mem.far_blocks <= 0
             # Runs of consecutive KV heads whose groups read memory with as many query heads
             # (one run of all G without topqN) and blocks: one flash call each, over their rows.
             for h0, h1, qi in runs:
                 r, c, rows = h1 - h0, g if qi is None else qi.shape[1], slice(h0 * n, h1 * n)
-                span = min(int(mem.head_blocks[h0]) * mem.memory.block_size, km.shape[1]) if cut else km.shape[1]
+                if lazy:  # this run's own blocks only
+                    nb_h, bs = int(mem.head_blocks[h0]), mem.memory.block_size
+                    part = mem.memory.gather_blocks(got.pick[h0:h1, :, :nb_h], got.raw_keys, head0=h0)
+                    if got.ok is not None:
+                        part.valid &= got.ok[h0:h1, :, :nb_h].repeat_interleave(bs, -1).view_as(part.valid)
+                    kr, vr = block_keys(part, q_first.repeat(r), q_last.repeat(r)), part.values.to(q.dtype)
+                    src, src_rows, span = part, slice(None), kr.shape[1]
+                else:
+                    span = min(int(mem.head_blocks[h0]) * mem.memory.block_size, km.shape[1]) if cut else km.shape[1]
+                    kr, vr, src, src_rows = km[rows, :span], vm[rows, :span], got, rows
                 qh = qm[h0:h1] if qi is None else qm[h0:h1][torch.arange(r, device=q.device)[:, None], qi]
                 qh = qh.unflatten(2, (n, size)) if whole else qh[:, :, idx]  # (r, c, n, size, D)
                 qq = qh.permute(0, 2, 1, 3, 4).reshape(1, r * n, c * size, d)  # (1, r*n, c*size, D)
-                mb = memory_bias(got, rows, span, q.dtype)
-                o, lse = attention_with_lse(qq, km[None, rows, :span], vm[None, rows, :span], mb, scale)
-                empty = None if mb is None else ~got.valid[rows, :span].any(-1)  # (r*n,) rows with nothing valid
+                mb = memory_bias(src, src_rows, span, q.dtype)
+                o, lse = attention_with_lse(qq, kr[None], vr[None], mb, scale)
+                empty = None if mb is None else ~src.valid[src_rows, :span].any(-1)  # (r*n,) rows with nothing valid
                 if empty is not None and bool(empty.any()):  # near-only, nothing near: weight 0
                     lse = lse.masked_fill(empty[:, None], float("-inf"))
                     o = o.masked_fill(empty[:, None, None], 0.0)

@@ -11,7 +11,7 @@ from test_model import naive_logits, nll_from_logits, window_mask
 from memtx_cli.config import Config
 from memtx_cli.engine import Streamer, run_stream, run_streams, stream_nll
 from memtx_cli.errors import MemtxError
-from memtx_cli.memory import IndexSpec, LayerMemory, exact_top_k, spread_forward
+from memtx_cli.memory import IndexSpec, LayerMemory, exact_top_k, spread_forward, top_rows
 from memtx_cli.model import BlockRetrieval, MemoryRead, clamp_keys, merge_lse, query_runs, rotate_by
 
 
@@ -591,6 +591,20 @@ def test_equal_head_budgets_equal_one_budget_and_masking_equals_cutting(tiny_mod
     assert not torch.allclose(cut, b)
 
 
+def test_head_budgets_gathered_apart_equal_gathered_whole_and_cut(tiny_model, monkeypatch):
+    """Each run of heads gathering only its own budget's blocks (LayerMemory.gathers_by_head)
+    gives the numbers of gathering every row to the layer's largest budget and cutting."""
+    from memtx_cli.memory import LayerMemory
+
+    torch.manual_seed(64)
+    ids = torch.randint(0, 300, (96,))
+    c = cfg(memory_heads="0.0:1,0.1:3,1.1,2.0:4", blocks=2, far_blocks=0, **BUDGET_KW)
+    apart, _ = run_stream(tiny_model, ids, c)
+    monkeypatch.setattr(LayerMemory, "gathers_by_head", False)
+    whole, _ = run_stream(tiny_model, ids, c)
+    torch.testing.assert_close(apart, whole, atol=1e-6, rtol=1e-6)
+
+
 def test_head_budgets_stay_causal_and_decoding_agrees(tiny_model):
     torch.manual_seed(63)
     ids = torch.randint(0, 300, (80,))
@@ -872,6 +886,15 @@ def test_exact_top_k_equals_topk(n, k):
     scores = torch.randn(2, 9, n)
     got = exact_top_k(scores, k).sort(-1).values
     torch.testing.assert_close(got, scores.topk(k, dim=-1).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize(("n", "m"), [(1000, 7), (1003, 32), (40, 32), (5, 5)])
+def test_top_rows_equals_topk(n, m):
+    """The transposed two-pass top-k finds the rows topk finds on the same (float32) scores."""
+    torch.manual_seed(38)
+    keys, q = torch.randn(n, 16), torch.randn(9, 16)
+    got = top_rows(keys, q, m).sort(-1).values
+    torch.testing.assert_close(got, (q @ keys.t()).topk(m, dim=-1).indices.sort(-1).values)
 
 
 def test_merge_lse_is_attention_over_the_union():
