@@ -3,6 +3,7 @@ budgets (`layer.head:blocks`, best first).
 
     python benchmarks/head_budgets.py [--tokens 8192] [--docs a.txt,b.txt] [--json curves.json]
     python benchmarks/head_budgets.py --curves benchmarks/results/head_budget_curves.json[,more.json] [--total N]
+    python benchmarks/head_budgets.py --query-heads --json curves_per_query_head.json  # for query_budgets.py
 
 The second form reuses saved curves (several files: the mean over all their documents); with
 the defaults either prints the card's memory-heads.
@@ -191,6 +192,8 @@ def main() -> None:
     if args.json and not args.curves:
         with open(args.json, "w") as f:
             json.dump({"steps": steps, "docs": args.docs, "curves": curves}, f)
+    if args.query_heads:  # budgets are per KV head; benchmarks/query_budgets.py reads these curves
+        return
     ranked = [p for p in merge_config(lm.card.settings).head_ranking.split(",") if p]
     before = dict.fromkeys(ranked[:36], 96)  # the defaults before budgets: top36 x 96 blocks
     total = args.total or cost_of(before, args.head_cost, args.layer_cost)

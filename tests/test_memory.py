@@ -591,17 +591,19 @@ def test_equal_head_budgets_equal_one_budget_and_masking_equals_cutting(tiny_mod
     assert not torch.allclose(cut, b)
 
 
-def test_head_budgets_gathered_apart_equal_gathered_whole_and_cut(tiny_model, monkeypatch):
+@pytest.mark.parametrize("far_blocks", [0, -1])
+def test_head_budgets_gathered_apart_equal_gathered_whole_and_cut(tiny_model, monkeypatch, far_blocks):
     """Each run of heads gathering only its own budget's blocks (LayerMemory.gathers_by_head)
-    gives the numbers of gathering every row to the layer's largest budget and cutting."""
+    gives the numbers of gathering every row to the layer's largest budget and cutting, near
+    blocks only (0) or near and far blocks in one budget (-1, far keys rotated per row)."""
     from memtx_cli.memory import LayerMemory
 
     torch.manual_seed(64)
     ids = torch.randint(0, 300, (96,))
-    c = cfg(memory_heads="0.0:1,0.1:3,1.1,2.0:4", blocks=2, far_blocks=0, **BUDGET_KW)
-    apart, _ = run_stream(tiny_model, ids, c)
+    c = cfg(memory_heads="0.0:1,0.1:3,1.1,2.0:4", blocks=2, far_blocks=far_blocks, **BUDGET_KW)
+    apart = _stream_with_horizon(tiny_model, ids, c, 40)  # blocks older than 40 tokens are far
     monkeypatch.setattr(LayerMemory, "gathers_by_head", False)
-    whole, _ = run_stream(tiny_model, ids, c)
+    whole = _stream_with_horizon(tiny_model, ids, c, 40)
     torch.testing.assert_close(apart, whole, atol=1e-6, rtol=1e-6)
 
 
