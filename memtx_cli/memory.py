@@ -506,9 +506,9 @@ class LayerMemory:
         that dtype (AVX512-BF16 runs it ~4x faster than float32, and no float32 copy of the keys
         is made), which shortlists 2k candidates; their float32 scores pick the top k. Rounding
         the scores to 8 bits of mantissa moves a key by far less than the gap between the k-th
-        and 2k-th best. One head, 64 queries: 2.0 / 3.6-3.9 ms at 28,000 / 56,000 keys against
-        2.5-4.0 / 5.6-5.9 ms in float32 (`benchmarks/far_search_timing.py`); the two-pass
-        top-k over the scores is most of what is left."""
+        and 2k-th best. One head, 64 queries: 1.7 / 2.9-3.4 ms at 28,000 / 56,000 keys against
+        2.4-2.6 / 6.4-8.1 ms in float32 (`benchmarks/far_search_timing.py`, session 19); the
+        shortlist (`top_rows`) is most of it."""
         import time
 
         t0 = time.perf_counter()
@@ -584,8 +584,9 @@ def top_rows(keys: torch.Tensor, q: torch.Tensor, m: int, group: int = 32) -> to
     query of q (Q, D), in the keys' dtype; exact_top_k's two passes on the transposed scores.
     Keys as the matmul's row operand give scores (N, Q): the maxima of `group` consecutive keys
     are then a reduction over an outer axis, vectorised across the queries (over the inner axis
-    of (Q, N) scores it was 11x slower in bfloat16, 3.8 vs 0.34 ms, one head, 64 queries, 56,000
-    keys), and no float32 copy of all the scores is made. One far search: 4.4-4.6 ms vs 6.0."""
+    of (Q, N) scores it was 11x slower in bfloat16: 3.8 vs 0.34 ms, one head, 64 queries, 56,000
+    keys, a scratch microbenchmark), and no float32 copy of all the scores is made. A shortlist
+    of 64 at 56,000 keys: 2.1-2.3 ms vs 3.1-3.5 (`benchmarks/far_search_timing.py`)."""
     s = keys @ q.t()  # (N, Q)
     n_all, nq = s.shape
     n = n_all // group * group
