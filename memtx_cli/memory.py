@@ -348,21 +348,19 @@ class LayerMemory:
             score = score.gather(-1, order) if separate else score
         # a budget larger than its blocks picks some at -inf: mask them
         ok = score > float("-inf") if separate else None
+        raw = raw_keys if raw_keys is not None else not near_only
         if not gather:
             self.search_seconds += time.perf_counter() - t0
-            return BlockPicks(pick, ok, raw_keys if raw_keys is not None else not near_only)
-        out = self.gather_blocks(pick, raw_keys if raw_keys is not None else not near_only)
-        out.pick = pick
+            return BlockPicks(pick, ok, raw)
         if budgets is not None:  # past a head's own budget: not read
             rank = torch.arange(pick.shape[-1], device=pick.device)
             within = (rank[None] < budgets.to(pick.device)[:, None]) | (rank[None] >= picks[0].shape[-1])  # (KV, m)
             ok = within[:, None].expand_as(pick) if ok is None else ok & within[:, None]
-        if ok is not None:
-            out.valid &= ok.repeat_interleave(self.block_size, -1).view_as(out.valid)
-            if far_bias and far_blocks > 0:  # the same prior in the attention scores
-                far_pick = ~near.expand_as(relevance).gather(-1, pick)  # (KV, C, m)
-                bias = far_pick.repeat_interleave(self.block_size, -1).view_as(out.valid) * -far_bias
-                out.bias = bias.float()
+        out = self.gather_blocks(pick, raw, ok=ok)
+        out.pick = pick
+        if separate and far_bias and far_blocks > 0:  # the same prior in the attention scores
+            far_pick = ~near.expand_as(relevance).gather(-1, pick)  # (KV, C, m)
+            out.bias = (far_pick.repeat_interleave(self.block_size, -1).view_as(out.valid) * -far_bias).float()
         self.search_seconds += time.perf_counter() - t0
         return out
 
@@ -469,9 +467,12 @@ class LayerMemory:
         share = (share * (sel != 0).any(-1)[..., None]).sum(2)  # (KV, C, nbn): zero rows don't vote
         return torch.nn.functional.pad(share, (lo, 0)).clamp_min(1e-30).log()  # (KV, C, nb - first)
 
-    def gather_blocks(self, pick: torch.Tensor, raw_keys: bool = True, head0: int = 0) -> BlockRetrieval:
+    def gather_blocks(
+        self, pick: torch.Tensor, raw_keys: bool = True, head0: int = 0, ok: torch.Tensor | None = None
+    ) -> BlockRetrieval:
         """Blocks pick (KV', C, m) of the heads head0..head0+KV'-1 -> their entries as
-        (KV'*C, m*b, ...) tensors (raw keys only when asked for: a third of the bytes copied)."""
+        (KV'*C, m*b, ...) tensors (raw keys only when asked for: a third of the bytes copied);
+        ok (KV', C, m): False marks a pick's entries invalid (not to be read)."""
         b = self.block_size
         kv, nc, m = pick.shape
         capb = self.keys.shape[1] // b
@@ -484,11 +485,14 @@ class LayerMemory:
             return buf.view(-1, b * self.head_dim).index_select(0, flat).view(kv * nc, m * b, -1)
 
         ids = (pick[..., None] * b + torch.arange(b, device=self.device)).view(kv * nc, m * b)
+        valid = ids < self.n
+        if ok is not None:
+            valid &= ok.repeat_interleave(b, -1).view_as(valid)
         return BlockRetrieval(
             keys=gather(self.keys) if raw_keys or self.rkeys is None else None,
             rkeys=gather(self.rkeys) if self.rkeys is not None else None,
             values=gather(self.values),
-            valid=ids < self.n,
+            valid=valid,
             # Key positions only where real distances are used (not on the default fixed path).
             positions=None
             if self.rkeys is None

@@ -606,10 +606,9 @@ class Attention(nn.Module):
             for h0, h1, qi in runs:
                 r, c, rows = h1 - h0, g if qi is None else qi.shape[1], slice(h0 * n, h1 * n)
                 if lazy:  # this run's own blocks only
-                    nb_h, bs = int(mem.head_blocks[h0]), mem.memory.block_size
-                    part = mem.memory.gather_blocks(got.pick[h0:h1, :, :nb_h], got.raw_keys, head0=h0)
-                    if got.ok is not None:
-                        part.valid &= got.ok[h0:h1, :, :nb_h].repeat_interleave(bs, -1).view_as(part.valid)
+                    nb_h = int(mem.head_blocks[h0])
+                    ok = None if got.ok is None else got.ok[h0:h1, :, :nb_h]
+                    part = mem.memory.gather_blocks(got.pick[h0:h1, :, :nb_h], got.raw_keys, head0=h0, ok=ok)
                     kr, vr = block_keys(part, q_first.repeat(r), q_last.repeat(r)), part.values.to(q.dtype)
                     src, src_rows, span = part, slice(None), kr.shape[1]
                 else:
