@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -125,36 +126,34 @@ def head_curves(lm, ids: torch.Tensor, steps: list[int], query_heads: bool = Fal
 
 
 def allocate(
-    curves: dict[str, list[float]], steps: list[int], total: int, head_cost: int = 0, layer_cost: int = 0
+    curves: dict[str, list[float]], steps: list[int], total: float, cost: Callable[[dict[str, int]], float]
 ) -> dict[str, int]:
     """Greedy: blocks go to the head whose change drops most per unit of cost, until `total` is
-    spent. A head's cost is its blocks, plus `head_cost` once it reads any and `layer_cost` for
-    the first head of a layer (the fixed work of a memory head and layer: selection, gathers,
-    merges), both in blocks."""
+    spent. cost(alloc) prices a whole allocation ({head: blocks}, heads without blocks left
+    out), e.g. `cost_of`: the blocks plus fixed costs per memory head and layer (selection,
+    gathers, merges); a step's price is what it adds."""
     at = dict.fromkeys(curves, 0)  # index into steps
-    layers: set[str] = set()
-    used = 0
+    alloc: dict[str, int] = {}
     while True:
         best = None
+        base = cost(alloc)
         for h, cv in curves.items():
             j = at[h]
-            fixed = 0 if j else head_cost + (0 if h.split(".")[0] in layers else layer_cost)
             for j2 in range(j + 1, len(steps)):
-                cost = steps[j2] - steps[j] + fixed
-                if used + cost > total:
+                step = cost({**alloc, h: steps[j2]}) - base
+                if base + step > total:
                     break
-                gain = (cv[j] - cv[j2]) / cost
+                gain = (cv[j] - cv[j2]) / step
                 if gain > 0 and (best is None or gain > best[0]):
-                    best = (gain, h, j2, cost)
+                    best = (gain, h, j2)
         if best is None:
-            break
-        _, h, at[h], cost = best
-        layers.add(h.split(".")[0])
-        used += cost
-    return {h: steps[j] for h, j in at.items() if steps[j]}
+            return alloc
+        _, h, at[h] = best
+        alloc[h] = steps[at[h]]
 
 
 def cost_of(alloc: dict[str, int], head_cost: int, layer_cost: int) -> int:
+    """Blocks summed over KV heads, plus `head_cost` per memory head and `layer_cost` per memory layer."""
     return sum(alloc.values()) + head_cost * len(alloc) + layer_cost * len({h.split(".")[0] for h in alloc})
 
 
@@ -171,6 +170,8 @@ def main() -> None:
     ap.add_argument("--query-heads", action="store_true", help="measure per query head (with --json)")
     ap.add_argument("--curves", default="", help="read curves from --json files (comma-separated), not measure")
     args = ap.parse_args()
+    if args.query_heads and not args.json:
+        ap.error("--query-heads writes its curves to --json (benchmarks/query_budgets.py reads them)")
     steps = [int(x) for x in args.steps.split(",")]
     lm = load_model(args.model, device="cpu", dtype="auto")
     per_doc = []
@@ -197,7 +198,7 @@ def main() -> None:
     ranked = [p for p in merge_config(lm.card.settings).head_ranking.split(",") if p]
     before = dict.fromkeys(ranked[:36], 96)  # the defaults before budgets: top36 x 96 blocks
     total = args.total or cost_of(before, args.head_cost, args.layer_cost)
-    got = allocate(curves, steps, total, args.head_cost, args.layer_cost)
+    got = allocate(curves, steps, total, lambda a: cost_of(a, args.head_cost, args.layer_cost))
 
     def left(alloc: dict[str, int]) -> float:
         return sum(cv[steps.index(alloc.get(h, 0))] for h, cv in curves.items())

@@ -8,16 +8,19 @@ with the window plus its best m blocks (head_budgets.py's measure, per query hea
 the output matrix). This script prices an allocation as the work it causes: every block a
 query head reads costs one unit (its share of the flash attention), every block a KV head
 gathers (the most any of its query heads reads) one more (the gathers cost about as much per
-block as a query head's attention: 66 vs 190 ms per segment for 2,336 blocks x 3 query heads,
-cProfile at 24-32K), plus fixed costs per memory KV head (80) and layer (320). It prints the
-change the card's KV-head budgets leave, then greedy per-query-head allocations at the same
-cost and at less.
+block as a query head's attention: 1.06 s of gathers and ~3.1 s of memory flash calls for
+2,336 blocks x 3 query heads, over the last 16 segments of a 64K Lua run, cProfile, scratch),
+plus fixed costs per memory KV head (80) and layer (320). It prints the change the card's
+KV-head budgets leave, then head_budgets.allocate's greedy per query head at the same cost
+and at less.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+
+from head_budgets import allocate  # the same greedy as the card's budgets (benchmarks/ is on sys.path)
 
 from memtx_cli.cards import find_card
 from memtx_cli.config import merge_config
@@ -49,26 +52,9 @@ def main() -> None:
     def left(qb: dict[str, int]) -> float:
         return sum(cv[steps.index(qb.get(q, 0))] for q, cv in curves.items())
 
-    def greedy(total: float) -> dict[str, int]:
-        at, qb = dict.fromkeys(curves, 0), {}
-        while True:
-            best, base = None, cost(qb)
-            for q, cv in curves.items():
-                for j2 in range(at[q] + 1, len(steps)):
-                    dc = cost({**qb, q: steps[j2]}) - base
-                    if base + dc > total:
-                        break
-                    gain = (cv[at[q]] - cv[j2]) / dc
-                    if gain > 0 and (best is None or gain > best[0]):
-                        best = (gain, q, j2)
-            if best is None:
-                return qb
-            _, q, at[q] = best
-            qb[q] = steps[at[q]]
-
     print(f"card (per KV head): change left {left(card):.4f}, cost {cost(card):.0f}")
     for frac in (1.0, 0.8, 0.6):
-        qb = greedy(cost(card) * frac)
+        qb = allocate(curves, steps, cost(card) * frac, cost)
         same = sum(
             1
             for layer_kv in {(q.split(".")[0], int(q.split(".")[1]) // G) for q in qb}
