@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from memtx_cli import attn_kernel
 from memtx_cli.errors import MemtxError
 
 
@@ -499,10 +500,8 @@ class Attention(nn.Module):
             if mem.qmask is not None:
                 mixed = torch.where(mem.qmask[..., None, None], mixed, local[sel])
             return self._place(local, mixed, mem.heads).reshape(1, h, t, d)
-        if bias is None:
-            bias = local_bias(t, k.shape[2] + 1, q.dtype, q.device)[:, 1:]  # plain causal (S == T)
         qg = q.reshape(1, kv, g * t, d)  # fold a group's G heads into the query axis
-        out_l, lse_l = attention_with_lse(qg, k, v, bias.repeat(g, 1), scale)  # (KV, G*T, D), (KV, G*T)
+        out_l, lse_l = attention_with_lse(qg, k, v, None, scale, causal_t=t)  # (KV, G*T, D), (KV, G*T)
         out_l, lse_l = out_l.view(kv, g, t, d), lse_l.view(kv, g, t)
         jb = self.joint_bias(kv, g)
         if jb is not None:  # every memory logit + c_h: the memory's log-sum-exp moves by c_h
@@ -815,8 +814,17 @@ def grouped_attention(
     v: torch.Tensor,  # (B, KV, S, D)
     bias: torch.Tensor | None,  # (T, S) from local_bias, None when S == T
 ) -> torch.Tensor:  # (B, H, T, D)
-    """Causal GQA attention in one SDPA call: `enable_gqa` shares each KV head with its G query
-    heads without copying K/V (no Python loop over heads)."""
+    """Causal GQA attention (query i sees keys up to S - T + i). In bfloat16 on AVX512-BF16
+    CPUs, attn_kernel with each group's G heads folded into its query axis (3.4x torch's
+    kernel here); otherwise one SDPA call, whose `enable_gqa` shares each KV head with its G
+    query heads without copying K/V."""
+    b, h, t, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    if attn_kernel.usable(q, k, v):
+        qg = q.reshape(b * kv, (h // kv) * t, d)  # (B*KV, G*T, D)
+        got = attn_kernel.attention(qg, k.reshape(b * kv, s, d), v.reshape(b * kv, s, d), None, d**-0.5, causal_t=t)
+        if got is not None:
+            return got[0].view(b, h, t, d)
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
@@ -828,14 +836,27 @@ def attention_with_lse(
     v: torch.Tensor,  # (1, KV, S, D)
     bias: torch.Tensor | None,  # additive, broadcastable to (KV, Q, S): (Q, S) or (KV, 1, S)
     scale: float,
+    causal_t: int = 0,  # > 0 (bias None): query row i sees keys up to S - causal_t + i % causal_t
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (KV, Q, D) in q's dtype, (KV, Q) float32
     """Attention output and its log-sum-exp, for merging with retrieved memories.
 
-    On CPU this is the flash kernel SDPA itself calls (it returns the log-sum-exp; measured
-    4.4x faster than materialising scores in bfloat16, T=512, S=1024); elsewhere, plain math.
+    causal_t folds G query heads of causal_t tokens each into the query axis, every one causal
+    over keys aligned bottom-right (local attention). On CPU: attn_kernel in bfloat16 where it
+    runs, else the flash kernel SDPA itself calls (it returns the log-sum-exp; measured 4.4x
+    faster than materialising scores in bfloat16, T=512, S=1024); elsewhere, plain math.
     """
+    if causal_t and bias is None:  # (Q, S); S + 1 keys then the first cut: a mask even when S == T
+        bias = local_bias(causal_t, k.shape[2] + 1, q.dtype, q.device)[:, 1:].repeat(q.shape[2] // causal_t, 1)
     # The flash kernel's log-sum-exp has no gradient; training (which merges by lse) uses the math.
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if causal_t and attn_kernel.usable(q, k, v):  # the kernel masks by itself
+        got = attn_kernel.attention(q[0], k[0], v[0], None, scale, causal_t=causal_t)
+    elif (bias is None or bias.dim() == 3) and attn_kernel.usable(q, k, v):  # (KV, 1, S): per row of keys
+        got = attn_kernel.attention(q[0], k[0], v[0], None if bias is None else bias[:, 0], scale)
+    else:
+        got = None
+    if got is not None:
+        return got
     if not grad and q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias[None] if bias is not None and bias.dim() == 3 else bias, scale=scale

@@ -1,0 +1,214 @@
+// Attention with its log-sum-exp for bfloat16 on CPUs with AVX512-BF16, head dim 64.
+//
+// Why: torch's CPU flash kernel runs bfloat16 at float32 speed here (~1.5 ns per query-key
+// score on 2 cores, the same in both dtypes), while this CPU's bfloat16 dot-product unit
+// (vdpbf16ps) is ~4x float32's. Both products (q.k and p.v) run on it with float32
+// accumulation; the softmax runs in float32, online over blocks of KB keys (flash style), and
+// the probabilities are rounded to bfloat16 for p.v as torch's kernel does. memtx compiles this
+// file on first use (attn_kernel.py) and falls back to torch's kernel when it cannot.
+//
+// Layout: K is repacked per call so that one 512-bit load holds one dimension pair of 16 keys
+// (the operand vdpbf16ps wants), V so that one load holds 16 dimensions of a key pair.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define D 64
+#define MT 32   // query rows per task: its scores (MT x KB floats, 32 KB) stay in L1/L2
+#define KB 256  // keys per softmax block
+#define R 4     // query rows per micro-kernel: 8 (q.k) or 16 (p.v) accumulators of 32
+
+typedef uint16_t bf16;
+
+static inline __m512 exp512(__m512 x) {  // e^x for x <= 0; exactly 0 below -87
+    __mmask16 ok = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.4426950408889634f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // |y| <= 0.347
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(ok, _mm512_scalef_ps(p, n));
+}
+
+// K (S, D) -> Kp[Sp/16][D/2][16][2], zero-padded to Sp keys: per 16 keys and dimension pair, one vector.
+static void pack_k(const bf16 *k, int64_t S, int64_t Sp, bf16 *kp) {
+    for (int64_t j0 = 0; j0 < Sp; j0 += 16)
+        for (int p = 0; p < D / 2; p++) {
+            uint32_t *dst = (uint32_t *)(kp + (j0 * D) + p * 32);
+            for (int j = 0; j < 16; j++)
+                dst[j] = j0 + j < S ? *(const uint32_t *)(k + (j0 + j) * D + 2 * p) : 0;
+        }
+}
+
+// V (S, D) -> Vp[Sp/2][D][2], zero-padded to Sp keys: per pair of keys, the D dims interleaved.
+static void pack_v(const bf16 *v, int64_t S, int64_t Sp, bf16 *vp) {
+    for (int64_t j = 0; j < Sp; j += 2) {
+        bf16 *dst = vp + j * D;
+        for (int d = 0; d < D; d++) {
+            dst[2 * d] = j < S ? v[j * D + d] : 0;
+            dst[2 * d + 1] = j + 1 < S ? v[(j + 1) * D + d] : 0;
+        }
+    }
+}
+
+// s[r][0..n) = q[r] . k[j0 + ..], n a multiple of 32 (padded keys are zero)
+static inline void qk_tile(const bf16 *q, const bf16 *kp, int64_t n, float *s) {
+    for (int64_t j = 0; j < n; j += 32) {
+        __m512 acc[R][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        const bf16 *kb = kp + j * D;
+#pragma GCC unroll 8
+        for (int p = 0; p < D / 2; p++) {
+            __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + p * 32);
+            __m512bh k1 = (__m512bh)_mm512_loadu_si512(kb + 16 * D + p * 32);
+            for (int r = 0; r < R; r++) {
+                __m512bh qb = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(q + r * D + 2 * p));
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qb, k0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qb, k1);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            _mm512_storeu_ps(s + r * KB + j, acc[r][0]);
+            _mm512_storeu_ps(s + r * KB + j + 16, acc[r][1]);
+        }
+    }
+}
+
+// o[r][:] += sum_j p[r][j] v[j][:], n even (padded probabilities are zero)
+static inline void pv_tile(const bf16 *p, const bf16 *vp, int64_t n, float *o) {
+    __m512 acc[R][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_loadu_ps(o + r * D + 16 * c);
+    for (int64_t j = 0; j < n; j += 2) {
+        const bf16 *vb = vp + j * D;
+        __m512bh v0 = (__m512bh)_mm512_loadu_si512(vb);
+        __m512bh v1 = (__m512bh)_mm512_loadu_si512(vb + 32);
+        __m512bh v2 = (__m512bh)_mm512_loadu_si512(vb + 64);
+        __m512bh v3 = (__m512bh)_mm512_loadu_si512(vb + 96);
+        for (int r = 0; r < R; r++) {
+            __m512bh pb = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(p + r * KB + j));
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], pb, v0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], pb, v1);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], pb, v2);
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], pb, v3);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + r * D + 16 * c, acc[r][c]);
+}
+
+// One task: rows [i0, i0 + m) of batch b.
+static void tile(const bf16 *q, const bf16 *kp, const bf16 *vp, const float *bias, int64_t S, int64_t S16,
+                 int64_t causal_t, float scale, int64_t i0, int64_t m, bf16 *out, float *lse) {
+    bf16 qt[MT * D] __attribute__((aligned(64)));
+    float s[MT * KB] __attribute__((aligned(64)));
+    bf16 pb[MT * KB] __attribute__((aligned(64)));
+    float o[MT * D] __attribute__((aligned(64)));
+    float mx[MT], l[MT];
+    int64_t mr = (m + R - 1) / R * R;
+    memset(qt, 0, sizeof(qt));
+    memcpy(qt, q + i0 * D, m * D * sizeof(bf16));
+    memset(o, 0, sizeof(o));
+    int64_t lim[MT];  // keys allowed per row: [0, lim)
+    int64_t jmax = 0;
+    for (int64_t r = 0; r < mr; r++) {
+        mx[r] = -INFINITY;
+        l[r] = 0.0f;
+        lim[r] = S;
+        if (causal_t > 0 && r < m) lim[r] = S - causal_t + (i0 + r) % causal_t + 1;
+        if (r >= m) lim[r] = 0;
+        if (lim[r] > jmax) jmax = lim[r];
+    }
+    __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t j0 = 0; j0 < jmax; j0 += KB) {
+        int64_t n = S16 - j0 < KB ? S16 - j0 : KB;  // keys in this block (multiple of 16)
+        int64_t n32 = (n + 31) / 32 * 32;            // qk_tile works in 32s; Kp has room (S32 padding)
+        for (int64_t r = 0; r < mr; r += R) qk_tile(qt + r * D, kp + j0 * D, n32, s + r * KB);
+        for (int64_t r = 0; r < mr; r++) {
+            float *sr = s + r * KB;
+            int64_t valid = lim[r] - j0;  // keys of this block the row may see
+            if (valid > n) valid = n;
+            __m512 vm = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = 0; j < n; j += 16) {
+                int64_t left = valid - j;
+                __mmask16 keep = left >= 16 ? 0xFFFF : (left <= 0 ? 0 : (__mmask16)((1u << left) - 1));
+                __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + j), vscale);
+                if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(keep, bias + j0 + j));
+                x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, x);
+                _mm512_storeu_ps(sr + j, x);
+                vm = _mm512_max_ps(vm, x);
+            }
+            float bm = _mm512_reduce_max_ps(vm);
+            float mn = bm > mx[r] ? bm : mx[r];
+            bf16 *pr = pb + r * KB;
+            if (mn == -INFINITY) {  // nothing seen yet: zero weights
+                memset(pr, 0, n32 * sizeof(bf16));
+                continue;
+            }
+            float alpha = expf(mx[r] - mn);  // 0 when mx was -inf
+            __m512 vmn = _mm512_set1_ps(mn), sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; j += 16) {
+                __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), vmn));
+                sum = _mm512_add_ps(sum, e);
+                _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+            }
+            for (int64_t j = n; j < n32; j++) pr[j] = 0;
+            l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+            mx[r] = mn;
+            if (alpha != 1.0f) {
+                __m512 va = _mm512_set1_ps(alpha);
+                for (int c = 0; c < D; c += 16) _mm512_storeu_ps(o + r * D + c, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + c), va));
+            }
+        }
+        for (int64_t r = 0; r < mr; r += R) pv_tile(pb + r * KB, vp + j0 * D, n32, o + r * D);
+    }
+    for (int64_t r = 0; r < m; r++) {
+        float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+        __m512 vi = _mm512_set1_ps(inv);
+        for (int c = 0; c < D; c += 16)
+            _mm256_storeu_si256((__m256i *)(out + (i0 + r) * D + c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o + r * D + c), vi)));
+        lse[i0 + r] = l[r] > 0 ? mx[r] + logf(l[r]) : -INFINITY;
+    }
+}
+
+// q (B, M, D), k/v (B, S, D) bf16, rows contiguous, batches qs/ks/vs elements apart; bias (B, S)
+// float32 or NULL (added to the scaled scores; -inf masks); causal_t > 0: row i sees keys
+// j <= S - causal_t + i % causal_t (G query heads of causal_t tokens folded into M, keys aligned
+// bottom-right). out (B, M, D) bf16 and lse (B, M) float32, contiguous. A row that sees no key
+// gets out 0 and lse -inf. Returns 0, or 1 when out of memory.
+int memtx_attention(const bf16 *q, const bf16 *k, const bf16 *v, const float *bias, int64_t B, int64_t M, int64_t S,
+                    int64_t qs, int64_t ks, int64_t vs, int64_t causal_t, float scale, bf16 *out, float *lse,
+                    int threads) {
+    int64_t S16 = (S + 15) / 16 * 16, S32 = (S + 31) / 32 * 32;
+    bf16 *kp = aligned_alloc(64, B * S32 * D * sizeof(bf16));
+    bf16 *vp = aligned_alloc(64, B * S32 * D * sizeof(bf16));
+    if (!kp || !vp) {
+        free(kp);
+        free(vp);
+        return 1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        pack_k(k + b * ks, S, S32, kp + b * S32 * D);
+        pack_v(v + b * vs, S, S32, vp + b * S32 * D);
+    }
+    int64_t tiles = (M + MT - 1) / MT;
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    for (int64_t t = 0; t < B * tiles; t++) {
+        int64_t b = t / tiles, i0 = (t % tiles) * MT, m = M - i0 < MT ? M - i0 : MT;
+        tile(q + b * qs, kp + b * S32 * D, vp + b * S32 * D, bias ? bias + b * S : NULL, S, S16, causal_t, scale, i0,
+             m, out + b * M * D, lse + b * M);
+    }
+    free(kp);
+    free(vp);
+    return 0;
+}

@@ -1,0 +1,161 @@
+"""attn_kernel: the bfloat16 AVX512-BF16 attention kernel against a float64 reference and torch's
+flash kernel, its use in the model, and the fallback when it cannot be built."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_args
+from test_memory import cfg
+
+from memtx_cli import attn_kernel
+from memtx_cli.engine import run_stream
+from memtx_cli.model import attention_with_lse, grouped_attention, local_bias
+from memtx_cli.runtime import build_model
+
+needs_kernel = pytest.mark.skipif(attn_kernel.load() is None, reason="no AVX512-BF16 CPU or no C compiler")
+FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def reference(q, k, v, bias, scale, causal_t=0):
+    """Float64 softmax attention and log-sum-exp of bfloat16 inputs; rows that see nothing: 0, -inf."""
+    s = (q.double() @ k.double().transpose(1, 2)) * scale  # (B, M, S)
+    if bias is not None:
+        s = s + bias.double()[:, None]
+    if causal_t:
+        m, n = s.shape[1:]
+        row = torch.arange(m)[:, None] % causal_t
+        s = s.masked_fill(torch.arange(n)[None] > n - causal_t + row, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    w = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])
+    return w @ v.double(), lse
+
+
+def inputs(b, m, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, m, 64, generator=g) * 2).bfloat16()  # sharp enough to not be uniform
+    k, v = torch.randn(b, s, 64, generator=g).bfloat16(), torch.randn(b, s, 64, generator=g).bfloat16()
+    return q, k, v
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "b,m,s,causal_t,with_bias",
+    [(1, 1, 1, 0, False), (3, 7, 5, 0, False), (2, 70, 333, 0, True), (4, 192, 1000, 0, True), (3, 96, 200, 32, False)]
+    + [(2, 3 * 512, 1024, 512, False), (1, 9, 600, 3, False), (2, 64, 17, 64, False)],
+)
+def test_kernel_equals_float64_reference_as_closely_as_flash(b, m, s, causal_t, with_bias):
+    """Output within bfloat16 rounding of the float64 reference and no further from it than
+    torch's flash kernel (+0.004); log-sum-exp to float32 rounding; masked keys get weight 0."""
+    q, k, v = inputs(b, m, s)
+    bias = None
+    if with_bias:
+        bias = torch.zeros(b, s)
+        bias[:, ::7] = float("-inf")  # masked keys
+        bias[1, : s // 2] = -2.0  # a prior
+    got, lse = attn_kernel.attention(q, k, v, bias, 0.125, causal_t)
+    ref, ref_lse = reference(q, k, v, bias, 0.125, causal_t)
+    err = (got.double() - ref).abs().max().item()
+    assert err < 0.02
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-6)
+    mask = None
+    if bias is not None:
+        mask = bias[:, None].expand(b, m, s).bfloat16()[None]
+    if causal_t:
+        mask = local_bias(causal_t, s + 1, torch.bfloat16, q.device)[:, 1:].repeat(m // causal_t, 1)
+    flash = FLASH(q[None], k[None], v[None], 0.0, False, attn_mask=mask, scale=0.125)[0][0]
+    assert err <= (flash.double() - ref).abs().max().item() + 0.004
+
+
+@needs_kernel
+def test_rows_that_see_nothing_get_zero_and_minus_inf():
+    q, k, v = inputs(2, 40, 50)
+    bias = torch.zeros(2, 50)
+    bias[0] = float("-inf")  # batch 0 sees no key
+    got, lse = attn_kernel.attention(q, k, v, bias, 0.125)
+    assert torch.equal(got[0], torch.zeros_like(got[0])) and bool(torch.isneginf(lse[0]).all())
+    ref, ref_lse = reference(q[1:], k[1:], v[1:], None, 0.125)
+    assert (got[1].double() - ref[0]).abs().max().item() < 0.02
+
+
+@needs_kernel
+def test_no_keys_or_no_rows():
+    q, k, v = inputs(2, 5, 0)
+    out, lse = attn_kernel.attention(q, k, v, None, 0.125)
+    assert torch.equal(out, torch.zeros(2, 5, 64, dtype=torch.bfloat16)) and bool(torch.isneginf(lse).all())
+    assert attn_kernel.attention(q[:, :0], k, v, None, 0.125)[0].shape == (2, 0, 64)
+
+
+@needs_kernel
+def test_batch_strides_read_rows_of_a_larger_buffer():
+    """Memory attention passes rows cut from a wider gather (km[rows, :span]): batch strides
+    wider than the keys. Same result as contiguous copies, bit for bit."""
+    q, k, v = inputs(3, 48, 300)
+    kb = torch.randn(3, 400, 64).bfloat16()
+    vb = torch.randn(3, 400, 64).bfloat16()
+    kb[:, :300], vb[:, :300] = k, v
+    wide = attn_kernel.attention(q, kb[:, :300], vb[:, :300], None, 0.125)
+    tight = attn_kernel.attention(q, k, v, None, 0.125)
+    assert torch.equal(wide[0], tight[0]) and torch.equal(wide[1], tight[1])
+
+
+@needs_kernel
+def test_model_paths_agree_with_torchs_kernel(monkeypatch):
+    """grouped_attention and attention_with_lse (causal, folded groups; per-row key bias) with the
+    kernel and with MEMTX_KERNEL=0 (torch's kernels) agree to bfloat16 rounding."""
+    q, k, v = inputs(3, 3 * 40, 100, seed=1)
+    bias = torch.zeros(3, 1, 100, dtype=torch.bfloat16)
+    bias[:, :, 60:] = float("-inf")
+    qh = q.view(1, 9, 40, 64)  # (1, H, T, D), 3 heads per KV head
+    fast = (
+        grouped_attention(qh, k[None], v[None], local_bias(40, 100, q.dtype, q.device)),
+        attention_with_lse(q[None], k[None], v[None], None, 0.125, causal_t=40),
+        attention_with_lse(q[None], k[None], v[None], bias, 0.125),
+    )
+    monkeypatch.setenv("MEMTX_KERNEL", "0")
+    assert attn_kernel.attention(q, k, v, None, 0.125) is None
+    slow = (
+        grouped_attention(qh, k[None], v[None], local_bias(40, 100, q.dtype, q.device)),
+        attention_with_lse(q[None], k[None], v[None], None, 0.125, causal_t=40),
+        attention_with_lse(q[None], k[None], v[None], bias, 0.125),
+    )
+    assert (fast[0].float() - slow[0].float()).abs().max().item() < 0.03
+    for (o1, l1), (o2, l2) in zip(fast[1:], slow[1:], strict=True):
+        assert (o1.float() - o2.float()).abs().max().item() < 0.03
+        torch.testing.assert_close(l1, l2, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+def test_streaming_with_memory_in_bfloat16_matches_torchs_kernel(monkeypatch):
+    """A bfloat16 model with head dim 64 streams with block memory: mean NLL with the kernel and
+    with torch's kernel within 0.3% of each other, and both within 2% of float32."""
+    torch.manual_seed(0)
+    m = build_model(tiny_args(dim=128, n_heads=2, n_kv_heads=1)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    ids = torch.randint(0, 300, (200,))
+    c = cfg(retrieval="block", positions="clamped", block_size=4, blocks=3, block_chunk=8, segment=16)
+    f32 = run_stream(m, ids, c)[0].mean().item()
+    m16 = m.to(torch.bfloat16)
+    fast = run_stream(m16, ids, c)[0].mean().item()
+    monkeypatch.setenv("MEMTX_KERNEL", "0")
+    slow = run_stream(m16, ids, c)[0].mean().item()
+    assert abs(fast / slow - 1) < 0.003
+    assert abs(fast / f32 - 1) < 0.02 and abs(slow / f32 - 1) < 0.02
+
+
+def test_without_a_compiler_torchs_kernel_runs(monkeypatch, tmp_path):
+    """No C compiler: load() gives None once, attention() None, and the model still attends."""
+    monkeypatch.setattr(attn_kernel, "_lib", None)
+    monkeypatch.setattr(attn_kernel, "_tried", False)
+    monkeypatch.setenv("MEMTX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert attn_kernel.load() is None
+    q, k, v = inputs(1, 24, 30)
+    assert attn_kernel.attention(q, k, v, None, 0.125) is None
+    out = grouped_attention(q.view(1, 3, 8, 64), k[None], v[None], local_bias(8, 30, q.dtype, q.device))
+    ref, _ = reference(q, k, v, None, 1 / math.sqrt(64), causal_t=8)
+    assert (out.reshape(1, 24, 64).double() - ref).abs().max().item() < 0.03
+    assert not any(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
