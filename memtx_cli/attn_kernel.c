@@ -212,3 +212,43 @@ int memtx_attention(const bf16 *q, const bf16 *k, const bf16 *v, const float *bi
     free(vp);
     return 0;
 }
+
+// Block maxima of exact logits, for block selection: out[h][i][c] = max over the keys j of block
+// i (b keys, j < n_valid) of keys[h][j] . voters[h][c], -inf for a block with no valid key.
+// keys (KV, N, D) bf16, rows contiguous, heads ks elements apart, N a multiple of b (b a multiple
+// of R); voters (KV, Qn, D) bf16, heads vs apart; out (KV, N/b, Qn) float32. The micro-kernel is
+// q.k's above with the roles swapped: R keys broadcast, 32 voters per pair of vectors. Fusing the
+// maxima into the product skips writing (and converting) the full (N, Qn) logits.
+int memtx_block_max(const bf16 *keys, const bf16 *voters, int64_t KV, int64_t N, int64_t Qn, int64_t ks, int64_t vs,
+                    int64_t b, int64_t n_valid, float *out, int threads) {
+    int64_t Q32 = (Qn + 31) / 32 * 32, nb = N / b;
+    if (Q32 > KB || b % R) return 2;
+    bf16 *vp = aligned_alloc(64, KV * Q32 * D * sizeof(bf16));
+    if (!vp) return 1;
+    for (int64_t h = 0; h < KV; h++) pack_k(voters + h * vs, Qn, Q32, vp + h * Q32 * D);
+    const int64_t per = 8;  // blocks per task
+    int64_t tasks_h = (nb + per - 1) / per;
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    for (int64_t t = 0; t < KV * tasks_h; t++) {
+        int64_t h = t / tasks_h, i0 = (t % tasks_h) * per, i1 = i0 + per < nb ? i0 + per : nb;
+        float s[R * KB] __attribute__((aligned(64)));
+        for (int64_t i = i0; i < i1; i++) {
+            float *o = out + (h * nb + i) * Qn;
+            int64_t rows = n_valid - i * b;  // valid keys of this block
+            if (rows > b) rows = b;
+            for (int64_t c = 0; c < Qn; c++) o[c] = -INFINITY;
+            for (int64_t r0 = 0; r0 < rows; r0 += R) {
+                qk_tile(keys + h * ks + (i * b + r0) * D, vp + h * Q32 * D, Q32, s);
+                int64_t rr = rows - r0 < R ? rows - r0 : R;
+                for (int64_t r = 0; r < rr; r++) {
+                    int64_t c = 0;
+                    for (; c + 16 <= Qn; c += 16)
+                        _mm512_storeu_ps(o + c, _mm512_max_ps(_mm512_loadu_ps(o + c), _mm512_loadu_ps(s + r * KB + c)));
+                    for (; c < Qn; c++) o[c] = o[c] > s[r * KB + c] ? o[c] : s[r * KB + c];
+                }
+            }
+        }
+    }
+    free(vp);
+    return 0;
+}

@@ -107,6 +107,9 @@ def load() -> ctypes.CDLL | None:
             ctypes.c_int,
         ]
     )
+    fn = lib.memtx_block_max
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int]
     _lib = lib
     return lib
 
@@ -172,3 +175,38 @@ def attention(
     if rc != 0:
         raise MemoryError("attn_kernel: out of memory")
     return out, lse
+
+
+def block_max(
+    keys: torch.Tensor,  # (KV, N, 64) bfloat16, N a multiple of `block`
+    voters: torch.Tensor,  # (KV, Qn, 64) bfloat16, Qn <= 256
+    block: int,  # keys per block, a multiple of 4
+    n_valid: int,  # keys from n_valid on are not scored (the last block's unused tail)
+) -> torch.Tensor | None:  # (KV, N // block, Qn) float32
+    """Each block's best exact logit per voter: max over its valid keys of key . voter, -inf for
+    a block with none; float32 products, never materialising the (N, Qn) logits. None when the
+    kernel cannot run (see `usable`) or the shapes do not fit it."""
+    kv, n, d = keys.shape
+    qn = voters.shape[1]
+    if not usable(keys, voters) or n % block or block % 4 or qn > 256 or qn == 0 or n == 0:
+        return None
+    lib = load()
+    assert lib is not None
+    keys, voters = _rows(keys), _rows(voters)
+    out = torch.empty(kv, n // block, qn, dtype=torch.float32)
+    rc = lib.memtx_block_max(
+        keys.data_ptr(),
+        voters.data_ptr(),
+        kv,
+        n,
+        qn,
+        keys.stride(0) if kv > 1 else 0,
+        voters.stride(0) if kv > 1 else 0,
+        block,
+        n_valid,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("attn_kernel: out of memory")
+    return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memtx_cli import attn_kernel
 from memtx_cli.errors import MemtxError
 from memtx_cli.model import BlockRetrieval, Retrieval
 
@@ -456,12 +457,19 @@ class LayerMemory:
         # One matmul per head for all chunks' voters, keys as the row operand (their natural
         # layout: 1.4 ms vs 4.2 ms for voters @ keys^T, 3 heads x 192 voters x 7,400 keys in
         # bfloat16), in the keys' dtype; the block maxima in float32 (bfloat16's amax is 5x slower).
-        vt = sel.reshape(kv, nc * nq, d).mul(scale).to(keys.dtype).transpose(-1, -2)  # (KV, D, C*Q)
-        logits = (keys @ vt).float()  # (KV, nbn*b, C*Q)
+        voters = sel.reshape(kv, nc * nq, d).mul(scale).to(keys.dtype)  # (KV, C*Q, D)
         tail = self.n - start
-        if tail < nbn * b:
-            logits[:, tail:] = float("-inf")
-        best = logits.view(kv, nbn, b, nc, nq).amax(2).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
+        # In bfloat16 on AVX512-BF16, attn_kernel fuses the maxima into the product (float32
+        # logits, never written out: the bfloat16 -> float32 copy of the logits alone took
+        # 52-87 ms per 512-token segment at 24K, README "Block maxima in the kernel").
+        fused = attn_kernel.block_max(keys, voters, b, tail)  # (KV, nbn, C*Q)
+        if fused is not None:
+            best = fused.view(kv, nbn, nc, nq).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
+        else:
+            logits = (keys @ voters.transpose(-1, -2)).float()  # (KV, nbn*b, C*Q)
+            if tail < nbn * b:
+                logits[:, tail:] = float("-inf")
+            best = logits.view(kv, nbn, b, nc, nq).amax(2).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
         best.masked_fill_(~near[None, :, None], float("-inf"))
         share = best.softmax(-1).nan_to_num_(0.0)  # a chunk with nothing near: no share
         share = (share * (sel != 0).any(-1)[..., None]).sum(2)  # (KV, C, nbn): zero rows don't vote

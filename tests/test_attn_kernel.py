@@ -159,3 +159,49 @@ def test_without_a_compiler_torchs_kernel_runs(monkeypatch, tmp_path):
     ref, _ = reference(q, k, v, None, 1 / math.sqrt(64), causal_t=8)
     assert (out.reshape(1, 24, 64).double() - ref).abs().max().item() < 0.03
     assert not any(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
+
+
+@needs_kernel
+def test_block_max_equals_float64_reference():
+    """Each block's best logit per voter, float32 products of bfloat16 inputs: to 1e-5 of float64;
+    keys from n_valid on are not scored (a partial block, and a block with none: -inf)."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 160, 64, generator=g).bfloat16()
+    voters = (torch.randn(2, 37, 64, generator=g) * 0.3).bfloat16()
+    wide = torch.zeros(2, 200, 64, dtype=torch.bfloat16)  # heads further apart than their keys
+    wide[:, :160] = keys
+    got = attn_kernel.block_max(wide[:, :128], voters, 32, 70)  # blocks 0-1 whole, 2 partial, 3 empty
+    logits = keys[:, :128].double() @ voters.double().transpose(1, 2)  # (KV, 128, Qn)
+    logits[:, 70:] = float("-inf")
+    want = logits.view(2, 4, 32, 37).amax(2)
+    assert got.shape == (2, 4, 37) and bool(torch.isneginf(got[:, 3]).all())
+    torch.testing.assert_close(got[:, :3].double(), want[:, :3], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_exact_block_relevance_in_bfloat16_uses_float32_logits(monkeypatch):
+    """A bfloat16 memory's exact block selection with the kernel: the reference relevance of its
+    bfloat16 keys and voters to 1e-4; torch's path (bfloat16 logits) is within 0.05 of it."""
+    from memtx_cli.memory import IndexSpec, LayerMemory
+
+    torch.manual_seed(52)
+    kv, n, d, b = 3, 300, 64, 32  # a partial last block
+    keys = torch.randn(kv, n, d).bfloat16()
+    mem = LayerMemory(kv, d, IndexSpec("flat"), dtype=torch.bfloat16, rotated=True, block_size=b)
+    mem.add(keys, torch.randn(kv, n, d).bfloat16(), torch.arange(n), rotated_k=keys)
+    nb = mem.n_blocks
+    sel = torch.randn(kv, 2, 4, 2 * d)  # (KV, C, Q, [fixed | true])
+    near = torch.ones(2, nb, dtype=torch.bool)
+    near[1, :3] = False
+    scale = 0.125
+    got = mem.block_relevance(sel, "clamped", near, scale, 0, exact=True)
+    v = sel[..., d:].mul(scale).bfloat16().double()  # the voters as the kernel reads them
+    logit = torch.einsum("hnd,hcqd->hcqn", keys.double(), v)
+    logit = torch.nn.functional.pad(logit, (0, nb * b - n), value=float("-inf"))
+    best = logit.view(kv, 2, 4, nb, b).amax(-1).masked_fill(~near[None, :, None], float("-inf"))
+    want = torch.softmax(best, -1).sum(2).clamp_min(1e-30).log()  # (KV, C, nb)
+    on = near.expand(kv, -1, -1)
+    torch.testing.assert_close(got[on].double(), want[on], atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("MEMTX_KERNEL", "0")
+    slow = mem.block_relevance(sel, "clamped", near, scale, 0, exact=True)
+    assert (slow[on].double() - want[on]).abs().max().item() < 0.05
