@@ -252,3 +252,89 @@ int memtx_block_max(const bf16 *keys, const bf16 *voters, int64_t KV, int64_t N,
     free(vp);
     return 0;
 }
+
+// A min-heap of m (score, id) pairs: the m best scores seen so far, the worst at the root.
+static inline void heap_push(float *hs, int64_t *hi, int64_t *size, int64_t m, float s, int64_t id) {
+    int64_t i;
+    if (*size < m) {  // not full: append and sift up
+        i = (*size)++;
+        while (i > 0 && hs[(i - 1) / 2] > s) {
+            hs[i] = hs[(i - 1) / 2];
+            hi[i] = hi[(i - 1) / 2];
+            i = (i - 1) / 2;
+        }
+    } else {  // full (and s beats the root): replace the root and sift down
+        i = 0;
+        for (;;) {
+            int64_t c = 2 * i + 1;
+            if (c >= m) break;
+            if (c + 1 < m && hs[c + 1] < hs[c]) c++;
+            if (hs[c] >= s) break;
+            hs[i] = hs[c];
+            hi[i] = hi[c];
+            i = c;
+        }
+    }
+    hs[i] = s;
+    hi[i] = id;
+}
+
+// The m rows of keys (N, D) with the largest products with each query: ids (Qn, m), unsorted.
+// keys bf16 rows contiguous; q (Qn, D) bf16 contiguous; m <= N. One task per 32 queries scans
+// every key (R at a time, the q.k micro-kernel with keys broadcast); a score enters its query's
+// heap only when it beats the heap's worst, a vector compare across 16 queries at a time. No
+// (N, Qn) score matrix is written: the matmul + two-pass top-k it replaces was bound by writing
+// and re-reading that matrix.
+int memtx_top_rows(const bf16 *keys, const bf16 *q, int64_t N, int64_t Qn, int64_t m, int64_t *ids, int threads) {
+    if (m > N || m <= 0) return 2;
+    int64_t tasks = (Qn + 31) / 32;
+    int fail = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t q0 = t * 32, nq = Qn - q0 < 32 ? Qn - q0 : 32;
+        bf16 vp[32 * D] __attribute__((aligned(64)));
+        float s[R * KB] __attribute__((aligned(64)));
+        bf16 tail[R * D] __attribute__((aligned(64)));
+        float thr[32] __attribute__((aligned(64)));
+        int64_t size[32];
+        float *hs = malloc(32 * m * sizeof(float));
+        int64_t *hi = malloc(32 * m * sizeof(int64_t));
+        if (!hs || !hi) {
+            fail = 1;
+            free(hs);
+            free(hi);
+            continue;
+        }
+        pack_k(q + q0 * D, nq, 32, vp);
+        for (int c = 0; c < 32; c++) {
+            thr[c] = c < nq ? -INFINITY : INFINITY;  // padded queries never take a key
+            size[c] = 0;
+        }
+        for (int64_t j = 0; j < N; j += R) {
+            const bf16 *kr = keys + j * D;
+            int64_t rr = N - j < R ? N - j : R;
+            if (rr < R) {  // the last rows: from a zero-padded copy, not past the buffer
+                memset(tail, 0, sizeof(tail));
+                memcpy(tail, kr, rr * D * sizeof(bf16));
+                kr = tail;
+            }
+            qk_tile(kr, vp, 32, s);
+            for (int64_t r = 0; r < rr; r++)
+                for (int c0 = 0; c0 < 32; c0 += 16) {
+                    __m512 x = _mm512_loadu_ps(s + r * KB + c0);
+                    __mmask16 hit = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(thr + c0), _CMP_GT_OQ);
+                    while (hit) {
+                        int c = c0 + __builtin_ctz(hit);
+                        hit &= hit - 1;
+                        float *h = hs + c * m;
+                        heap_push(h, hi + c * m, &size[c], m, s[r * KB + c], j + r);
+                        if (size[c] == m) thr[c] = h[0];
+                    }
+                }
+        }
+        for (int64_t c = 0; c < nq; c++) memcpy(ids + (q0 + c) * m, hi + c * m, m * sizeof(int64_t));
+        free(hs);
+        free(hi);
+    }
+    return fail;
+}

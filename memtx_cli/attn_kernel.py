@@ -110,6 +110,9 @@ def load() -> ctypes.CDLL | None:
     fn = lib.memtx_block_max
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int]
+    fn = lib.memtx_top_rows
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
     _lib = lib
     return lib
 
@@ -155,23 +158,24 @@ def attention(
         assert bias.shape == (b, s), bias.shape
     out = torch.empty(b, m, d, dtype=torch.bfloat16)
     lse = torch.empty(b, m, dtype=torch.float32)
-    rc = lib.memtx_attention(
-        q.data_ptr(),
-        k.data_ptr(),
-        v.data_ptr(),
-        0 if bias is None else bias.data_ptr(),
-        b,
-        m,
-        s,
-        q.stride(0) if b > 1 else 0,
-        k.stride(0) if b > 1 else 0,
-        v.stride(0) if b > 1 else 0,
-        causal_t,
-        scale,
-        out.data_ptr(),
-        lse.data_ptr(),
-        torch.get_num_threads(),
-    )
+    with torch.profiler.record_function("memtx::attn_kernel.attention"):  # ctypes is invisible otherwise
+        rc = lib.memtx_attention(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            b,
+            m,
+            s,
+            q.stride(0) if b > 1 else 0,
+            k.stride(0) if b > 1 else 0,
+            v.stride(0) if b > 1 else 0,
+            causal_t,
+            scale,
+            out.data_ptr(),
+            lse.data_ptr(),
+            torch.get_num_threads(),
+        )
     if rc != 0:
         raise MemoryError("attn_kernel: out of memory")
     return out, lse
@@ -194,19 +198,38 @@ def block_max(
     assert lib is not None
     keys, voters = _rows(keys), _rows(voters)
     out = torch.empty(kv, n // block, qn, dtype=torch.float32)
-    rc = lib.memtx_block_max(
-        keys.data_ptr(),
-        voters.data_ptr(),
-        kv,
-        n,
-        qn,
-        keys.stride(0) if kv > 1 else 0,
-        voters.stride(0) if kv > 1 else 0,
-        block,
-        n_valid,
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
+    with torch.profiler.record_function("memtx::attn_kernel.block_max"):
+        rc = lib.memtx_block_max(
+            keys.data_ptr(),
+            voters.data_ptr(),
+            kv,
+            n,
+            qn,
+            keys.stride(0) if kv > 1 else 0,
+            voters.stride(0) if kv > 1 else 0,
+            block,
+            n_valid,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
     if rc != 0:
         raise MemoryError("attn_kernel: out of memory")
     return out
+
+
+def top_rows(keys: torch.Tensor, q: torch.Tensor, m: int) -> torch.Tensor | None:
+    """Indices (Q, m) of the m rows of keys (N, 64) with the largest products with each query of
+    q (Q, 64), both bfloat16, products in float32; unsorted. None when the kernel cannot run or
+    m > N. No (N, Q) score matrix is written (`memory.top_rows`, the torch path, is bound by it)."""
+    n, qn = keys.shape[0], q.shape[0]
+    if not usable(keys, q) or m > n or m <= 0 or qn == 0:
+        return None
+    lib = load()
+    assert lib is not None
+    keys, q = _rows(keys[None])[0], q.contiguous()
+    ids = torch.empty(qn, m, dtype=torch.int64)
+    with torch.profiler.record_function("memtx::attn_kernel.top_rows"):
+        rc = lib.memtx_top_rows(keys.data_ptr(), q.data_ptr(), n, qn, m, ids.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("attn_kernel: out of memory")
+    return ids

@@ -535,7 +535,13 @@ class LayerMemory:
             idt = exact_top_k(torch.stack(parts), kk)  # (R, Q, k')
         else:  # a shortlist of 2k by 16-bit scores, rescored in float32
             qd = q.to(self.keys.dtype)
-            cand = torch.stack([top_rows(self.keys[h, :bound], qd[i], 2 * kk) for i, h in enumerate(rows)])
+
+            def shortlist(keys: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
+                # attn_kernel where it runs (bfloat16, AVX512-BF16): no score matrix written
+                got = attn_kernel.top_rows(keys, qi, 2 * kk)
+                return top_rows(keys, qi, 2 * kk) if got is None else got
+
+            cand = torch.stack([shortlist(self.keys[h, :bound], qd[i]) for i, h in enumerate(rows)])
             ck = self.keys.view(-1, self.head_dim).index_select(0, self._flat_ids(cand, rows)).view(*cand.shape, -1)
             exact = torch.einsum("rqd,rqcd->rqc", q.float(), ck.float())
             idt = cand.gather(-1, exact.topk(kk, dim=-1, sorted=False).indices)

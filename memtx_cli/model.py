@@ -845,18 +845,15 @@ def attention_with_lse(
     runs, else the flash kernel SDPA itself calls (it returns the log-sum-exp; measured 4.4x
     faster than materialising scores in bfloat16, T=512, S=1024); elsewhere, plain math.
     """
+    if attn_kernel.usable(q, k, v) and (causal_t or bias is None or bias.dim() == 3):
+        # causal: the kernel masks by itself; (KV, 1, S): one bias per row of keys
+        got = attn_kernel.attention(q[0], k[0], v[0], None if bias is None else bias[:, 0], scale, causal_t)
+        if got is not None:
+            return got
     if causal_t and bias is None:  # (Q, S); S + 1 keys then the first cut: a mask even when S == T
         bias = local_bias(causal_t, k.shape[2] + 1, q.dtype, q.device)[:, 1:].repeat(q.shape[2] // causal_t, 1)
     # The flash kernel's log-sum-exp has no gradient; training (which merges by lse) uses the math.
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if causal_t and attn_kernel.usable(q, k, v):  # the kernel masks by itself
-        got = attn_kernel.attention(q[0], k[0], v[0], None, scale, causal_t=causal_t)
-    elif (bias is None or bias.dim() == 3) and attn_kernel.usable(q, k, v):  # (KV, 1, S): per row of keys
-        got = attn_kernel.attention(q[0], k[0], v[0], None if bias is None else bias[:, 0], scale)
-    else:
-        got = None
-    if got is not None:
-        return got
     if not grad and q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias[None] if bias is not None and bias.dim() == 3 else bias, scale=scale

@@ -205,3 +205,18 @@ def test_exact_block_relevance_in_bfloat16_uses_float32_logits(monkeypatch):
     monkeypatch.setenv("MEMTX_KERNEL", "0")
     slow = mem.block_relevance(sel, "clamped", near, scale, 0, exact=True)
     assert (slow[on].double() - want[on]).abs().max().item() < 0.05
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,m", [(64, 64), (1001, 7), (5000, 64)])
+def test_top_rows_equals_the_exact_top_k(n, m):
+    """The m best rows per query by float32 products of bfloat16 inputs: the same set as topk
+    over float64 scores (random keys: no ties), with a key count not a multiple of 4 or 32."""
+    g = torch.Generator().manual_seed(n)
+    keys = torch.randn(n, 64, generator=g).bfloat16()
+    q = torch.randn(45, 64, generator=g).bfloat16()  # not a multiple of 32 queries
+    got = attn_kernel.top_rows(keys, q, m)
+    want = (q.double() @ keys.double().t()).topk(m, -1).indices
+    assert got.shape == (45, m)
+    assert all(set(got[i].tolist()) == set(want[i].tolist()) for i in range(45))
+    assert attn_kernel.top_rows(keys, q, n + 1) is None  # more rows asked for than there are
