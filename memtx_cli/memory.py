@@ -490,7 +490,7 @@ class LayerMemory:
         def gather(buf: torch.Tensor) -> torch.Tensor:  # (KV, cap, D) -> (KV*C, m*b, D)
             # Rows of whole blocks (b*D contiguous elements): a 2-D index_select, 2.5x faster
             # than gathering (b, D) slabs from a 3-D view.
-            return buf.view(-1, b * self.head_dim).index_select(0, flat).view(kv * nc, m * b, -1)
+            return select_rows(buf.view(-1, b * self.head_dim), flat).view(kv * nc, m * b, -1)
 
         ids = (pick[..., None] * b + torch.arange(b, device=self.device)).view(kv * nc, m * b)
         valid = ids < self.n
@@ -542,7 +542,7 @@ class LayerMemory:
                 return top_rows(keys, qi, 2 * kk) if got is None else got
 
             cand = torch.stack([shortlist(self.keys[h, :bound], qd[i]) for i, h in enumerate(rows)])
-            ck = self.keys.view(-1, self.head_dim).index_select(0, self._flat_ids(cand, rows)).view(*cand.shape, -1)
+            ck = select_rows(self.keys.view(-1, self.head_dim), self._flat_ids(cand, rows)).view(*cand.shape, -1)
             exact = torch.einsum("rqd,rqcd->rqc", q.float(), ck.float())
             idt = cand.gather(-1, exact.topk(kk, dim=-1, sorted=False).indices)
         self.search_seconds += time.perf_counter() - t0
@@ -577,7 +577,7 @@ class LayerMemory:
         flat = self._flat_ids(idt, rows)  # one index_select per buffer
 
         def gather(buf: torch.Tensor) -> torch.Tensor:  # (KV, cap, D) -> (R, Q, k, D)
-            return buf.view(-1, self.head_dim).index_select(0, flat).view(*idt.shape, -1)
+            return select_rows(buf.view(-1, self.head_dim), flat).view(*idt.shape, -1)
 
         return Retrieval(
             keys=gather(self.keys),
@@ -595,6 +595,15 @@ class BlockPicks:
     pick: torch.Tensor  # (KV, C, m) block ids, best first per budget
     ok: torch.Tensor | None  # (KV, C, m) False where a pick is not to be read (-inf relevance)
     raw_keys: bool  # whether the caller needs raw keys (gather_blocks' raw_keys)
+
+
+def select_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (N, C)[idx]: index_select over rows, moving 16-bit rows as 64-bit words. torch's
+    index_select copies bfloat16 element by element: 1.41 vs 0.11 ms for 1,792 rows of 2,048
+    (a block of 32 keys, one head's budget of 224 for 8 chunks; scratch microbenchmark)."""
+    if x.element_size() < 8 and (x.shape[1] * x.element_size()) % 8 == 0 and x.stride(1) == 1:
+        return x.view(torch.int64).index_select(0, idx).view(x.dtype)
+    return x.index_select(0, idx)
 
 
 def top_rows(keys: torch.Tensor, q: torch.Tensor, m: int, group: int = 32) -> torch.Tensor:

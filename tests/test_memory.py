@@ -1160,3 +1160,14 @@ def test_exact_relevance_is_reused_until_the_memory_changes():
     mem.add(k, k, torch.arange(14, 16), rotated_k=k)  # fills the last block: same shapes
     mem.block_relevance(sel + 1, "clamped", near, 0.3, 0, exact=True)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cols", [64, 2048, 6])
+def test_select_rows_equals_index_select(dtype, cols):
+    from memtx_cli.memory import select_rows
+
+    x = torch.randn(50, cols).to(dtype)
+    idx = torch.tensor([3, 0, 49, 3, 17])
+    got = select_rows(x, idx)
+    assert got.dtype == dtype and torch.equal(got, x.index_select(0, idx))
