@@ -1,0 +1,93 @@
+"""attn_kernel against the torch paths it replaces, on random bfloat16 inputs of the shapes the
+default model's scoring uses (one process, interleaved, median of `--reps`).
+
+    python benchmarks/attn_kernel_timing.py [--reps 20]
+
+- attention: ns per query-key score, attn_kernel.attention vs torch's CPU flash kernel
+  (`_scaled_dot_product_flash_attention_for_cpu`, what SDPA calls), and the largest output
+  difference between them (bfloat16 rounding);
+- block maxima of exact selection (3 heads, 7,616 keys, 96 voters): attn_kernel.block_max vs a
+  bfloat16 matmul, its float32 copy and amax over blocks of 32;
+- far-search shortlist (64 queries, 64 rows each): attn_kernel.top_rows vs memory.top_rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from memtx_cli import attn_kernel
+from memtx_cli.memory import top_rows
+
+FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def timed(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    if attn_kernel.load() is None:
+        raise SystemExit("attn_kernel cannot run here (needs AVX512-BF16, Linux and a C compiler)")
+    bf = torch.bfloat16
+    print(f"threads {torch.get_num_threads()}")
+    print("attention (B, queries, keys): kernel / flash ns per score, max |difference|")
+    for b, m, s in [(24, 192, 512), (8, 192, 1024), (8, 192, 3072), (8, 192, 7168), (3, 1536, 1029), (3, 3, 1024)]:
+        q, k, v = torch.randn(b, m, 64, dtype=bf), torch.randn(b, s, 64, dtype=bf), torch.randn(b, s, 64, dtype=bf)
+        t = timed(
+            {
+                "kernel": lambda q=q, k=k, v=v: attn_kernel.attention(q, k, v, None, 0.125),
+                "flash": lambda q=q, k=k, v=v: FLASH(q[None], k[None], v[None], 0.0, False, scale=0.125),
+            },
+            args.reps,
+        )
+        diff = (
+            (
+                attn_kernel.attention(q, k, v, None, 0.125)[0].float()
+                - FLASH(q[None], k[None], v[None], 0.0, False, scale=0.125)[0][0].float()
+            )
+            .abs()
+            .max()
+        )
+        n = b * m * s
+        print(f"  ({b}, {m}, {s}): {t['kernel'] / n * 1e9:.2f} / {t['flash'] / n * 1e9:.2f} ns, {diff:.4f}")
+    keys, voters = torch.randn(3, 7616, 64, dtype=bf), torch.randn(3, 96, 64, dtype=bf)
+
+    def torch_maxima() -> torch.Tensor:
+        return (keys @ voters.transpose(1, 2)).float().view(3, 238, 32, 96).amax(2)
+
+    t = timed({"kernel": lambda: attn_kernel.block_max(keys, voters, 32, 7616), "torch": torch_maxima}, args.reps)
+    print(f"block maxima (3, 7616 keys, 96 voters): kernel {t['kernel'] * 1e3:.2f} ms, torch {t['torch'] * 1e3:.2f} ms")
+    for n in (28000, 56000):
+        kk, qq = torch.randn(n, 64, dtype=bf), torch.randn(64, 64, dtype=bf)
+        t = timed(
+            {
+                "kernel": lambda kk=kk, qq=qq: attn_kernel.top_rows(kk, qq, 64),
+                "torch": lambda kk=kk, qq=qq: top_rows(kk, qq, 64),
+            },
+            args.reps,
+        )
+        print(
+            f"far shortlist ({n} keys, 64 queries, 64 rows): "
+            f"kernel {t['kernel'] * 1e3:.2f} ms, torch {t['torch'] * 1e3:.2f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()
