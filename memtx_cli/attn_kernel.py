@@ -48,25 +48,22 @@ def _cpu_ok() -> bool:
     return False
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("MEMTX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "memtx"
-    )
-    return Path(base) / "kernels"
+def cache_dir() -> Path | None:
+    """Where compiled kernels are kept: the weights cache's root (runtime.py) + kernels/;
+    None with MEMTX_NO_CACHE=1 (then each process compiles into a temporary directory)."""
+    if os.environ.get("MEMTX_NO_CACHE"):
+        return None
+    root = os.environ.get("MEMTX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "memtx")
+    return Path(root) / "kernels"
 
 
-def _build() -> Path:
-    """The compiled library for this source and these flags, compiled now if not cached."""
-    src = SOURCE.read_bytes()
-    cc = os.environ.get("CC", "cc")
-    tag = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"attn_kernel-{tag}.so"
-    if out.exists():
-        return out
+def _compile(out: Path) -> None:
+    """Compile SOURCE into `out`: into a file beside it, then renamed (atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # compile aside, then rename: atomic
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
+        cc = os.environ.get("CC", "cc")
         subprocess.run(
             [cc, *FLAGS, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"],
             check=True,
@@ -77,7 +74,23 @@ def _build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
+
+
+def _open() -> ctypes.CDLL:
+    """The compiled library for this source, compiler and flags (compiled now if not cached)."""
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *FLAGS]).encode()).hexdigest()[:16]
+    name = f"attn_kernel-{tag}.so"
+    where = cache_dir()
+    if where is not None:
+        out = where / name
+        if not out.exists():
+            _compile(out)
+        return ctypes.CDLL(str(out))
+    with tempfile.TemporaryDirectory() as tmp:  # a loaded library outlives its file on Linux
+        out = Path(tmp) / name
+        _compile(out)
+        return ctypes.CDLL(str(out))
 
 
 def load() -> ctypes.CDLL | None:
@@ -90,7 +103,7 @@ def load() -> ctypes.CDLL | None:
         log.debug("attn_kernel: CPU without AVX512-BF16 (or not Linux); using torch's kernel")
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = _open()
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         log.debug("attn_kernel: not built (%s %s); using torch's kernel", e, detail.decode(errors="replace")[:500])

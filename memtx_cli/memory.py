@@ -461,7 +461,7 @@ class LayerMemory:
         tail = self.n - start
         # In bfloat16 on AVX512-BF16, attn_kernel fuses the maxima into the product (float32
         # logits, never written out: the bfloat16 -> float32 copy of the logits alone took
-        # 52-87 ms per 512-token segment at 24K, README "Block maxima in the kernel").
+        # 52-87 ms per 512-token segment at 24K, README "A bfloat16 attention kernel").
         fused = attn_kernel.block_max(keys, voters, b, tail)  # (KV, nbn, C*Q)
         if fused is not None:
             best = fused.view(kv, nbn, nc, nq).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key

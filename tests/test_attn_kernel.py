@@ -150,7 +150,7 @@ def test_without_a_compiler_torchs_kernel_runs(monkeypatch, tmp_path):
     """No C compiler: load() gives None once, attention() None, and the model still attends."""
     monkeypatch.setattr(attn_kernel, "_lib", None)
     monkeypatch.setattr(attn_kernel, "_tried", False)
-    monkeypatch.setenv("MEMTX_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEMTX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert attn_kernel.load() is None
     q, k, v = inputs(1, 24, 30)
@@ -159,6 +159,24 @@ def test_without_a_compiler_torchs_kernel_runs(monkeypatch, tmp_path):
     ref, _ = reference(q, k, v, None, 1 / math.sqrt(64), causal_t=8)
     assert (out.reshape(1, 24, 64).double() - ref).abs().max().item() < 0.03
     assert not any(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
+
+
+@needs_kernel
+@pytest.mark.parametrize("no_cache", [False, True])
+def test_compiled_once_into_the_cache_or_a_temporary_directory(monkeypatch, tmp_path, no_cache):
+    """A fresh cache gets one library named by the source's hash, reused by the next process;
+    MEMTX_NO_CACHE=1 writes nothing there. Either library computes the same attention."""
+    monkeypatch.setenv("MEMTX_CACHE_DIR", str(tmp_path))
+    if no_cache:
+        monkeypatch.setenv("MEMTX_NO_CACHE", "1")
+    q, k, v = inputs(2, 40, 70)
+    want = attn_kernel.attention(q, k, v, None, 0.125)
+    monkeypatch.setattr(attn_kernel, "_lib", None)
+    monkeypatch.setattr(attn_kernel, "_tried", False)
+    got = attn_kernel.attention(q, k, v, None, 0.125)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    built = sorted(p.name for p in tmp_path.rglob("*.so"))
+    assert built == ([] if no_cache else [built[0]]) and all(n.startswith("attn_kernel-") for n in built)
 
 
 @needs_kernel
