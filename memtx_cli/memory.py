@@ -15,7 +15,9 @@ sqrt-scaled lists, trained once enough keys have arrived; exact search until the
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +151,29 @@ def _find_hnsw(idx):
     return None
 
 
+_HUGE = 2 << 20  # x86-64 transparent huge page
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised memory buffer. On Linux CPUs its whole 2 MiB pages are advised as huge
+    pages (madvise MADV_HUGEPAGE; transparent huge pages are often "madvise"-only): one page
+    fault per 2 MiB on first touch instead of 512, and fewer TLB misses for gathers and far
+    searches that hop across the buffer (README "A bfloat16 attention kernel")."""
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = buf.numel() * buf.element_size()
+    if device.type != "cpu" or nbytes < 2 * _HUGE or not sys.platform.startswith("linux"):
+        return buf
+    start = -(-buf.data_ptr() // _HUGE) * _HUGE  # whole huge pages inside the buffer
+    length = (buf.data_ptr() + nbytes - start) // _HUGE * _HUGE
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE; advice only
+    except (OSError, AttributeError):
+        pass
+    return buf
+
+
 class LayerMemory:
     """Memory of one layer: all KV heads, raw keys + values + positions, one index per head."""
 
@@ -180,11 +205,11 @@ class LayerMemory:
         # nothing reads past it. Zero-filling grown buffers took 1.8 s of 10 s over the 8
         # segments around 16K tokens in 23 memory layers (fill_ 27 ms per (3, 32768, 64)
         # buffer: the first touch of new pages; torch.profiler, README "Memory buffers sized once").
-        self.keys = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)  # raw, no RoPE
-        self.values = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device)
+        self.keys = _buffer((n_kv, cap, head_dim), dtype, self.device)  # raw, no RoPE
+        self.values = _buffer((n_kv, cap, head_dim), dtype, self.device)
         # Keys rotated by their absolute positions (true / clamped schemes): scoring a retrieved
         # memory at its real distance is then one dot product, no per-pair RoPE.
-        self.rkeys = torch.empty(n_kv, cap, head_dim, dtype=dtype, device=self.device) if rotated else None
+        self.rkeys = _buffer((n_kv, cap, head_dim), dtype, self.device) if rotated else None
         self.positions = torch.empty(cap, dtype=torch.long, device=self.device)
         self.heads = (
             [] if block_size else [HeadIndex(head_dim, spec, use_gpu=self.device.type == "cuda") for _ in range(n_kv)]
@@ -213,7 +238,7 @@ class LayerMemory:
             old = getattr(self, name)
             if old is None:
                 continue
-            buf = torch.empty(self.n_kv, new, self.head_dim, dtype=old.dtype, device=old.device)
+            buf = _buffer((self.n_kv, new, self.head_dim), old.dtype, old.device)
             buf[:, : self.n] = old[:, : self.n]
             setattr(self, name, buf)
         pos = torch.empty(new, dtype=torch.long, device=self.device)
