@@ -1171,3 +1171,6 @@ def test_select_rows_equals_index_select(dtype, cols):
     idx = torch.tensor([3, 0, 49, 3, 17])
     got = select_rows(x, idx)
     assert got.dtype == dtype and torch.equal(got, x.index_select(0, idx))
+    odd = x[1:, 1:]  # an offset and a row width no whole 64-bit words fit: torch's own path
+    few = torch.tensor([3, 0, 17])
+    assert torch.equal(select_rows(odd, few), odd.index_select(0, few))
