@@ -23,6 +23,19 @@ from memtx_cli.engine import Streamer
 from memtx_cli.runtime import load_model
 
 
+def streams(n: int, genre: str) -> tuple[torch.Tensor, dict[str, Streamer], int]:
+    """The genre's document's first n token ids, a memory stream with the card's defaults and a
+    window stream (memory off), and the segment length."""
+    lm = load_model("smollm2-135m", device="cpu", dtype="auto")
+    cfg = merge_config(lm.card.settings)
+    ids = torch.tensor(lm.tokenizer.encode((CORPUS / GENRE_DOCS[genre]).read_text())[:n])
+    runs = {
+        "memory": Streamer(lm.model, cfg, expected_tokens=n),
+        "window": Streamer(lm.model, dataclasses.replace(cfg, memory=False), expected_tokens=n),
+    }
+    return ids, runs, cfg.segment
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=24576)
@@ -30,14 +43,8 @@ def main() -> None:
     ap.add_argument("--segments", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    lm = load_model("smollm2-135m", device="cpu", dtype="auto")
-    cfg = merge_config(lm.card.settings)
-    n, seg = args.tokens, cfg.segment
-    ids = torch.tensor(lm.tokenizer.encode((CORPUS / GENRE_DOCS[args.genre]).read_text())[:n])
-    runs = {
-        "memory": Streamer(lm.model, cfg, expected_tokens=n),
-        "window": Streamer(lm.model, dataclasses.replace(cfg, memory=False), expected_tokens=n),
-    }
+    ids, runs, seg = streams(args.tokens, args.genre)
+    n = args.tokens
     first = n - args.segments * seg
     per_op: dict[str, dict[str, float]] = {name: {} for name in runs}
     per_shape: dict[tuple[str, str], list[float]] = {}

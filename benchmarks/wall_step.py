@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import functools
 import time
 
 import torch
+from profile_step import streams  # same set-up (run from the repo root: benchmarks/ is on the path)
 
 from memtx_cli import memory as mem_mod
 from memtx_cli import model as model_mod
-from memtx_cli.bench import CORPUS, GENRE_DOCS
-from memtx_cli.config import merge_config
-from memtx_cli.engine import Streamer
-from memtx_cli.runtime import load_model
+from memtx_cli.bench import GENRE_DOCS
 
 SPENT: dict[str, float] = collections.defaultdict(float)
 ACTIVE = {"run": ""}
@@ -66,14 +63,8 @@ def main() -> None:
     args = ap.parse_args()
     for owner, name, label in TIMED:
         timed(owner, name, label)
-    lm = load_model("smollm2-135m", device="cpu", dtype="auto")
-    cfg = merge_config(lm.card.settings)
-    n, seg = args.tokens, cfg.segment
-    ids = torch.tensor(lm.tokenizer.encode((CORPUS / GENRE_DOCS[args.genre]).read_text())[:n])
-    runs = {
-        "memory": Streamer(lm.model, cfg, expected_tokens=n),
-        "window": Streamer(lm.model, dataclasses.replace(cfg, memory=False), expected_tokens=n),
-    }
+    ids, runs, seg = streams(args.tokens, args.genre)
+    n = args.tokens
     first = n - args.segments * seg
     total: dict[str, float] = collections.defaultdict(float)
     with torch.inference_mode():

@@ -28,6 +28,13 @@ HEAD_DIM = 64  # the kernel's only head size (SmolLM2, Llama-style small models)
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
 
+_P, _I = ctypes.c_void_p, ctypes.c_int64  # pointer, int64_t
+SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out of range)
+    "memtx_attention": [_P] * 4 + [_I] * 7 + [ctypes.c_float, _P, _P, ctypes.c_int],
+    "memtx_block_max": [_P] * 2 + [_I] * 7 + [_P, ctypes.c_int],
+    "memtx_top_rows": [_P] * 2 + [_I] * 3 + [_P, ctypes.c_int],
+}
+
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -108,26 +115,22 @@ def load() -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", b"") or b""
         log.debug("attn_kernel: not built (%s %s); using torch's kernel", e, detail.decode(errors="replace")[:500])
         return None
-    fn = lib.memtx_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = (
-        [ctypes.c_void_p] * 4
-        + [ctypes.c_int64] * 7
-        + [
-            ctypes.c_float,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-    )
-    fn = lib.memtx_block_max
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int]
-    fn = lib.memtx_top_rows
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, args
     _lib = lib
     return lib
+
+
+def _run(name: str, *args: object) -> None:
+    """Call memtx_<name> on torch's thread count, visible to torch.profiler as
+    memtx::attn_kernel.<name> (a ctypes call is not otherwise)."""
+    lib = load()
+    assert lib is not None
+    with torch.profiler.record_function(f"memtx::attn_kernel.{name}"):
+        rc = getattr(lib, f"memtx_{name}")(*args, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"attn_kernel.{name}: out of memory")
 
 
 def usable(*xs: torch.Tensor) -> bool:
@@ -159,8 +162,6 @@ def attention(
     sees no key gets output 0 and lse -inf. None when the kernel cannot run (see `usable`)."""
     if not usable(q, k, v):
         return None
-    lib = load()
-    assert lib is not None
     b, m, d = q.shape
     s = k.shape[1]
     if b == 0 or m == 0 or s == 0:  # nothing to attend to (or with): out 0, lse -inf
@@ -171,26 +172,23 @@ def attention(
         assert bias.shape == (b, s), bias.shape
     out = torch.empty(b, m, d, dtype=torch.bfloat16)
     lse = torch.empty(b, m, dtype=torch.float32)
-    with torch.profiler.record_function("memtx::attn_kernel.attention"):  # ctypes is invisible otherwise
-        rc = lib.memtx_attention(
-            q.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            0 if bias is None else bias.data_ptr(),
-            b,
-            m,
-            s,
-            q.stride(0) if b > 1 else 0,
-            k.stride(0) if b > 1 else 0,
-            v.stride(0) if b > 1 else 0,
-            causal_t,
-            scale,
-            out.data_ptr(),
-            lse.data_ptr(),
-            torch.get_num_threads(),
-        )
-    if rc != 0:
-        raise MemoryError("attn_kernel: out of memory")
+    _run(
+        "attention",
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        b,
+        m,
+        s,
+        q.stride(0) if b > 1 else 0,
+        k.stride(0) if b > 1 else 0,
+        v.stride(0) if b > 1 else 0,
+        causal_t,
+        scale,
+        out.data_ptr(),
+        lse.data_ptr(),
+    )
     return out, lse
 
 
@@ -207,26 +205,21 @@ def block_max(
     qn = voters.shape[1]
     if not usable(keys, voters) or n % block or block % 4 or qn > 256 or qn == 0 or n == 0:
         return None
-    lib = load()
-    assert lib is not None
     keys, voters = _rows(keys), _rows(voters)
     out = torch.empty(kv, n // block, qn, dtype=torch.float32)
-    with torch.profiler.record_function("memtx::attn_kernel.block_max"):
-        rc = lib.memtx_block_max(
-            keys.data_ptr(),
-            voters.data_ptr(),
-            kv,
-            n,
-            qn,
-            keys.stride(0) if kv > 1 else 0,
-            voters.stride(0) if kv > 1 else 0,
-            block,
-            n_valid,
-            out.data_ptr(),
-            torch.get_num_threads(),
-        )
-    if rc != 0:
-        raise MemoryError("attn_kernel: out of memory")
+    _run(
+        "block_max",
+        keys.data_ptr(),
+        voters.data_ptr(),
+        kv,
+        n,
+        qn,
+        keys.stride(0) if kv > 1 else 0,
+        voters.stride(0) if kv > 1 else 0,
+        block,
+        n_valid,
+        out.data_ptr(),
+    )
     return out
 
 
@@ -237,12 +230,7 @@ def top_rows(keys: torch.Tensor, q: torch.Tensor, m: int) -> torch.Tensor | None
     n, qn = keys.shape[0], q.shape[0]
     if not usable(keys, q) or m > n or m <= 0 or qn == 0:
         return None
-    lib = load()
-    assert lib is not None
     keys, q = _rows(keys[None])[0], q.contiguous()
     ids = torch.empty(qn, m, dtype=torch.int64)
-    with torch.profiler.record_function("memtx::attn_kernel.top_rows"):
-        rc = lib.memtx_top_rows(keys.data_ptr(), q.data_ptr(), n, qn, m, ids.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("attn_kernel: out of memory")
+    _run("top_rows", keys.data_ptr(), q.data_ptr(), n, qn, m, ids.data_ptr())
     return ids
