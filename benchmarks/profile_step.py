@@ -23,9 +23,10 @@ from memtx_cli.engine import Streamer
 from memtx_cli.runtime import load_model
 
 
-def streams(n: int, genre: str) -> tuple[torch.Tensor, dict[str, Streamer], int]:
+def streams(n: int, genre: str, measured: int) -> tuple[torch.Tensor, dict[str, Streamer], int, int]:
     """The genre's document's first n token ids, a memory stream with the card's defaults and a
-    window stream (memory off), and the segment length."""
+    window stream (memory off), both already past all but the last `measured` segments; the
+    segment length and the first measured token."""
     lm = load_model("smollm2-135m", device="cpu", dtype="auto")
     cfg = merge_config(lm.card.settings)
     ids = torch.tensor(lm.tokenizer.encode((CORPUS / GENRE_DOCS[genre]).read_text())[:n])
@@ -33,7 +34,13 @@ def streams(n: int, genre: str) -> tuple[torch.Tensor, dict[str, Streamer], int]
         "memory": Streamer(lm.model, cfg, expected_tokens=n),
         "window": Streamer(lm.model, dataclasses.replace(cfg, memory=False), expected_tokens=n),
     }
-    return ids, runs, cfg.segment
+    seg = cfg.segment
+    first = n - measured * seg
+    with torch.inference_mode():
+        for s in range(0, first, seg):
+            for st in runs.values():
+                st.step(ids[s : s + seg])
+    return ids, runs, seg, first
 
 
 def main() -> None:
@@ -43,15 +50,11 @@ def main() -> None:
     ap.add_argument("--segments", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    ids, runs, seg = streams(args.tokens, args.genre)
+    ids, runs, seg, first = streams(args.tokens, args.genre, args.segments)
     n = args.tokens
-    first = n - args.segments * seg
     per_op: dict[str, dict[str, float]] = {name: {} for name in runs}
     per_shape: dict[tuple[str, str], list[float]] = {}
     with torch.inference_mode():
-        for s in range(0, first, seg):
-            for st in runs.values():
-                st.step(ids[s : s + seg])
         for s in range(first, n, seg):
             for name, st in runs.items():
                 with profile(record_shapes=name == "memory") as p:

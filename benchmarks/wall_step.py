@@ -63,14 +63,10 @@ def main() -> None:
     args = ap.parse_args()
     for owner, name, label in TIMED:
         timed(owner, name, label)
-    ids, runs, seg = streams(args.tokens, args.genre)
+    ids, runs, seg, first = streams(args.tokens, args.genre, args.segments)
     n = args.tokens
-    first = n - args.segments * seg
     total: dict[str, float] = collections.defaultdict(float)
     with torch.inference_mode():
-        for s in range(0, first, seg):
-            for st in runs.values():
-                st.step(ids[s : s + seg])
         for s in range(first, n, seg):
             for name, st in runs.items():
                 ACTIVE["run"] = name
