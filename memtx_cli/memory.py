@@ -16,6 +16,7 @@ sqrt-scaled lists, trained once enough keys have arrived; exact search until the
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -165,13 +166,20 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
         return buf
     start = -(-buf.data_ptr() // _HUGE) * _HUGE  # whole huge pages inside the buffer
     length = (buf.data_ptr() + nbytes - start) // _HUGE * _HUGE
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE; advice only
-    except (OSError, AttributeError):
-        pass
+    madvise = _madvise()
+    if madvise is not None:
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE; advice only
     return buf
+
+
+@functools.cache
+def _madvise():  # libc's madvise, looked up once; None where it is missing
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
 
 
 class LayerMemory:
@@ -479,9 +487,6 @@ class LayerMemory:
         nbn = near.shape[1]
         # Whole blocks (the buffer's capacity is whole blocks); the tail past n is masked below.
         keys = self.rkeys[:, start : start + nbn * b]  # (KV, nbn*b, D) rotated by their positions
-        # One matmul per head for all chunks' voters, keys as the row operand (their natural
-        # layout: 1.4 ms vs 4.2 ms for voters @ keys^T, 3 heads x 192 voters x 7,400 keys in
-        # bfloat16), in the keys' dtype; the block maxima in float32 (bfloat16's amax is 5x slower).
         voters = sel.reshape(kv, nc * nq, d).mul(scale).to(keys.dtype)  # (KV, C*Q, D)
         tail = self.n - start
         # In bfloat16 on AVX512-BF16, attn_kernel fuses the maxima into the product (float32
@@ -491,6 +496,9 @@ class LayerMemory:
         if fused is not None:
             best = fused.view(kv, nbn, nc, nq).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
         else:
+            # One matmul per head for all chunks' voters, keys as the row operand (their natural
+            # layout: 1.4 ms vs 4.2 ms for voters @ keys^T, 3 heads x 192 voters x 7,400 keys in
+            # bfloat16), in the keys' dtype; the maxima in float32 (bfloat16's amax is 5x slower).
             logits = (keys @ voters.transpose(-1, -2)).float()  # (KV, nbn*b, C*Q)
             if tail < nbn * b:
                 logits[:, tail:] = float("-inf")

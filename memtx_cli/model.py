@@ -815,9 +815,9 @@ def grouped_attention(
     bias: torch.Tensor | None,  # (T, S) from local_bias, None when S == T
 ) -> torch.Tensor:  # (B, H, T, D)
     """Causal GQA attention (query i sees keys up to S - T + i). In bfloat16 on AVX512-BF16
-    CPUs, attn_kernel with each group's G heads folded into its query axis (3.4x torch's
-    kernel here); otherwise one SDPA call, whose `enable_gqa` shares each KV head with its G
-    query heads without copying K/V."""
+    CPUs, attn_kernel with each group's G heads folded into its query axis (3.3x torch's
+    kernel here, benchmarks/attn_kernel_timing.py); otherwise one SDPA call, whose
+    `enable_gqa` shares each KV head with its G query heads without copying K/V."""
     b, h, t, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     if attn_kernel.usable(q, k, v):
