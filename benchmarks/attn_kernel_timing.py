@@ -8,7 +8,9 @@ default model's scoring uses (one process, interleaved, median of `--reps`).
   difference between them (bfloat16 rounding);
 - block maxima of exact selection (3 heads, 7,616 keys, 96 voters): attn_kernel.block_max vs a
   bfloat16 matmul, its float32 copy and amax over blocks of 32;
-- far-search shortlist (64 queries, 64 rows each): attn_kernel.top_rows vs memory.top_rows.
+- far reads of one head for a 512-token segment (its 8 chunks, 32 memories per token among
+  28,000 / 56,000, 3 query heads attending): attn_kernel.far_attention (via
+  LayerMemory.far_attention) vs model.far_reads (retrieve_far per chunk, attention in torch).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 
 from memtx_cli import attn_kernel
-from memtx_cli.memory import top_rows
+from memtx_cli.memory import IndexSpec, LayerMemory
+from memtx_cli.model import far_reads
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -75,16 +79,21 @@ def main() -> None:
     t = timed({"kernel": lambda: attn_kernel.block_max(keys, voters, 32, 7616), "torch": torch_maxima}, args.reps)
     print(f"block maxima (3, 7616 keys, 96 voters): kernel {t['kernel'] * 1e3:.2f} ms, torch {t['torch'] * 1e3:.2f} ms")
     for n in (28000, 56000):
-        kk, qq = torch.randn(n, 64, dtype=bf), torch.randn(64, 64, dtype=bf)
+        mem = LayerMemory(1, 64, IndexSpec("flat"), dtype=bf, block_size=32, capacity=n)
+        mem.add(torch.randn(1, n, 64), torch.randn(1, n, 64), torch.arange(n))
+        qs, qa = torch.randn(1, 512, 64).bfloat16().float(), torch.randn(1, 3, 512, 64, dtype=bf)
+        chunk_of = torch.arange(512) // 64
+        bound = n - 512 + chunk_of * 64  # each chunk's far past ends where its own does
+        how = SimpleNamespace(memory=mem, far_top_k=32, far_bias=2.0)
         t = timed(
             {
-                "kernel": lambda kk=kk, qq=qq: attn_kernel.top_rows(kk, qq, 64),
-                "torch": lambda kk=kk, qq=qq: top_rows(kk, qq, 64),
+                "kernel": lambda b=bound, m=mem, q=qs, a=qa: m.far_attention(q, a, b, 32, 0.125, 2.0),
+                "torch": lambda b=bound, q=qs, a=qa, c=chunk_of, h=how: far_reads(q, a, b, c, h, 0.125, None),
             },
             args.reps,
         )
         print(
-            f"far shortlist ({n} keys, 64 queries, 64 rows): "
+            f"far reads ({n} keys, 512 tokens, 3 heads, 32 each): "
             f"kernel {t['kernel'] * 1e3:.2f} ms, torch {t['torch'] * 1e3:.2f} ms"
         )
 

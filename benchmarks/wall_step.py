@@ -31,6 +31,7 @@ TIMED = [
     (model_mod, "memory_bias", "  memory_bias"),
     (model_mod.Attention, "far_token_attention", "far_token_attention"),
     (mem_mod.LayerMemory, "retrieve_far", "  retrieve_far"),
+    (mem_mod.LayerMemory, "far_attention", "  LayerMemory.far_attention (search + attention, fused)"),
     (model_mod.Attention, "merge_memory", "merge_memory (with the local attention)"),
     (model_mod, "attention_with_lse", "attention_with_lse (memory blocks and local)"),
     (model_mod, "memory_search_vectors", "memory_search_vectors"),

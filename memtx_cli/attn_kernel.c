@@ -253,67 +253,107 @@ int memtx_block_max(const bf16 *keys, const bf16 *voters, int64_t KV, int64_t N,
     return 0;
 }
 
-// A min-heap of m (score, id) pairs: the m best scores seen so far, the worst at the root.
-static inline void heap_push(float *hs, int64_t *hi, int64_t *size, int64_t m, float s, int64_t id) {
-    int64_t i;
-    if (*size < m) {  // not full: append and sift up
-        i = (*size)++;
-        while (i > 0 && hs[(i - 1) / 2] > s) {
-            hs[i] = hs[(i - 1) / 2];
-            hi[i] = hi[(i - 1) / 2];
-            i = (i - 1) / 2;
+// Reorder (s, id)[0..n) so that the first k hold the k largest scores; returns the smallest of
+// them (quickselect, Hoare partition: [0, lo) >= [lo, hi] >= (hi, n) throughout).
+static float select_top(float *s, int64_t *id, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float a = s[lo], b = s[(lo + hi) / 2], c = s[hi];  // median of three as the pivot
+        float pivot = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (s[i] > pivot) i++;
+            while (s[j] < pivot) j--;
+            if (i <= j) {
+                float ts = s[i];
+                int64_t ti = id[i];
+                s[i] = s[j], id[i] = id[j], s[j] = ts, id[j] = ti;
+                i++, j--;
+            }
         }
-    } else {  // full (and s beats the root): replace the root and sift down
-        i = 0;
-        for (;;) {
-            int64_t c = 2 * i + 1;
-            if (c >= m) break;
-            if (c + 1 < m && hs[c + 1] < hs[c]) c++;
-            if (hs[c] >= s) break;
-            hs[i] = hs[c];
-            hi[i] = hi[c];
-            i = c;
-        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;  // s[want] equals the pivot, as does everything between j and i
     }
-    hs[i] = s;
-    hi[i] = id;
+    float t = s[0];
+    for (int64_t a = 1; a < k; a++) t = s[a] < t ? s[a] : t;
+    return t;
 }
 
-// The m rows of keys (N, D) with the largest products with each query: ids (Qn, m), unsorted.
-// keys bf16 rows contiguous; q (Qn, D) bf16 contiguous; m <= N. One task per 32 queries scans
-// every key (R at a time, the q.k micro-kernel with keys broadcast); a score enters its query's
-// heap only when it beats the heap's worst, a vector compare across 16 queries at a time. No
-// (N, Qn) score matrix is written: the matmul + two-pass top-k it replaces was bound by writing
-// and re-reading that matrix.
-int memtx_top_rows(const bf16 *keys, const bf16 *q, int64_t N, int64_t Qn, int64_t m, int64_t *ids, int threads) {
-    if (m > N || m <= 0) return 2;
-    int64_t tasks = (Qn + 31) / 32;
+// bfloat16 -> float32 for 16 values; float32 -> bfloat16 rounded to nearest even (as torch).
+static inline __m512 bf16x16(const bf16 *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline bf16 to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (bf16)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+// float32 q . bfloat16 k over D = 64 dims, float32 products and sum
+static inline float dot_fb(const float *q, const bf16 *k) {
+    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), bf16x16(k));
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16), bf16x16(k + 16), a);
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 32), bf16x16(k + 32), a);
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 48), bf16x16(k + 48), a);
+    return _mm512_reduce_add_ps(a);
+}
+
+// Far reads, token by token, fused: each query's own top k keys among rows [0, bound[i]) of
+// keys (N, D), then attention over them for the G heads that share the search.
+//  1. shortlist: the m (>= k) rows with the largest bfloat16 products with qs[i] rounded to
+//     bfloat16, float32 sums. 32 queries per task; the micro-kernel is q.k's with the roles
+//     swapped (R keys broadcast, 32 queries per pair of vectors); a key is kept only when it
+//     beats its query's threshold, a vector compare across 16 queries; each query stops at its
+//     own bound. No (N, T) score matrix is written;
+//  2. exact: the shortlist rescored with the float32 qs[i]; its best k kept (all of it when the
+//     bound is <= m: then the result is the exact top k);
+//  3. attention: for each g, scores scale * qa[g][i] . key - bias over those k keys in float32,
+//     softmax, weighted sum of their values: out (G, T, D) float32, lse (G, T); a query with no
+//     key (bound 0) gets out 0 and lse -inf. ids (T, k): the keys read (-1 past the count), or NULL.
+// No (T, k) gather of keys or values is written: the memory.py path it replaces gathered the
+// shortlist's keys, the chosen keys and values, and ran ~30 small torch ops per chunk.
+int memtx_far_attention(const bf16 *keys, const bf16 *values, const float *qs, const bf16 *qa,
+                        const int64_t *bound, int64_t T, int64_t G, int64_t k, int64_t m, float scale, float bias,
+                        float *out, float *lse, int64_t *ids, int threads) {
+    if (k <= 0 || m < k) return 2;
+    int64_t tasks = (T + 31) / 32;
     int fail = 0;
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (int64_t t = 0; t < tasks; t++) {
-        int64_t q0 = t * 32, nq = Qn - q0 < 32 ? Qn - q0 : 32;
+        int64_t q0 = t * 32, nq = T - q0 < 32 ? T - q0 : 32;
+        bf16 qb[32 * D] __attribute__((aligned(64)));
         bf16 vp[32 * D] __attribute__((aligned(64)));
         float s[R * KB] __attribute__((aligned(64)));
         bf16 tail[R * D] __attribute__((aligned(64)));
         float thr[32] __attribute__((aligned(64)));
-        int64_t size[32];
-        float *hs = malloc(32 * m * sizeof(float));
-        int64_t *hi = malloc(32 * m * sizeof(int64_t));
+        float qf[D] __attribute__((aligned(64)));
+        int64_t size[32], bnd[32], nmax = 0;
+        // per query: a buffer of 2m candidates (scores above its threshold); when full, its best
+        // m are kept (select_top) and the m-th best becomes the threshold. As fast as a heap per
+        // query (7.0 vs 7.1 ms, 512 queries, 20,000 random keys, scratch).
+        int64_t cap = 2 * m;
+        float *hs = malloc(32 * cap * sizeof(float) + m * sizeof(float));
+        int64_t *hi = malloc(32 * cap * sizeof(int64_t));
         if (!hs || !hi) {
             fail = 1;
             free(hs);
             free(hi);
             continue;
         }
-        pack_k(q + q0 * D, nq, 32, vp);
+        float *ex = hs + 32 * cap;  // exact scores of one query's shortlist
+        for (int64_t c = 0; c < nq; c++)
+            for (int d = 0; d < D; d++) qb[c * D + d] = to_bf16(qs[(q0 + c) * D + d]);
+        pack_k(qb, nq, 32, vp);
         for (int c = 0; c < 32; c++) {
-            thr[c] = c < nq ? -INFINITY : INFINITY;  // padded queries never take a key
+            bnd[c] = c < nq ? bound[q0 + c] : 0;
+            thr[c] = bnd[c] > 0 ? -INFINITY : INFINITY;  // no rows (or a padded query): never takes one
             size[c] = 0;
+            if (bnd[c] > nmax) nmax = bnd[c];
         }
-        for (int64_t j = 0; j < N; j += R) {
+        for (int64_t j = 0; j < nmax; j += R) {
             const bf16 *kr = keys + j * D;
-            int64_t rr = N - j < R ? N - j : R;
-            if (rr < R) {  // the last rows: from a zero-padded copy, not past the buffer
+            int64_t rr = nmax - j < R ? nmax - j : R;
+            if (rr < R) {
                 memset(tail, 0, sizeof(tail));
                 memcpy(tail, kr, rr * D * sizeof(bf16));
                 kr = tail;
@@ -321,18 +361,71 @@ int memtx_top_rows(const bf16 *keys, const bf16 *q, int64_t N, int64_t Qn, int64
             qk_tile(kr, vp, 32, s);
             for (int64_t r = 0; r < rr; r++)
                 for (int c0 = 0; c0 < 32; c0 += 16) {
-                    __m512 x = _mm512_loadu_ps(s + r * KB + c0);
-                    __mmask16 hit = _mm512_cmp_ps_mask(x, _mm512_loadu_ps(thr + c0), _CMP_GT_OQ);
+                    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + r * KB + c0), _mm512_loadu_ps(thr + c0), _CMP_GT_OQ);
                     while (hit) {
                         int c = c0 + __builtin_ctz(hit);
                         hit &= hit - 1;
-                        float *h = hs + c * m;
-                        heap_push(h, hi + c * m, &size[c], m, s[r * KB + c], j + r);
-                        if (size[c] == m) thr[c] = h[0];
+                        if (j + r >= bnd[c]) {  // past this query's bound: it takes nothing more
+                            thr[c] = INFINITY;
+                            continue;
+                        }
+                        hs[c * cap + size[c]] = s[r * KB + c];
+                        hi[c * cap + size[c]++] = j + r;
+                        if (size[c] == cap) {
+                            thr[c] = select_top(hs + c * cap, hi + c * cap, cap, m);
+                            size[c] = m;
+                        }
                     }
                 }
         }
-        for (int64_t c = 0; c < nq; c++) memcpy(ids + (q0 + c) * m, hi + c * m, m * sizeof(int64_t));
+        for (int64_t c = 0; c < nq; c++) {
+            if (size[c] > m) {
+                select_top(hs + c * cap, hi + c * cap, size[c], m);
+                size[c] = m;
+            }
+            int64_t i = q0 + c, n = size[c], *cand = hi + c * cap;
+            int64_t kk = n < k ? n : k;
+            // exact scores, then the best kk first (insertion sort: n <= m, a few dozen)
+            for (int64_t a = 0; a < n; a++) ex[a] = dot_fb(qs + i * D, keys + cand[a] * D);
+            for (int64_t a = 1; a < n; a++) {
+                float e = ex[a];
+                int64_t id = cand[a], b = a - 1;
+                for (; b >= 0 && ex[b] < e; b--) {
+                    ex[b + 1] = ex[b];
+                    cand[b + 1] = cand[b];
+                }
+                ex[b + 1] = e;
+                cand[b + 1] = id;
+            }
+            if (ids)
+                for (int64_t a = 0; a < k; a++) ids[i * k + a] = a < kk ? cand[a] : -1;
+            for (int64_t g = 0; g < G; g++) {
+                float *o = out + (g * T + i) * D;
+                if (kk == 0) {
+                    memset(o, 0, D * sizeof(float));
+                    lse[g * T + i] = -INFINITY;
+                    continue;
+                }
+                for (int d = 0; d < D; d += 16) _mm512_storeu_ps(qf + d, bf16x16(qa + (g * T + i) * D + d));
+                float mx = -INFINITY;
+                for (int64_t a = 0; a < kk; a++) {
+                    ex[a] = dot_fb(qf, keys + cand[a] * D) * scale - bias;
+                    if (ex[a] > mx) mx = ex[a];
+                }
+                float sum = 0;
+                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int64_t a = 0; a < kk; a++) {
+                    float w = expf(ex[a] - mx);
+                    sum += w;
+                    __m512 vw = _mm512_set1_ps(w);
+                    const bf16 *vr = values + cand[a] * D;
+                    for (int c4 = 0; c4 < 4; c4++) acc[c4] = _mm512_fmadd_ps(vw, bf16x16(vr + 16 * c4), acc[c4]);
+                }
+                __m512 inv = _mm512_set1_ps(1.0f / sum);
+                for (int c4 = 0; c4 < 4; c4++) _mm512_storeu_ps(o + 16 * c4, _mm512_mul_ps(acc[c4], inv));
+                lse[g * T + i] = mx + logf(sum);
+            }
+        }
         free(hs);
         free(hi);
     }

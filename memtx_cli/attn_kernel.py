@@ -32,7 +32,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64  # pointer, int64_t
 SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out of range)
     "memtx_attention": [_P] * 4 + [_I] * 7 + [ctypes.c_float, _P, _P, ctypes.c_int],
     "memtx_block_max": [_P] * 2 + [_I] * 7 + [_P, ctypes.c_int],
-    "memtx_top_rows": [_P] * 2 + [_I] * 3 + [_P, ctypes.c_int],
+    "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 3 + [ctypes.c_int],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -223,14 +223,48 @@ def block_max(
     return out
 
 
-def top_rows(keys: torch.Tensor, q: torch.Tensor, m: int) -> torch.Tensor | None:
-    """Indices (Q, m) of the m rows of keys (N, 64) with the largest products with each query of
-    q (Q, 64), both bfloat16, products in float32; unsorted. None when the kernel cannot run or
-    m > N. No (N, Q) score matrix is written (`memory.top_rows`, the torch path, is bound by it)."""
-    n, qn = keys.shape[0], q.shape[0]
-    if not usable(keys, q) or m > n or m <= 0 or qn == 0:
+def far_attention(
+    keys: torch.Tensor,  # (N, 64) bfloat16, rows contiguous
+    values: torch.Tensor,  # (N, 64) bfloat16
+    qs: torch.Tensor,  # (T, 64) search vectors (any float dtype; searched in float32)
+    qa: torch.Tensor,  # (G, T, 64) bfloat16 attention queries
+    bound: torch.Tensor,  # (T,) int64: query i reads among rows 0..bound[i]-1
+    k: int,
+    scale: float,
+    bias: float,
+    with_ids: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:  # (G, T, 64) f32, (G, T) f32, (T, k)
+    """Each query's own top k rows of keys by its search vector (a bfloat16 shortlist of 2k,
+    rescored in float32: the exact top k whenever its bound is <= 2k), then attention of the G
+    queries qa[:, i] over those k keys and their values, scores scale * q.k - bias in float32.
+    Returns out, lse (-inf and 0 where a query has no rows) and, with_ids, the rows read (T, k)
+    best first (-1 past the count). None when the kernel cannot run (see `usable`)."""
+    t, g = qs.shape[0], qa.shape[0]
+    if not usable(keys, values, qa) or qs.shape[-1] != HEAD_DIM or k <= 0 or qs.device.type != "cpu":
         return None
-    keys, q = _rows(keys[None])[0], q.contiguous()
-    ids = torch.empty(qn, m, dtype=torch.int64)
-    _run("top_rows", keys.data_ptr(), q.data_ptr(), n, qn, m, ids.data_ptr())
-    return ids
+    keys, values = _rows(keys[None])[0], _rows(values[None])[0]
+    qs, qa = qs.float().contiguous(), qa.contiguous()
+    bound = bound.to(torch.int64).clamp(0, keys.shape[0]).contiguous()
+    out = torch.empty(g, t, HEAD_DIM, dtype=torch.float32)
+    lse = torch.empty(g, t, dtype=torch.float32)
+    ids = torch.empty(t, k, dtype=torch.int64) if with_ids else None
+    if t == 0:
+        return out, lse, ids
+    _run(
+        "far_attention",
+        keys.data_ptr(),
+        values.data_ptr(),
+        qs.data_ptr(),
+        qa.data_ptr(),
+        bound.data_ptr(),
+        t,
+        g,
+        k,
+        2 * k,
+        scale,
+        bias,
+        out.data_ptr(),
+        lse.data_ptr(),
+        0 if ids is None else ids.data_ptr(),
+    )
+    return out, lse, ids

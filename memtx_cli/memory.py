@@ -553,7 +553,8 @@ class LayerMemory:
         the scores to 8 bits of mantissa moves a key by far less than the gap between the k-th
         and 2k-th best. One head, 64 queries: 1.7 / 2.9-3.4 ms at 28,000 / 56,000 keys against
         2.4-2.6 / 6.4-8.1 ms in float32 (`benchmarks/far_search_timing.py`, session 19); the
-        shortlist (`top_rows`) is most of it."""
+        shortlist (`top_rows`) is most of it. Where attn_kernel runs, the model calls
+        `far_attention` instead: this search and the attention in one kernel call per head."""
         import time
 
         t0 = time.perf_counter()
@@ -568,18 +569,41 @@ class LayerMemory:
             idt = exact_top_k(torch.stack(parts), kk)  # (R, Q, k')
         else:  # a shortlist of 2k by 16-bit scores, rescored in float32
             qd = q.to(self.keys.dtype)
-
-            def shortlist(keys: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
-                # attn_kernel where it runs (bfloat16, AVX512-BF16): no score matrix written
-                got = attn_kernel.top_rows(keys, qi, 2 * kk)
-                return top_rows(keys, qi, 2 * kk) if got is None else got
-
-            cand = torch.stack([shortlist(self.keys[h, :bound], qd[i]) for i, h in enumerate(rows)])
+            cand = torch.stack([top_rows(self.keys[h, :bound], qd[i], 2 * kk) for i, h in enumerate(rows)])
             ck = select_rows(self.keys.view(-1, self.head_dim), self._flat_ids(cand, rows)).view(*cand.shape, -1)
             exact = torch.einsum("rqd,rqcd->rqc", q.float(), ck.float())
             idt = cand.gather(-1, exact.topk(kk, dim=-1, sorted=False).indices)
         self.search_seconds += time.perf_counter() - t0
         return self._gather_entries(idt, torch.ones_like(idt, dtype=torch.bool), False, rows)
+
+    def far_attention(
+        self,
+        q: torch.Tensor,  # (R, T, D) search vectors, as retrieve_far's
+        qa: torch.Tensor,  # (R, G, T, D) attention queries (rotated to the fixed distance)
+        bound: torch.Tensor,  # (T,) token i reads among entries 0..bound[i]-1
+        k: int,
+        scale: float,
+        bias: float,
+        rows: list[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # (R, G, T, D) in qa's dtype, (R, G, T) float32
+        """`retrieve_far` and the attention over what it finds (scores scale * q.k - bias), fused
+        in attn_kernel.far_attention: one call per head for all tokens, each with its own bound;
+        no keys or values gathered. The same entries as retrieve_far (its shortlist of 2k by
+        bfloat16 scores, rescored in float32). None where the kernel cannot run."""
+        import time
+
+        t0 = time.perf_counter()
+        rows = list(range(q.shape[0])) if rows is None else rows
+        outs, lses = [], []
+        for i, h in enumerate(rows):
+            keys, values = self.keys[h, : self.n], self.values[h, : self.n]
+            got = attn_kernel.far_attention(keys, values, q[i], qa[i], bound, k, scale, bias)
+            if got is None:
+                return None
+            outs.append(got[0])
+            lses.append(got[1])
+        self.search_seconds += time.perf_counter() - t0
+        return torch.stack(outs).to(qa.dtype), torch.stack(lses)
 
     def retrieve(self, q: torch.Tensor, k: int) -> Retrieval:
         """Top-k entries for every query. q: (KV, Q, D) search vectors (Q = G*T: a GQA group's
@@ -773,6 +797,9 @@ class CompositeMemory:
 
     def retrieve_far(self, q: torch.Tensor, k: int, bound: int, rows: list[int] | None = None) -> Retrieval:
         return self.own.retrieve_far(q, k, bound, rows)  # the own past only
+
+    def far_attention(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.own.far_attention(*args, **kwargs)  # the own past only
 
     def retrieve_blocks(
         self,

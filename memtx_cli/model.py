@@ -293,6 +293,34 @@ def pair_mix(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.einsum("hgtk,hgtkd->hgtd", w, values)
 
 
+def far_reads(
+    q_search: torch.Tensor,  # (R, T, D) search vectors
+    q_far: torch.Tensor,  # (R, G, T, D) queries rotated to the fixed distance
+    bound: torch.Tensor,  # (T,) far entries per token (the same within a chunk)
+    chunk_of: torch.Tensor,  # (T,) each token's chunk
+    mem: MemoryRead,
+    scale: float,
+    rows: list[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (R, G, T, D), (R, G, T) float32
+    """Attention.far_token_attention in torch (where attn_kernel.far_attention cannot run): per
+    chunk, `retrieve_far` then attention over the gathered memories."""
+    r, g, t, d = q_far.shape
+    out = torch.zeros(r, g, t, d, dtype=q_far.dtype, device=q_far.device)
+    lse = torch.full((r, g, t), float("-inf"), device=q_far.device)
+    for c in torch.unique(chunk_of).tolist():
+        idx = (chunk_of == c).nonzero().squeeze(1)
+        n = int(bound[idx[0]])
+        if n <= 0:
+            continue
+        got = mem.memory.retrieve_far(q_search[:, idx], mem.far_top_k, n, rows)  # (R, n, k, ...)
+        s = pair_dot(q_far[:, :, idx], got.keys[:, None].to(q_far.dtype)).float() * scale - mem.far_bias
+        lc = torch.logsumexp(s, -1)  # (R, G, n)
+        w = torch.exp(s - lc[..., None])
+        out[:, :, idx] = pair_mix(w.to(q_far.dtype), got.values[:, None].to(q_far.dtype))
+        lse[:, :, idx] = lc
+    return out, lse
+
+
 def memory_scores(q_raw: torch.Tensor, got: Any, mem: MemoryRead, inv_freq: torch.Tensor) -> torch.Tensor:
     """Attention logits (KV, G, T, k), unscaled, of queries q_raw (KV, G, T, D, before RoPE)
     against their retrieved memories `got` (tensors (KV, Gs, T, k, ...)). Position schemes:
@@ -430,7 +458,7 @@ class Attention(nn.Module):
         """Clamped block retrieval, the far past token by token: each query attends to its own
         top `far_top_k` memories among those older than the trained context (entries of the
         blocks its chunk cannot read at their real distance), placed at the fixed distance and
-        lowered by `far_bias`. One search per chunk and KV head over the group's summed queries.
+        lowered by `far_bias`. Each token searches once per KV head, with its group's summed queries.
         A chunk's block selector is up to `chunk` tokens stale; a copy from far back needs the
         key its own last tokens ask for."""
         kv, g, t, d = qr.shape
@@ -438,29 +466,17 @@ class Attention(nn.Module):
         rows = mem.far_rows
         if rows is not None:  # only these heads read the far past (Config.far_heads)
             qr, qs = qr[rows], qs[rows]
-        r = qr.shape[0]
         q_search = qs[..., :d].sum(1)  # (R, T, D): the fixed-distance half, group summed
         q_far = rotate_by(qr, inv_freq, torch.full((1, 1, 1), mem.distance, device=qr.device))
-        out = torch.zeros(r, g, t, d, dtype=qr.dtype, device=qr.device)
-        lse = torch.full((r, g, t), float("-inf"), device=qr.device)
-        chunk_of = mem.q_pos // mem.chunk
-        chunks = torch.unique(chunk_of)  # (C,) chunks of this call's tokens
-        # Far for chunk c: the blocks block_memory_attention does not read at their real distance,
-        # those starting more than `horizon` before the chunk's last position.
-        q_last = (chunks + 1) * mem.chunk - 1
+        # Far for a token's chunk: the blocks block_memory_attention does not read at their real
+        # distance, those starting more than `horizon` before the chunk's last position.
+        chunk_of = mem.q_pos // mem.chunk  # (T,)
         starts = mem.memory.block_starts().contiguous()  # (nb,)
-        n_far = torch.searchsorted(starts, q_last - mem.horizon)  # (C,) far blocks per chunk
-        for c, nf in zip(chunks.tolist(), n_far.tolist(), strict=True):
-            bound = nf * mem.memory.block_size  # far entries: ids 0..bound-1
-            if bound <= 0:
-                continue
-            idx = (chunk_of == c).nonzero().squeeze(1)
-            got = mem.memory.retrieve_far(q_search[:, idx], mem.far_top_k, bound, rows)  # (R, n, k, ...)
-            s = pair_dot(q_far[:, :, idx], got.keys[:, None].to(qr.dtype)).float() * scale - mem.far_bias
-            lc = torch.logsumexp(s, -1)  # (R, G, n)
-            w = torch.exp(s - lc[..., None])
-            out[:, :, idx] = pair_mix(w.to(qr.dtype), got.values[:, None].to(qr.dtype))
-            lse[:, :, idx] = lc
+        n_far = torch.searchsorted(starts, (chunk_of + 1) * mem.chunk - 1 - mem.horizon)  # (T,) far blocks
+        bound = n_far * mem.memory.block_size  # (T,) far entries: ids 0..bound-1
+        # Search and attention in one kernel call per head where it runs (no gathers), else torch
+        got = mem.memory.far_attention(q_search, q_far, bound, mem.far_top_k, scale, mem.far_bias, rows)
+        out, lse = got if got is not None else far_reads(q_search, q_far, bound, chunk_of, mem, scale, rows)
         if rows is None:
             return out, lse
         out_all = torch.zeros(kv, g, t, d, dtype=qr.dtype, device=qr.device)  # other heads: no far keys

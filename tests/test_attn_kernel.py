@@ -226,15 +226,56 @@ def test_exact_block_relevance_in_bfloat16_uses_float32_logits(monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("n,m", [(64, 64), (1001, 7), (5000, 64)])
-def test_top_rows_equals_the_exact_top_k(n, m):
-    """The m best rows per query by float32 products of bfloat16 inputs: the same set as topk
-    over float64 scores (random keys: no ties), with a key count not a multiple of 4 or 32."""
-    g = torch.Generator().manual_seed(n)
-    keys = torch.randn(n, 64, generator=g).bfloat16()
-    q = torch.randn(45, 64, generator=g).bfloat16()  # not a multiple of 32 queries
-    got = attn_kernel.top_rows(keys, q, m)
-    want = (q.double() @ keys.double().t()).topk(m, -1).indices
-    assert got.shape == (45, m)
-    assert all(set(got[i].tolist()) == set(want[i].tolist()) for i in range(45))
-    assert attn_kernel.top_rows(keys, q, n + 1) is None  # more rows asked for than there are
+@pytest.mark.parametrize("n,k", [(1, 32), (40, 32), (64, 32), (65, 32), (3001, 32), (3001, 7)])
+def test_far_attention_equals_float64_reference(n, k):
+    """Each query's own top k rows below its own bound (0; under k; under 2k, where the search is
+    exact; beyond, where a bfloat16 shortlist of 2k is rescored) are the float64 top k of its
+    float32 search vector, and the G heads' attention over them (scale, bias) matches float64;
+    a query with no rows gets out 0, lse -inf and ids -1. 45 queries: not a multiple of 32."""
+    g = torch.Generator().manual_seed(n + k)
+    keys, values = torch.randn(n, 64, generator=g).bfloat16(), torch.randn(n, 64, generator=g).bfloat16()
+    t = 45
+    qs, qa = torch.randn(t, 64, generator=g), (torch.randn(3, t, 64, generator=g) * 2).bfloat16()
+    bound = torch.randint(0, n + 1, (t,), generator=g)
+    bound[:3] = torch.tensor([0, min(n, k - 1), min(n, 2 * k - 1)])
+    out, lse, ids = attn_kernel.far_attention(keys, values, qs, qa, bound, k, 0.125, 1.5, with_ids=True)
+    assert out.shape == (3, t, 64) and lse.shape == (3, t) and ids.shape == (t, k)
+    for i in range(t):
+        b = int(bound[i])
+        want = (keys[:b].double() @ qs[i].double()).topk(min(k, b)).indices
+        assert ids[i, : len(want)].tolist() == want.tolist()  # best first
+        assert (ids[i, len(want) :] == -1).all()
+        if b == 0:
+            assert not out[:, i].any() and torch.isneginf(lse[:, i]).all()
+            continue
+        s = qa[:, i].double() @ keys[want].double().t() * 0.125 - 1.5  # (G, k)
+        torch.testing.assert_close(lse[:, i].double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-6)
+        ref = torch.softmax(s, -1) @ values[want].double()
+        torch.testing.assert_close(out[:, i].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_far_attention_agrees_with_the_torch_path():
+    """LayerMemory.far_attention (the kernel, one call per head, a bound per token) and
+    model.far_reads (retrieve_far per chunk, then attention in torch) agree to bfloat16
+    rounding on a bfloat16 memory, for the heads asked for."""
+    from types import SimpleNamespace
+
+    from memtx_cli.memory import IndexSpec, LayerMemory
+    from memtx_cli.model import far_reads
+
+    torch.manual_seed(40)
+    mem = LayerMemory(3, 64, IndexSpec("flat"), dtype=torch.bfloat16, block_size=32)
+    n = 5000
+    mem.add(torch.randn(3, n, 64), torch.randn(3, n, 64), torch.arange(n))
+    t, rows = 128, [2, 0]
+    qs = torch.randn(2, t, 64).bfloat16().float()
+    qa = (torch.randn(2, 3, t, 64) * 2).bfloat16()
+    chunk_of = torch.arange(t) // 32
+    bound = torch.tensor([0, 40, 2000, 4960])[chunk_of]  # a bound per chunk, as the model draws them
+    fast = mem.far_attention(qs, qa, bound, 32, 0.125, 2.0, rows)
+    slow = far_reads(qs, qa, bound, chunk_of, SimpleNamespace(memory=mem, far_top_k=32, far_bias=2.0), 0.125, rows)
+    assert fast[0].dtype == torch.bfloat16
+    assert (fast[0].float() - slow[0].float()).abs().max().item() < 0.03
+    torch.testing.assert_close(fast[1], slow[1], atol=0.05, rtol=0.01)
+    assert torch.isneginf(fast[1][:, :, :32]).all() and not fast[0][:, :, :32].any()
