@@ -431,3 +431,53 @@ int memtx_far_attention(const bf16 *keys, const bf16 *values, const float *qs, c
     }
     return fail;
 }
+
+// Attention over memory blocks read in place (no gather): batch b's keys are the nbk blocks
+// blocks[b][..] (bsize rows each, bsize a multiple of 32) of head heads[b] of kbuf / vbuf
+// ((KV, cap, D) bf16, rows contiguous). Keys with id >= n_valid, and every key of a block with
+// ok[b][i] == 0 (ok may be NULL), are masked. q (B, M, D) bf16, rows contiguous, batches qs
+// apart; out (B, M, D) bf16 and lse (B, M) float32 as memtx_attention's (a row that sees no key:
+// out 0, lse -inf). Packing from the blocks replaces packing from a gathered copy of them.
+int memtx_block_attention(const bf16 *q, const bf16 *kbuf, const bf16 *vbuf, const int64_t *heads,
+                          const int64_t *blocks, const uint8_t *ok, int64_t B, int64_t M, int64_t nbk, int64_t bsize,
+                          int64_t cap, int64_t n_valid, int64_t qs, float scale, bf16 *out, float *lse, int threads) {
+    if (bsize % 32) return 2;
+    int64_t S = nbk * bsize;
+    bf16 *kp = aligned_alloc(64, B * S * D * sizeof(bf16) + 64);
+    bf16 *vp = aligned_alloc(64, B * S * D * sizeof(bf16) + 64);
+    float *bias = malloc(B * S * sizeof(float) + 64);
+    uint8_t *masked = malloc(B + 1);
+    if (!kp || !vp || !bias || !masked) {
+        free(kp);
+        free(vp);
+        free(bias);
+        free(masked);
+        return 1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        masked[b] = 0;
+        for (int64_t i = 0; i < nbk; i++) {
+            int64_t first = blocks[b * nbk + i] * bsize, row = heads[b] * cap + first;
+            pack_k(kbuf + row * D, bsize, bsize, kp + (b * S + i * bsize) * D);
+            pack_v(vbuf + row * D, bsize, bsize, vp + (b * S + i * bsize) * D);
+            int64_t valid = ok && !ok[b * nbk + i] ? 0 : n_valid - first;
+            valid = valid < 0 ? 0 : (valid > bsize ? bsize : valid);
+            if (valid < bsize) masked[b] = 1;
+            float *bb = bias + b * S + i * bsize;
+            for (int64_t j = 0; j < bsize; j++) bb[j] = j < valid ? 0.0f : -INFINITY;
+        }
+    }
+    int64_t tiles = (M + MT - 1) / MT;
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    for (int64_t t = 0; t < B * tiles; t++) {
+        int64_t b = t / tiles, i0 = (t % tiles) * MT, m = M - i0 < MT ? M - i0 : MT;
+        tile(q + b * qs, kp + b * S * D, vp + b * S * D, masked[b] ? bias + b * S : NULL, S, S, 0, scale, i0, m,
+             out + b * M * D, lse + b * M);
+    }
+    free(kp);
+    free(vp);
+    free(bias);
+    free(masked);
+    return 0;
+}

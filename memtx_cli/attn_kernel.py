@@ -32,6 +32,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64  # pointer, int64_t
 SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out of range)
     "memtx_attention": [_P] * 4 + [_I] * 7 + [ctypes.c_float, _P, _P, ctypes.c_int],
     "memtx_block_max": [_P] * 2 + [_I] * 7 + [_P, ctypes.c_int],
+    "memtx_block_attention": [_P] * 6 + [_I] * 7 + [ctypes.c_float, _P, _P, ctypes.c_int],
     "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 3 + [ctypes.c_int],
 }
 
@@ -268,3 +269,51 @@ def far_attention(
         0 if ids is None else ids.data_ptr(),
     )
     return out, lse, ids
+
+
+def block_attention(
+    q: torch.Tensor,  # (B, M, 64) bfloat16
+    kbuf: torch.Tensor,  # (KV, cap, 64) bfloat16 key buffer, rows contiguous
+    vbuf: torch.Tensor,  # (KV, cap, 64) value buffer, the same layout
+    heads: torch.Tensor,  # (B,) the head each batch reads
+    blocks: torch.Tensor,  # (B, nbk) block ids (rows id * block .. + block - 1)
+    ok: torch.Tensor | None,  # (B, nbk) bool: False masks the block, or None
+    block: int,  # rows per block, a multiple of 32
+    n_valid: int,  # rows from n_valid on are masked (the last block's unused tail)
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # (B, M, 64) bfloat16, (B, M) float32
+    """`attention` over memory blocks read where they are: no (B, nbk * block, 64) gather of
+    keys and values and no mask tensor (masked keys are the tail past n_valid and blocks not ok).
+    A row that sees no key gets 0 and -inf. None when the kernel cannot run (see `usable`) or the
+    shapes do not fit it."""
+    b, m, _ = q.shape
+    nbk = blocks.shape[1]
+    if not usable(q, kbuf, vbuf) or block % 32 or kbuf.shape != vbuf.shape or b == 0 or m == 0 or nbk == 0:
+        return None
+    if kbuf.stride() != vbuf.stride() or kbuf.stride(1) != HEAD_DIM or kbuf.stride(2) != 1:
+        return None
+    q = _rows(q)
+    heads, blocks = heads.to(torch.int64).contiguous(), blocks.to(torch.int64).contiguous()
+    ok = None if ok is None else ok.to(torch.uint8).contiguous()
+    out = torch.empty(b, m, HEAD_DIM, dtype=torch.bfloat16)
+    lse = torch.empty(b, m, dtype=torch.float32)
+    _run(
+        "block_attention",
+        q.data_ptr(),
+        kbuf.data_ptr(),
+        vbuf.data_ptr(),
+        heads.data_ptr(),
+        blocks.data_ptr(),
+        0 if ok is None else ok.data_ptr(),
+        b,
+        m,
+        nbk,
+        block,
+        kbuf.stride(0) // HEAD_DIM,
+        n_valid,
+        q.stride(0) if b > 1 else 0,
+        scale,
+        out.data_ptr(),
+        lse.data_ptr(),
+    )
+    return out, lse

@@ -540,6 +540,22 @@ class LayerMemory:
             else self.positions[: self.n].index_select(0, ids.clamp(max=self.n - 1).reshape(-1)).view_as(ids),
         )
 
+    def block_attention(
+        self, q: torch.Tensor, pick: torch.Tensor, ok: torch.Tensor | None, head0: int, rotated: bool, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # (KV'*C, M, D), (KV'*C, M) float32
+        """Attention of q (KV'*C, M, D) (rows head-major: head head0 + i // C, chunk i % C) over
+        the blocks pick (KV', C, m) of heads head0.. as stored (rotated: the rotated keys, else
+        the raw ones), read in place by attn_kernel.block_attention: what gather_blocks +
+        model.attention_with_lse compute, without the gather (keys, values, positions, validity)
+        or a mask; ok (KV', C, m) False masks a pick. None where the kernel cannot run."""
+        kv, nc, m = pick.shape
+        heads = torch.arange(head0, head0 + kv, device=pick.device).repeat_interleave(nc)  # (KV'*C,)
+        keys = self.rkeys if rotated else self.keys
+        ok = None if ok is None else ok.reshape(kv * nc, m)
+        return attn_kernel.block_attention(
+            q, keys, self.values, heads, pick.reshape(kv * nc, m), ok, self.block_size, self.n, scale
+        )
+
     def retrieve_far(self, q: torch.Tensor, k: int, bound: int, rows: list[int] | None = None) -> Retrieval:
         """Block memory: each query's own top-k among entries 0..bound-1 (the memories older than
         the trained context), by exact inner product. q (R, Q, D) search vectors (the queries

@@ -600,6 +600,9 @@ class Attention(nn.Module):
                 and mem.trace is None
                 and getattr(mem.memory, "gathers_by_head", False)
             )
+            # Lazy runs may read blocks in place where every key is scored as stored (raw keys for
+            # fixed, rotated for true and near-only clamped: clamp_keys keeps near keys as they are).
+            in_place = lazy and (mem.scheme != "clamped" or mem.far_blocks == 0)
             got = mem.memory.retrieve_blocks(
                 sels, *how, exact=mem.exact_select, budgets=mem.head_blocks, **({"gather": False} if lazy else {})
             )  # (KV*n, M, ...), or the picks (lazy)
@@ -620,24 +623,31 @@ class Attention(nn.Module):
             # (one run of all G without topqN) and blocks: one flash call each, over their rows.
             for h0, h1, qi in runs:
                 r, c, rows = h1 - h0, g if qi is None else qi.shape[1], slice(h0 * n, h1 * n)
-                if lazy:  # this run's own blocks only
-                    nb_h = int(mem.head_blocks[h0])
-                    ok = None if got.ok is None else got.ok[h0:h1, :, :nb_h]
-                    part = mem.memory.gather_blocks(got.pick[h0:h1, :, :nb_h], got.raw_keys, head0=h0, ok=ok)
-                    kr, vr = block_keys(part, q_first.repeat(r), q_last.repeat(r)), part.values.to(q.dtype)
-                    src, src_rows, span = part, slice(None), kr.shape[1]
-                else:
-                    span = min(int(mem.head_blocks[h0]) * mem.memory.block_size, km.shape[1]) if cut else km.shape[1]
-                    kr, vr, src, src_rows = km[rows, :span], vm[rows, :span], got, rows
                 qh = qm[h0:h1] if qi is None else qm[h0:h1][torch.arange(r, device=q.device)[:, None], qi]
                 qh = qh.unflatten(2, (n, size)) if whole else qh[:, :, idx]  # (r, c, n, size, D)
                 qq = qh.permute(0, 2, 1, 3, 4).reshape(1, r * n, c * size, d)  # (1, r*n, c*size, D)
-                mb = memory_bias(src, src_rows, span, q.dtype)
-                o, lse = attention_with_lse(qq, kr[None], vr[None], mb, scale)
-                empty = None if mb is None else ~src.valid[src_rows, :span].any(-1)  # (r*n,) rows with nothing valid
-                if empty is not None and bool(empty.any()):  # near-only, nothing near: weight 0
-                    lse = lse.masked_fill(empty[:, None], float("-inf"))
-                    o = o.masked_fill(empty[:, None, None], 0.0)
+                o_lse = None
+                if lazy:  # this run's own blocks only
+                    nb_h = int(mem.head_blocks[h0])
+                    pick, ok = got.pick[h0:h1, :, :nb_h], None if got.ok is None else got.ok[h0:h1, :, :nb_h]
+                    if in_place:  # read where they are (attn_kernel), else gathered
+                        o_lse = mem.memory.block_attention(qq[0], pick, ok, h0, mem.scheme != "fixed", scale)
+                    if o_lse is None:
+                        part = mem.memory.gather_blocks(pick, got.raw_keys, head0=h0, ok=ok)
+                        kr, vr = block_keys(part, q_first.repeat(r), q_last.repeat(r)), part.values.to(q.dtype)
+                        src, src_rows, span = part, slice(None), kr.shape[1]
+                else:
+                    span = min(int(mem.head_blocks[h0]) * mem.memory.block_size, km.shape[1]) if cut else km.shape[1]
+                    kr, vr, src, src_rows = km[rows, :span], vm[rows, :span], got, rows
+                if o_lse is not None:
+                    o, lse = o_lse
+                else:
+                    mb = memory_bias(src, src_rows, span, q.dtype)
+                    o, lse = attention_with_lse(qq, kr[None], vr[None], mb, scale)
+                    empty = None if mb is None else ~src.valid[src_rows, :span].any(-1)  # (r*n,) nothing valid
+                    if empty is not None and bool(empty.any()):  # near-only, nothing near: weight 0
+                        lse = lse.masked_fill(empty[:, None], float("-inf"))
+                        o = o.masked_fill(empty[:, None, None], 0.0)
                 o, lse = o.view(r, n, c, size, d).permute(0, 2, 1, 3, 4), lse.view(r, n, c, size).permute(0, 2, 1, 3)
                 if qi is None and whole:  # straight into place: one copy
                     out_m[h0:h1].view(r, c, n, size, d).copy_(o)

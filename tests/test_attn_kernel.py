@@ -1,6 +1,7 @@
 """attn_kernel: the bfloat16 AVX512-BF16 attention kernel against a float64 reference and torch's
 flash kernel, its use in the model, and the fallback when it cannot be built."""
 
+import dataclasses
 import math
 
 import pytest
@@ -144,6 +145,64 @@ def test_streaming_with_memory_in_bfloat16_matches_torchs_kernel(monkeypatch):
     slow = run_stream(m16, ids, c)[0].mean().item()
     assert abs(fast / slow - 1) < 0.003
     assert abs(fast / f32 - 1) < 0.02 and abs(slow / f32 - 1) < 0.02
+
+
+@needs_kernel
+def test_block_attention_reads_blocks_in_place():
+    """attn_kernel.block_attention over blocks of a (KV, cap, 64) buffer equals float64 attention
+    over the gathered blocks: the last block's tail past n_valid and blocks not ok are masked; a
+    row with nothing valid gets 0 and -inf. Block sizes other than multiples of 32: None."""
+    g = torch.Generator().manual_seed(41)
+    kb, vb = torch.randn(3, 2048, 64, generator=g).bfloat16(), torch.randn(3, 2048, 64, generator=g).bfloat16()
+    heads, blocks = torch.tensor([0, 0, 1, 2, 2]), torch.randint(0, 50, (5, 4), generator=g)
+    blocks[0, 1], n_valid = 49, 49 * 32 + 10  # a partly written last block
+    ok = torch.rand(5, 4, generator=g) > 0.3
+    ok[4] = False
+    q = (torch.randn(5, 70, 64, generator=g) * 2).bfloat16()
+    out, lse = attn_kernel.block_attention(q, kb, vb, heads, blocks, ok, 32, n_valid, 0.125)
+    ids = (blocks[..., None] * 32 + torch.arange(32)).reshape(5, -1)
+    bias = torch.zeros(ids.shape).masked_fill(~((ids < n_valid) & ok.repeat_interleave(32, -1)), float("-inf"))
+    ref, ref_lse = reference(q, kb[heads[:, None], ids], vb[heads[:, None], ids], bias, 0.125)
+    assert (out[:4].double() - ref[:4]).abs().max().item() < 0.02
+    torch.testing.assert_close(lse[:4].double(), ref_lse[:4], atol=2e-5, rtol=1e-6)
+    assert not out[4].any() and torch.isneginf(lse[4]).all()
+    assert attn_kernel.block_attention(q, kb, vb, heads, blocks, ok, 16, n_valid, 0.125) is None
+
+
+@needs_kernel
+def test_streaming_with_block_budgets_and_far_reads_matches_torchs_kernel(monkeypatch):
+    """The card's kind of settings (near-only clamped blocks of 32 with per-head budgets, far reads
+    token by token) on a bfloat16 model with head dim 64: blocks read in place and the fused far
+    reads give the NLL torch's kernels give (gathered blocks, retrieve_far), within 0.3%."""
+    from test_memory import _stream_with_horizon
+
+    torch.manual_seed(1)
+    m = build_model(tiny_args(dim=128, n_heads=2, n_kv_heads=1, context_length=4096)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    m = m.to(torch.bfloat16)
+    ids = torch.randint(0, 300, (640,))
+    c = cfg(retrieval="block", positions="clamped", block_size=32, blocks=4, block_chunk=32, segment=64)
+    c = dataclasses.replace(c, memory_heads="0.0:4,1.0:2,2.0:3", far_blocks=0, far_top_k=8, far_heads="1.0,2.0")
+    calls = {"block_attention": 0, "far_attention": 0}
+    for name in calls:
+        real = getattr(attn_kernel, name)
+
+        def counted(*a, name=name, real=real, **k):
+            calls[name] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(attn_kernel, name, counted)
+    with torch.no_grad():
+        fast = torch.log_softmax(_stream_with_horizon(m, ids, c, 200).float(), -1)
+    assert calls["block_attention"] > 0 and calls["far_attention"] > 0
+    monkeypatch.setenv("MEMTX_KERNEL", "0")
+    with torch.no_grad():
+        slow = torch.log_softmax(_stream_with_horizon(m, ids, c, 200).float(), -1)
+    nll = [-x[:-1].gather(1, ids[1:, None]).mean().item() for x in (fast, slow)]
+    assert abs(nll[0] / nll[1] - 1) < 0.003
 
 
 def test_without_a_compiler_torchs_kernel_runs(monkeypatch, tmp_path):
