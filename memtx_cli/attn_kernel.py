@@ -196,7 +196,7 @@ def attention(
 def block_max(
     keys: torch.Tensor,  # (KV, N, 64) bfloat16, N a multiple of `block`
     voters: torch.Tensor,  # (KV, Qn, 64) bfloat16, Qn <= 256
-    block: int,  # keys per block, a multiple of 4
+    block: int,  # keys per block, a multiple of 8
     n_valid: int,  # keys from n_valid on are not scored (the last block's unused tail)
 ) -> torch.Tensor | None:  # (KV, N // block, Qn) float32
     """Each block's best exact logit per voter: max over its valid keys of key . voter, -inf for
@@ -204,7 +204,7 @@ def block_max(
     kernel cannot run (see `usable`) or the shapes do not fit it."""
     kv, n, d = keys.shape
     qn = voters.shape[1]
-    if not usable(keys, voters) or n % block or block % 4 or qn > 256 or qn == 0 or n == 0:
+    if not usable(keys, voters) or n % block or block % 8 or qn > 256 or qn == 0 or n == 0:
         return None
     keys, voters = _rows(keys), _rows(voters)
     out = torch.empty(kv, n // block, qn, dtype=torch.float32)
