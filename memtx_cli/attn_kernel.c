@@ -56,6 +56,11 @@ static inline __m512 exp512(__m512 x) {  // e^x for x <= 0; exactly 0 below -87
     return _mm512_maskz_mov_ps(ok, _mm512_scalef_ps(p, n));
 }
 
+// bfloat16 -> float32 for 16 values
+static inline __m512 bf16x16(const bf16 *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
 // K (S, D) -> Kp[Sp/16][D/2][16][2], zero-padded to Sp keys: per 16 keys and dimension pair, one vector.
 static void pack_k(const bf16 *k, int64_t S, int64_t Sp, bf16 *kp) {
     for (int64_t j0 = 0; j0 < Sp; j0 += 16)
@@ -129,8 +134,11 @@ static inline void pv_tile(const bf16 *p, const bf16 *vp, int64_t n, float *o) {
 }
 
 // One task: rows [i0, i0 + m) of batch b.
+// o_init / l_init (or NULL): an attention over other keys (output, log-sum-exp) to continue from,
+// so the result is the attention over both (flash-attention's merge, without a second pass).
 static void tile(const bf16 *q, const bf16 *kp, const bf16 *vp, const float *bias, int64_t S, int64_t S16,
-                 int64_t causal_t, float scale, int64_t i0, int64_t m, bf16 *out, float *lse) {
+                 int64_t causal_t, float scale, int64_t i0, int64_t m, bf16 *out, float *lse, const bf16 *o_init,
+                 const float *l_init) {
     bf16 qt[MT * D] __attribute__((aligned(64)));
     float s[MT * KB] __attribute__((aligned(64)));
     bf16 pb[MT * KB] __attribute__((aligned(64)));
@@ -149,6 +157,11 @@ static void tile(const bf16 *q, const bf16 *kp, const bf16 *vp, const float *bia
         if (causal_t > 0 && r < m) lim[r] = S - causal_t + (i0 + r) % causal_t + 1;
         if (r >= m) lim[r] = 0;
         if (lim[r] > jmax) jmax = lim[r];
+        if (o_init && r < m && l_init[i0 + r] > -INFINITY) {  // start from the other keys' state
+            mx[r] = l_init[i0 + r];
+            l[r] = 1.0f;
+            for (int c = 0; c < D; c += 16) _mm512_storeu_ps(o + r * D + c, bf16x16(o_init + (i0 + r) * D + c));
+        }
     }
     __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t j0 = 0; j0 < jmax; j0 += KB) {
@@ -212,8 +225,8 @@ static void tile(const bf16 *q, const bf16 *kp, const bf16 *vp, const float *bia
 // bottom-right). out (B, M, D) bf16 and lse (B, M) float32, contiguous. A row that sees no key
 // gets out 0 and lse -inf. Returns 0, or 1 when out of memory.
 int memtx_attention(const bf16 *q, const bf16 *k, const bf16 *v, const float *bias, int64_t B, int64_t M, int64_t S,
-                    int64_t qs, int64_t ks, int64_t vs, int64_t causal_t, float scale, bf16 *out, float *lse,
-                    int threads) {
+                    int64_t qs, int64_t ks, int64_t vs, int64_t causal_t, float scale, const bf16 *o_init,
+                    const float *l_init, bf16 *out, float *lse, int threads) {
     int64_t S16 = (S + 15) / 16 * 16, S32 = (S + 31) / 32 * 32;
     size_t part = (size_t)B * S32 * D * sizeof(bf16);
     char *ws = workspace(2 * part);
@@ -229,7 +242,7 @@ int memtx_attention(const bf16 *q, const bf16 *k, const bf16 *v, const float *bi
     for (int64_t t = 0; t < B * tiles; t++) {
         int64_t b = t / tiles, i0 = (t % tiles) * MT, m = M - i0 < MT ? M - i0 : MT;
         tile(q + b * qs, kp + b * S32 * D, vp + b * S32 * D, bias ? bias + b * S : NULL, S, S16, causal_t, scale, i0,
-             m, out + b * M * D, lse + b * M);
+             m, out + b * M * D, lse + b * M, o_init ? o_init + b * M * D : NULL, o_init ? l_init + b * M : NULL);
     }
     return 0;
 }
@@ -301,10 +314,7 @@ static float select_top(float *s, int64_t *id, int64_t n, int64_t k) {
     return t;
 }
 
-// bfloat16 -> float32 for 16 values; float32 -> bfloat16 rounded to nearest even (as torch).
-static inline __m512 bf16x16(const bf16 *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
+// float32 -> bfloat16 rounded to nearest even (as torch).
 static inline bf16 to_bf16(float x) {
     uint32_t u;
     memcpy(&u, &x, 4);
@@ -489,7 +499,7 @@ int memtx_block_attention(const bf16 *q, const bf16 *kbuf, const bf16 *vbuf, con
     for (int64_t t = 0; t < B * tiles; t++) {
         int64_t b = t / tiles, i0 = (t % tiles) * MT, m = M - i0 < MT ? M - i0 : MT;
         tile(q + b * qs, kp + b * S * D, vp + b * S * D, masked[b] ? bias + b * S : NULL, S, S, 0, scale, i0, m,
-             out + b * M * D, lse + b * M);
+             out + b * M * D, lse + b * M, NULL, NULL);
     }
     return 0;
 }

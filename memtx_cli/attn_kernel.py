@@ -30,7 +30,7 @@ CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64  # pointer, int64_t
 SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out of range)
-    "memtx_attention": [_P] * 4 + [_I] * 7 + [ctypes.c_float, _P, _P, ctypes.c_int],
+    "memtx_attention": [_P] * 4 + [_I] * 7 + [ctypes.c_float] + [_P] * 4 + [ctypes.c_int],
     "memtx_block_max": [_P] * 2 + [_I] * 7 + [_P, ctypes.c_int],
     "memtx_block_attention": [_P] * 6 + [_I] * 7 + [ctypes.c_float, _P, _P, ctypes.c_int],
     "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 3 + [ctypes.c_int],
@@ -158,19 +158,28 @@ def attention(
     bias: torch.Tensor | None,  # (B, S) added to the scaled scores (-inf masks), or None
     scale: float,
     causal_t: int = 0,  # > 0: row i sees keys j <= S - causal_t + i % causal_t
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,  # (B, M, 64) bfloat16, (B, M) float32
 ) -> tuple[torch.Tensor, torch.Tensor] | None:  # (B, M, 64) bfloat16, (B, M) float32
     """Softmax attention and its log-sum-exp (natural log of the sum of e^score); a row that
-    sees no key gets output 0 and lse -inf. None when the kernel cannot run (see `usable`)."""
+    sees no key gets output 0 and lse -inf. init: each row's attention over other keys (output,
+    lse; -inf: none) to continue from: the result is then the attention over both (the merge
+    by log-sum-exp, done in the kernel's online softmax). None when the kernel cannot run (see
+    `usable`)."""
     if not usable(q, k, v):
         return None
     b, m, d = q.shape
     s = k.shape[1]
-    if b == 0 or m == 0 or s == 0:  # nothing to attend to (or with): out 0, lse -inf
+    if b == 0 or m == 0 or s == 0:  # nothing to attend to (or with): out 0, lse -inf (or init)
+        if init is not None:
+            return init[0].to(torch.bfloat16), init[1].to(torch.float32)
         return torch.zeros(b, m, d, dtype=torch.bfloat16), torch.full((b, m), float("-inf"))
     q, k, v = _rows(q), _rows(k), _rows(v)
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
         assert bias.shape == (b, s), bias.shape
+    if init is not None:
+        o0, l0 = init[0].to(torch.bfloat16).contiguous(), init[1].to(torch.float32).contiguous()
+        assert o0.shape == (b, m, d) and l0.shape == (b, m), (o0.shape, l0.shape)
     out = torch.empty(b, m, d, dtype=torch.bfloat16)
     lse = torch.empty(b, m, dtype=torch.float32)
     _run(
@@ -187,6 +196,8 @@ def attention(
         v.stride(0) if b > 1 else 0,
         causal_t,
         scale,
+        0 if init is None else o0.data_ptr(),
+        0 if init is None else l0.data_ptr(),
         out.data_ptr(),
         lse.data_ptr(),
     )

@@ -516,21 +516,24 @@ class Attention(nn.Module):
             if mem.qmask is not None:
                 mixed = torch.where(mem.qmask[..., None, None], mixed, local[sel])
             return self._place(local, mixed, mem.heads).reshape(1, h, t, d)
-        qg = q.reshape(1, kv, g * t, d)  # fold a group's G heads into the query axis
-        out_l, lse_l = attention_with_lse(qg, k, v, None, scale, causal_t=t)  # (KV, G*T, D), (KV, G*T)
-        out_l, lse_l = out_l.view(kv, g, t, d), lse_l.view(kv, g, t)
         jb = self.joint_bias(kv, g)
         if jb is not None:  # every memory logit + c_h: the memory's log-sum-exp moves by c_h
             jb = jb[sel]
             lse_m = lse_m + jb
-        # One softmax over [local, memory]: merge the two partial attentions by their lse.
-        mixed, lse_all = merge_lse(out_l[sel], lse_l[sel], out_m, lse_m)
+        if mem.heads is not None:  # the others: no memory (out 0, lse -inf)
+            out_m = self._place(torch.zeros(kv, g, t, d, dtype=q.dtype, device=q.device), out_m, mem.heads)
+            lse_m = self._place(torch.full((kv, g, t), float("-inf"), device=q.device), lse_m, mem.heads)
+        # One softmax over [local, memory]: the local attention continues from the memory's
+        # (output, lse), as if merged after it by their log-sum-exp.
+        qg = q.reshape(1, kv, g * t, d)  # fold a group's G heads into the query axis
+        init = (out_m.reshape(kv, g * t, d), lse_m.reshape(kv, g * t))
+        out, lse_all = attention_with_lse(qg, k, v, None, scale, causal_t=t, init=init)  # (KV, G*T, ...)
         if traced:  # weights of the joint softmax: exp(score + c_h - lse of [local, memory])
             factor = None if jb is None else jb.exp()
             if keep is not None:
                 factor = keep if factor is None else factor * keep
-            self.trace_bank_mass(traced, lse_all, mem.trace, scale, factor)
-        return self._place(out_l, mixed, mem.heads).reshape(1, h, t, d)
+            self.trace_bank_mass(traced, lse_all.view(kv, g, t)[sel], mem.trace, scale, factor)
+        return out.reshape(1, h, t, d)
 
     @staticmethod
     def _place(full: torch.Tensor, part: torch.Tensor, heads: list[int] | None) -> torch.Tensor:
@@ -863,19 +866,25 @@ def attention_with_lse(
     bias: torch.Tensor | None,  # additive, broadcastable to (KV, Q, S): (Q, S) or (KV, 1, S)
     scale: float,
     causal_t: int = 0,  # > 0 (bias None): query row i sees keys up to S - causal_t + i % causal_t
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,  # (KV, Q, D), (KV, Q): attention over other keys
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (KV, Q, D) in q's dtype, (KV, Q) float32
-    """Attention output and its log-sum-exp, for merging with retrieved memories.
+    """Attention output and its log-sum-exp, for merging with retrieved memories; with init
+    (an attention over other keys and its lse, -inf: none), the attention over both.
 
     causal_t folds G query heads of causal_t tokens each into the query axis, every one causal
     over keys aligned bottom-right (local attention). On CPU: attn_kernel in bfloat16 where it
-    runs, else the flash kernel SDPA itself calls (it returns the log-sum-exp; measured 4.4x
-    faster than materialising scores in bfloat16, T=512, S=1024); elsewhere, plain math.
+    runs (init continues its online softmax: no separate merge), else the flash kernel SDPA
+    itself calls (it returns the log-sum-exp; measured 4.4x faster than materialising scores in
+    bfloat16, T=512, S=1024) and `merge_lse`; elsewhere, plain math.
     """
     if attn_kernel.usable(q, k, v) and (causal_t or bias is None or bias.dim() == 3):
         # causal: the kernel masks by itself; (KV, 1, S): one bias per row of keys
-        got = attn_kernel.attention(q[0], k[0], v[0], None if bias is None else bias[:, 0], scale, causal_t)
+        got = attn_kernel.attention(q[0], k[0], v[0], None if bias is None else bias[:, 0], scale, causal_t, init)
         if got is not None:
             return got
+    if init is not None:
+        out, lse = attention_with_lse(q, k, v, bias, scale, causal_t)
+        return merge_lse(out, lse, init[0].to(out.dtype), init[1])
     if causal_t and bias is None:  # (Q, S); S + 1 keys then the first cut: a mask even when S == T
         bias = local_bias(causal_t, k.shape[2] + 1, q.dtype, q.device)[:, 1:].repeat(q.shape[2] // causal_t, 1)
     # The flash kernel's log-sum-exp has no gradient; training (which merges by lse) uses the math.

@@ -148,6 +148,30 @@ def test_streaming_with_memory_in_bfloat16_matches_torchs_kernel(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("causal_t", [0, 40])
+def test_attention_continues_from_an_initial_state(monkeypatch, causal_t):
+    """init = the attention over other keys (output, lse): the kernel's result is the attention
+    over both key sets (the lse merge inside its online softmax), within bfloat16 rounding of
+    float64; rows with init lse -inf are plain attention. torch's path (merge_lse) agrees."""
+    q, k, v = inputs(3, 120, 100, seed=5)
+    k1, v1 = inputs(3, 1, 70, seed=6)[1:]  # the other keys
+    o1, l1 = reference(q, k1, v1, None, 0.125)
+    l1[:, :7] = float("-inf")  # rows without other keys
+    o1[:, :7] = 0
+    got, lse = attn_kernel.attention(q, k, v, None, 0.125, causal_t, init=(o1.bfloat16(), l1.float()))
+    o2, l2 = reference(q, k, v, None, 0.125, causal_t)
+    top = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - top), torch.exp(l2 - top)
+    want = (w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2)[..., None]
+    assert (got.double() - want).abs().max().item() < 0.02
+    torch.testing.assert_close(lse.double(), top + torch.log(w1 + w2), atol=2e-5, rtol=1e-6)
+    monkeypatch.setenv("MEMTX_KERNEL", "0")
+    slow, slow_lse = attention_with_lse(q[None], k[None], v[None], None, 0.125, causal_t, (o1.bfloat16(), l1.float()))
+    assert (slow.double() - want).abs().max().item() < 0.03
+    torch.testing.assert_close(slow_lse.double(), lse.double(), atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
 def test_block_attention_reads_blocks_in_place():
     """attn_kernel.block_attention over blocks of a (KV, cap, 64) buffer equals float64 attention
     over the gathered blocks: the last block's tail past n_valid and blocks not ok are masked; a
