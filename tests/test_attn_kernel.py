@@ -171,6 +171,16 @@ def test_attention_continues_from_an_initial_state(monkeypatch, causal_t):
     torch.testing.assert_close(slow_lse.double(), lse.double(), atol=1e-4, rtol=1e-5)
 
 
+def test_an_initial_state_that_needs_a_gradient_gets_one():
+    """The kernel has no backward: an init that requires grad (a trained joint bias on the
+    memory's lse) goes through torch's path, and the gradient reaches it."""
+    q, k, v = inputs(2, 16, 30, seed=7)
+    lse0 = torch.zeros(2, 16, requires_grad=True)
+    out, _ = attention_with_lse(q[None], k[None], v[None], None, 0.125, 0, (torch.ones(2, 16, 64).bfloat16(), lse0))
+    out.float().sum().backward()
+    assert lse0.grad is not None and lse0.grad.abs().sum() > 0
+
+
 @needs_kernel
 def test_block_attention_reads_blocks_in_place():
     """attn_kernel.block_attention over blocks of a (KV, cap, 64) buffer equals float64 attention
