@@ -79,11 +79,22 @@ class Streamer:
         rotated = cfg.positions != "fixed"  # true / clamped score memories at real distances
         wdt = model.embed.weight.dtype
         bs = cfg.block_size if cfg.retrieval == "block" else 0
+        self.exact_select = exact_block_select(cfg.memory_settings())  # Config.block_select
         # Room for a document of `expected_tokens` at once: growing by doubling copied every
         # entry again and paged in new buffers while the model waited (the doubling to 32K
-        # entries took 1.8 s in 23 layers, torch.profiler). Room costs nothing until written.
+        # entries took 1.8 s in 23 layers, torch.profiler).
         self.memories = {
-            i: LayerMemory(len(h) if h else a.n_kv_heads, a.head_dim, spec, wdt, dev, rotated, bs, expected_tokens)
+            i: LayerMemory(
+                len(h) if h else a.n_kv_heads,
+                a.head_dim,
+                spec,
+                wdt,
+                dev,
+                rotated,
+                bs,
+                expected_tokens,
+                near_only=bank is None and self._near_only(i),
+            )
             for i, h in self.heads.items()
         }
         self.chunk_sums: dict[int, dict] = {i: {} for i in self.layers}  # block selectors' state
@@ -103,7 +114,6 @@ class Streamer:
         at_window = cfg.positions == "fixed" or (cfg.positions == "clamped" and cfg.retrieval == "block")
         self.distance = cfg.mem_distance or (window if at_window else a.context_length)
         self.horizon = a.context_length - 1  # clamped: the largest real distance used
-        self.exact_select = exact_block_select(cfg.memory_settings())  # Config.block_select
         sp = cfg.sink_positions
         self.real_sinks = sp == "real" or sp == "auto" and cfg.memory and cfg.positions in ("true", "clamped")
         self.cache: list[LayerKV] | None = None
@@ -169,7 +179,7 @@ class Streamer:
                 self.trace,
                 self.heads[i],
                 self.cfg.block_spread,
-                self.cfg.far_blocks if i in self.far_layers and not self.cfg.far_top_k else 0,
+                self._far_blocks(i),
                 self.cfg.far_bias,
                 votes=self.cfg.block_votes,
                 far_top_k=self.cfg.far_top_k if self.far_rows[i] != [] else 0,
@@ -181,6 +191,25 @@ class Streamer:
             )
             for i, m in self.memories.items()
         }
+
+    def _far_blocks(self, i: int) -> int:
+        """Layer i's far-block budget (clamped): the setting in far layers without far token reads."""
+        return self.cfg.far_blocks if i in self.far_layers and not self.cfg.far_top_k else 0
+
+    def _near_only(self, i: int) -> bool:
+        """Whether layer i's memory is only ever read within the trained context through its
+        rotated keys (LayerMemory near_only): clamped blocks, near ones only, selected exactly,
+        no far reads token by token (a bank's memory is decided by the caller)."""
+        c = self.cfg
+        far_tokens = c.far_top_k > 0 and self.far_rows[i] != []
+        return (
+            c.retrieval == "block"
+            and c.positions == "clamped"
+            and self.exact_select
+            and c.block_votes > 0
+            and self._far_blocks(i) == 0
+            and not far_tokens
+        )
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One whole segment: ids (T,) -> hidden (T, C). (Not to be mixed with `feed`.)"""

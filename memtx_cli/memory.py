@@ -200,9 +200,14 @@ class LayerMemory:
         rotated: bool = False,
         block_size: int = 0,
         capacity: int = 1024,
+        near_only: bool = False,
     ) -> None:
         """capacity: entries to make room for at once (the caller's estimate, e.g. a document's
-        length; the buffers grow by doubling past it). The room is touched (zeroed) at once."""
+        length; the buffers grow by doubling past it). The room is touched (zeroed) at once.
+        near_only (rotated block memory): its readers score blocks within the trained context
+        only, by their rotated keys (clamped near-only exact selection, no far reads, no bank):
+        no raw keys and no block means are kept (`keys`, `reps`, `rreps` are None), a third
+        less memory to write and page in (the default model: 19 of its 23 memory layers)."""
         self.n_kv, self.head_dim, self.spec = n_kv, head_dim, spec
         # block_size > 0: block retrieval. Entries are grouped in blocks of consecutive ids, each
         # represented by the mean of its (searched) keys; no per-token index is kept.
@@ -214,7 +219,9 @@ class LayerMemory:
         # every buffer again (README "Memory buffers sized once"). `_buffer` zeroes them; `add`
         # still zeroes the unused tail of the last partial block, which block retrieval reads
         # whole (masked out, but NaN garbage would poison the softmax), in case of other writers.
-        self.keys = _buffer((n_kv, cap, head_dim), dtype, self.device)  # raw, no RoPE
+        if near_only and not (rotated and block_size):
+            raise ValueError("near_only memories are rotated block memories")
+        self.keys = None if near_only else _buffer((n_kv, cap, head_dim), dtype, self.device)  # raw, no RoPE
         self.values = _buffer((n_kv, cap, head_dim), dtype, self.device)
         # Keys rotated by their absolute positions (true / clamped schemes): scoring a retrieved
         # memory at its real distance is then one dot product, no per-pair RoPE.
@@ -228,8 +235,9 @@ class LayerMemory:
         # Block representatives (KV, blocks, D), float32: the mean of each block's raw keys
         # (fixed positions), and with rotated=True also of its rotated keys (true / clamped).
         nb = cap // max(1, block_size)
-        self.reps = torch.empty(n_kv, nb, head_dim, device=self.device) if block_size else None
-        self.rreps = torch.empty(n_kv, nb, head_dim, device=self.device) if block_size and rotated else None
+        means = block_size and not near_only
+        self.reps = torch.empty(n_kv, nb, head_dim, device=self.device) if means else None
+        self.rreps = torch.empty(n_kv, nb, head_dim, device=self.device) if means and rotated else None
         self.search_seconds = 0.0
         # The last exact relevance and what it was computed from: decoding asks for a chunk's
         # blocks once per token with the same voters (~1.5 ms per layer), scoring once per chunk.
@@ -238,8 +246,12 @@ class LayerMemory:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def capacity(self) -> int:
+        return self.values.shape[1]
+
     def _grow(self, need: int) -> None:
-        cap = self.keys.shape[1]
+        cap = self.capacity
         if need <= cap:
             return
         new = -(-max(need, 2 * cap) // 1024) * 1024  # whole blocks (block sizes divide 1024)
@@ -276,7 +288,8 @@ class LayerMemory:
         if t == 0:
             return
         self._grow(self.n + t)
-        self.keys[:, self.n : self.n + t] = k
+        if self.keys is not None:
+            self.keys[:, self.n : self.n + t] = k
         self.values[:, self.n : self.n + t] = v
         self.positions[self.n : self.n + t] = positions
         if self.rkeys is not None:
@@ -288,8 +301,9 @@ class LayerMemory:
             if buf is not None and end > self.n:
                 buf[:, self.n : end] = 0
         self._exact_cache = None
-        if self.reps is not None:
-            self._update_reps(old)
+        if self.block_size:
+            if self.reps is not None:
+                self._update_reps(old)
             return
         ids = np.arange(old, old + t, dtype=np.int64)
         ik = (rotated_k if index_rotated else k).detach().float().cpu().numpy()
@@ -517,7 +531,7 @@ class LayerMemory:
         ok (KV', C, m): False marks a pick's entries invalid (not to be read)."""
         b = self.block_size
         kv, nc, m = pick.shape
-        capb = self.keys.shape[1] // b
+        capb = self.capacity // b
         heads = torch.arange(head0, head0 + kv, device=self.device).view(kv, 1, 1)
         flat = (pick + heads * capb).reshape(-1)
 
@@ -641,7 +655,7 @@ class LayerMemory:
         of a buffer (head h's entry id is row h*cap + id), flattened."""
         r = idt.shape[0]
         heads = torch.arange(r, device=self.device) if rows is None else torch.tensor(rows, device=self.device)
-        return (idt + heads.view(r, 1, 1) * self.keys.shape[1]).reshape(-1)
+        return (idt + heads.view(r, 1, 1) * self.capacity).reshape(-1)
 
     def _gather_entries(
         self, idt: torch.Tensor, valid: torch.Tensor, rotated: bool, rows: list[int] | None = None

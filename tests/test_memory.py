@@ -1174,3 +1174,20 @@ def test_select_rows_equals_index_select(dtype, cols):
     odd = x[1:, 1:]  # an offset and a row width no whole 64-bit words fit: torch's own path
     few = torch.tensor([3, 0, 17])
     assert torch.equal(select_rows(odd, few), odd.index_select(0, few))
+
+
+def test_near_only_memories_keep_no_raw_keys_and_read_the_same(tiny_model, monkeypatch):
+    """Clamped near-only blocks with exact selection: layers without far reads keep no raw keys
+    and no block means (LayerMemory near_only), the far layers keep them; the stream's logits
+    equal those of memories that keep everything."""
+    torch.manual_seed(42)
+    ids = torch.randint(0, 300, (96,))
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", block_votes=2)
+    c = dataclasses.replace(c, far_blocks=0, far_top_k=3, far_bias=0.5, far_heads="1.0,1.1", block_select="exact")
+    st = Streamer(tiny_model, c, expected_tokens=96)
+    assert [m.keys is None for m in st.memories.values()] == [True, False, True]
+    assert st.memories[0].reps is None and st.memories[0].rreps is None
+    lean = _stream_with_horizon(tiny_model, ids, c, 20)
+    monkeypatch.setattr(Streamer, "_near_only", lambda self, i: False)
+    assert all(m.keys is not None for m in Streamer(tiny_model, c).memories.values())
+    torch.testing.assert_close(lean, _stream_with_horizon(tiny_model, ids, c, 20), atol=0, rtol=0)
