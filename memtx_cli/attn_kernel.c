@@ -465,13 +465,15 @@ int memtx_far_attention(const bf16 *keys, const bf16 *values, const float *qs, c
 
 // Attention over memory blocks read in place (no gather): batch b's keys are the nbk blocks
 // blocks[b][..] (bsize rows each, bsize a multiple of 32) of head heads[b] of kbuf / vbuf
-// ((KV, cap, D) bf16, rows contiguous). Keys with id >= n_valid, and every key of a block with
+// ((KV, cap, D) bf16, rows contiguous; ring_blocks > 0: a ring, block i in slot i % ring_blocks).
+// Keys with id >= n_valid, and every key of a block with
 // ok[b][i] == 0 (ok may be NULL), are masked. q (B, M, D) bf16, rows contiguous, batches qs
 // apart; out (B, M, D) bf16 and lse (B, M) float32 as memtx_attention's (a row that sees no key:
 // out 0, lse -inf). Packing from the blocks replaces packing from a gathered copy of them.
 int memtx_block_attention(const bf16 *q, const bf16 *kbuf, const bf16 *vbuf, const int64_t *heads,
                           const int64_t *blocks, const uint8_t *ok, int64_t B, int64_t M, int64_t nbk, int64_t bsize,
-                          int64_t cap, int64_t n_valid, int64_t qs, float scale, bf16 *out, float *lse, int threads) {
+                          int64_t cap, int64_t ring_blocks, int64_t n_valid, int64_t qs, float scale, bf16 *out,
+                          float *lse, int threads) {
     if (bsize % 32) return 2;
     int64_t S = nbk * bsize;
     size_t part = (size_t)B * S * D * sizeof(bf16), nbias = (size_t)B * S * sizeof(float);
@@ -484,7 +486,8 @@ int memtx_block_attention(const bf16 *q, const bf16 *kbuf, const bf16 *vbuf, con
     for (int64_t b = 0; b < B; b++) {
         masked[b] = 0;
         for (int64_t i = 0; i < nbk; i++) {
-            int64_t first = blocks[b * nbk + i] * bsize, row = heads[b] * cap + first;
+            int64_t blk = blocks[b * nbk + i], first = blk * bsize;
+            int64_t row = heads[b] * cap + (ring_blocks ? blk % ring_blocks : blk) * bsize;
             pack_k(kbuf + row * D, bsize, bsize, kp + (b * S + i * bsize) * D);
             pack_v(vbuf + row * D, bsize, bsize, vp + (b * S + i * bsize) * D);
             int64_t valid = ok && !ok[b * nbk + i] ? 0 : n_valid - first;

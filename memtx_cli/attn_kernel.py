@@ -32,7 +32,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64  # pointer, int64_t
 SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out of range)
     "memtx_attention": [_P] * 4 + [_I] * 7 + [ctypes.c_float] + [_P] * 4 + [ctypes.c_int],
     "memtx_block_max": [_P] * 2 + [_I] * 7 + [_P, ctypes.c_int],
-    "memtx_block_attention": [_P] * 6 + [_I] * 7 + [ctypes.c_float, _P, _P, ctypes.c_int],
+    "memtx_block_attention": [_P] * 6 + [_I] * 8 + [ctypes.c_float, _P, _P, ctypes.c_int],
     "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 3 + [ctypes.c_int],
 }
 
@@ -292,6 +292,7 @@ def block_attention(
     block: int,  # rows per block, a multiple of 32
     n_valid: int,  # rows from n_valid on are masked (the last block's unused tail)
     scale: float,
+    ring: int = 0,  # > 0: the buffers are a ring of `ring` rows (row id in row id % ring)
 ) -> tuple[torch.Tensor, torch.Tensor] | None:  # (B, M, 64) bfloat16, (B, M) float32
     """`attention` over memory blocks read where they are: no (B, nbk * block, 64) gather of
     keys and values and no mask tensor (masked keys are the tail past n_valid and blocks not ok).
@@ -321,6 +322,7 @@ def block_attention(
         nbk,
         block,
         kbuf.stride(0) // HEAD_DIM,
+        ring // block,
         n_valid,
         q.stride(0) if b > 1 else 0,
         scale,

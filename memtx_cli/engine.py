@@ -37,9 +37,16 @@ class Streamer:
     the XL cache (the previous segment) are written into it, tagged with their absolute
     positions. With `sinks` > 0 the document's first tokens stay visible in every window
     (StreamingLLM) and are kept out of the memory, so nothing is attended twice.
+
+    expected_tokens: the document's length, if known (memory buffers sized once). Memories
+    only ever read within the trained context (`_near_only`) keep no raw keys, and for long
+    documents only their last entries (a ring); keep_all=True keeps everything everywhere (for
+    tools that inspect the buffers).
     """
 
-    def __init__(self, model: Transformer, cfg: Config, bank: Any = None, expected_tokens: int = 0) -> None:
+    def __init__(
+        self, model: Transformer, cfg: Config, bank: Any = None, expected_tokens: int = 0, keep_all: bool = False
+    ) -> None:
         from memtx_cli.memory import BankLayerMemory, CompositeMemory, IndexSpec, LayerMemory, check_index_kind
 
         self.model, self.cfg = model, cfg
@@ -83,6 +90,8 @@ class Streamer:
         # Room for a document of `expected_tokens` at once: growing by doubling copied every
         # entry again and paged in new buffers while the model waited (the doubling to 32K
         # entries took 1.8 s in 23 layers, torch.profiler).
+        near_only = {i: bank is None and not keep_all and self._near_only(i) for i in self.heads}
+        ring = a.context_length + max(cfg.segment, cfg.block_chunk) + 2 * max(cfg.block_size, 1)
         self.memories = {
             i: LayerMemory(
                 len(h) if h else a.n_kv_heads,
@@ -93,7 +102,10 @@ class Streamer:
                 rotated,
                 bs,
                 expected_tokens,
-                near_only=bank is None and self._near_only(i),
+                near_only=near_only[i],
+                # near-only readers reach `horizon` (+ a chunk, + block alignment) behind the newest
+                # entry: older entries are never read again, so a ring keeps just those
+                ring=ring if near_only[i] and ring < expected_tokens else 0,
             )
             for i, h in self.heads.items()
         }

@@ -201,13 +201,17 @@ class LayerMemory:
         block_size: int = 0,
         capacity: int = 1024,
         near_only: bool = False,
+        ring: int = 0,
     ) -> None:
         """capacity: entries to make room for at once (the caller's estimate, e.g. a document's
         length; the buffers grow by doubling past it). The room is touched (zeroed) at once.
         near_only (rotated block memory): its readers score blocks within the trained context
         only, by their rotated keys (clamped near-only exact selection, no far reads, no bank):
         no raw keys and no block means are kept (`keys`, `reps`, `rreps` are None), a third
-        less memory to write and page in (the default model: 19 of its 23 memory layers)."""
+        less memory to write and page in (the default model: 19 of its 23 memory layers).
+        ring (near_only): keep only the last `ring` entries (rounded up to 1024), in a ring
+        buffer (entry id i in slot i % capacity): the ones within the trained context of the
+        queries to come. Memory then stays bounded however long the document."""
         self.n_kv, self.head_dim, self.spec = n_kv, head_dim, spec
         # block_size > 0: block retrieval. Entries are grouped in blocks of consecutive ids, each
         # represented by the mean of its (searched) keys; no per-token index is kept.
@@ -215,6 +219,11 @@ class LayerMemory:
         self.device = torch.device(device)
         self.n = 0
         cap = -(-max(capacity, 1) // 1024) * 1024  # whole blocks (block sizes divide 1024)
+        if ring and not near_only:
+            raise ValueError("only near_only memories can keep a ring of their last entries")
+        self.ring = -(-ring // 1024) * 1024 if ring else 0  # 0: every entry is kept
+        if self.ring:
+            cap = self.ring  # allocated whole: a ring does not grow
         # Sized once for the document: growing by doubling mid-run copied and first-touched
         # every buffer again (README "Memory buffers sized once"). `_buffer` zeroes them; `add`
         # still zeroes the unused tail of the last partial block, which block retrieval reads
@@ -226,7 +235,7 @@ class LayerMemory:
         # Keys rotated by their absolute positions (true / clamped schemes): scoring a retrieved
         # memory at its real distance is then one dot product, no per-pair RoPE.
         self.rkeys = _buffer((n_kv, cap, head_dim), dtype, self.device) if rotated else None
-        self.positions = torch.empty(cap, dtype=torch.long, device=self.device)
+        self.positions = torch.empty(cap, dtype=torch.long, device=self.device)  # every entry's, not a ring
         self.heads = (
             [] if block_size else [HeadIndex(head_dim, spec, use_gpu=self.device.type == "cuda") for _ in range(n_kv)]
         )
@@ -250,9 +259,36 @@ class LayerMemory:
     def capacity(self) -> int:
         return self.values.shape[1]
 
+    def _slot(self, i: int) -> int:
+        """Row of entry i in the buffers."""
+        return i % self.ring if self.ring else i
+
+    def _put(self, buf: torch.Tensor, i: int, x: torch.Tensor) -> None:
+        """buf's rows of entries i..i+len-1 = x (KV, len, D), wrapping around a ring."""
+        a, t = self._slot(i), x.shape[1]
+        if a + t <= buf.shape[1]:
+            buf[:, a : a + t] = x
+        else:
+            cut = buf.shape[1] - a
+            buf[:, a:] = x[:, :cut]
+            buf[:, : t - cut] = x[:, cut:]
+
+    def _rows(self, buf: torch.Tensor, i: int, j: int) -> list[tuple[int, torch.Tensor]]:
+        """Entries i..j-1 of buf as (first entry id, (KV, len, D) view) pieces, in order: one
+        piece unless they wrap around a ring (j - i <= capacity)."""
+        a = self._slot(i)
+        if a + (j - i) <= buf.shape[1]:
+            return [(i, buf[:, a : a + j - i])]
+        cut = buf.shape[1] - a
+        return [(i, buf[:, a:]), (i + cut, buf[:, : j - i - cut])]
+
     def _grow(self, need: int) -> None:
+        if need > self.positions.shape[0]:  # positions of every entry, also with a ring
+            pos = torch.empty(max(need, 2 * self.positions.shape[0]), dtype=torch.long, device=self.device)
+            pos[: self.n] = self.positions[: self.n]
+            self.positions = pos
         cap = self.capacity
-        if need <= cap:
+        if need <= cap or self.ring:
             return
         new = -(-max(need, 2 * cap) // 1024) * 1024  # whole blocks (block sizes divide 1024)
         for name in ("keys", "values", "rkeys"):
@@ -262,9 +298,6 @@ class LayerMemory:
             buf = _buffer((self.n_kv, new, self.head_dim), old.dtype, old.device)
             buf[:, : self.n] = old[:, : self.n]
             setattr(self, name, buf)
-        pos = torch.empty(new, dtype=torch.long, device=self.device)
-        pos[: self.n] = self.positions[: self.n]
-        self.positions = pos
         nb = -(-self.n // max(1, self.block_size))
         for name in ("reps", "rreps"):
             old = getattr(self, name)
@@ -288,18 +321,24 @@ class LayerMemory:
         if t == 0:
             return
         self._grow(self.n + t)
+        if t > self.capacity:  # a ring: only the last entries stay
+            k, v, positions = k[:, -self.capacity :], v[:, -self.capacity :], positions[-self.capacity :]
+            rotated_k = None if rotated_k is None else rotated_k[:, -self.capacity :]
+            self.positions[self.n : self.n + t - self.capacity] = -1  # never read (long out of reach)
+            self.n += t - self.capacity
+            t = self.capacity
         if self.keys is not None:
-            self.keys[:, self.n : self.n + t] = k
-        self.values[:, self.n : self.n + t] = v
+            self._put(self.keys, self.n, k)
+        self._put(self.values, self.n, v)
         self.positions[self.n : self.n + t] = positions
         if self.rkeys is not None:
-            self.rkeys[:, self.n : self.n + t] = rotated_k
+            self._put(self.rkeys, self.n, rotated_k)
         old = self.n
         self.n += t
         end = -(-self.n // self.block_size) * self.block_size if self.block_size else self.n
         for buf in (self.keys, self.values, self.rkeys):  # the last partial block's unused tail
-            if buf is not None and end > self.n:
-                buf[:, self.n : end] = 0
+            if buf is not None and end > self.n:  # a block never wraps: capacities are whole blocks
+                buf[:, self._slot(self.n) : self._slot(self.n) + end - self.n] = 0
         self._exact_cache = None
         if self.block_size:
             if self.reps is not None:
@@ -501,13 +540,16 @@ class LayerMemory:
         start = (first + lo) * b
         nbn = near.shape[1]
         # Whole blocks (the buffer's capacity is whole blocks); the tail past n is masked below.
-        keys = self.rkeys[:, start : start + nbn * b]  # (KV, nbn*b, D) rotated by their positions
+        # Rotated by their positions; two pieces where a ring wraps (block_max is per piece).
+        pieces = self._rows(self.rkeys, start, start + nbn * b)  # [(first id, (KV, len, D))]
+        keys = pieces[0][1] if len(pieces) == 1 else torch.cat([x for _, x in pieces], 1)  # (KV, nbn*b, D)
         voters = sel.reshape(kv, nc * nq, d).mul(scale).to(keys.dtype)  # (KV, C*Q, D)
         tail = self.n - start
         # In bfloat16 on AVX512-BF16, attn_kernel fuses the maxima into the product (float32
         # logits, never written out: the bfloat16 -> float32 copy of the logits alone took
         # 52-87 ms per 512-token segment at 24K, README "A bfloat16 attention kernel").
-        fused = attn_kernel.block_max(keys, voters, b, tail)  # (KV, nbn, C*Q)
+        parts = [attn_kernel.block_max(x, voters, b, self.n - i) for i, x in pieces]
+        fused = None if any(p is None for p in parts) else torch.cat(parts, 1)  # (KV, nbn, C*Q)
         if fused is not None:
             best = fused.view(kv, nbn, nc, nq).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
         else:
@@ -533,7 +575,7 @@ class LayerMemory:
         kv, nc, m = pick.shape
         capb = self.capacity // b
         heads = torch.arange(head0, head0 + kv, device=self.device).view(kv, 1, 1)
-        flat = (pick + heads * capb).reshape(-1)
+        flat = ((pick % capb if self.ring else pick) + heads * capb).reshape(-1)
 
         def gather(buf: torch.Tensor) -> torch.Tensor:  # (KV, cap, D) -> (KV*C, m*b, D)
             # Rows of whole blocks (b*D contiguous elements): a 2-D index_select, 2.5x faster
@@ -568,7 +610,7 @@ class LayerMemory:
         keys = self.rkeys if rotated else self.keys
         ok = None if ok is None else ok.reshape(kv * nc, m)
         return attn_kernel.block_attention(
-            q, keys, self.values, heads, pick.reshape(kv * nc, m), ok, self.block_size, self.n, scale
+            q, keys, self.values, heads, pick.reshape(kv * nc, m), ok, self.block_size, self.n, scale, self.ring
         )
 
     def retrieve_far(self, q: torch.Tensor, k: int, bound: int, rows: list[int] | None = None) -> Retrieval:

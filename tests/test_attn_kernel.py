@@ -204,6 +204,23 @@ def test_block_attention_reads_blocks_in_place():
 
 
 @needs_kernel
+def test_block_attention_reads_a_ring():
+    """ring > 0: block id i reads slot i % (ring / block) of the buffers, while validity (n_valid)
+    goes by the id: the same as reading a buffer that keeps every block."""
+    g = torch.Generator().manual_seed(44)
+    kb, vb = torch.randn(2, 2048, 64, generator=g).bfloat16(), torch.randn(2, 2048, 64, generator=g).bfloat16()
+    blocks = torch.randint(64, 130, (4, 5), generator=g)  # ids past the ring's 64 blocks
+    blocks[0, 0], n_valid = 129, 129 * 32 + 5
+    heads, q = torch.tensor([0, 1, 1, 0]), (torch.randn(4, 50, 64, generator=g) * 2).bfloat16()
+    got = attn_kernel.block_attention(q, kb, vb, heads, blocks, None, 32, n_valid, 0.125, ring=2048)
+    ids = (blocks[..., None] * 32 + torch.arange(32)).reshape(4, -1)
+    bias = torch.zeros(ids.shape).masked_fill(ids >= n_valid, float("-inf"))
+    ref, ref_lse = reference(q, kb[heads[:, None], ids % 2048], vb[heads[:, None], ids % 2048], bias, 0.125)
+    assert (got[0].double() - ref).abs().max().item() < 0.02
+    torch.testing.assert_close(got[1].double(), ref_lse, atol=2e-5, rtol=1e-6)
+
+
+@needs_kernel
 def test_streaming_with_block_budgets_and_far_reads_matches_torchs_kernel(monkeypatch):
     """The card's kind of settings (near-only clamped blocks of 32 with per-head budgets, far reads
     token by token) on a bfloat16 model with head dim 64: blocks read in place and the fused far

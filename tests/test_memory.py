@@ -1191,3 +1191,42 @@ def test_near_only_memories_keep_no_raw_keys_and_read_the_same(tiny_model, monke
     monkeypatch.setattr(Streamer, "_near_only", lambda self, i: False)
     assert all(m.keys is not None for m in Streamer(tiny_model, c).memories.values())
     torch.testing.assert_close(lean, _stream_with_horizon(tiny_model, ids, c, 20), atol=0, rtol=0)
+
+
+def test_ring_of_near_only_memories_reads_the_same(tiny_model):
+    """A document longer than the ring: near-only memories keep only their last entries (a ring
+    of ~context_length + a segment, ids wrapping around it) and the stream's logits equal those
+    of memories that keep every entry (keep_all); the far layer keeps everything."""
+    torch.manual_seed(43)
+    ids = torch.randint(0, 300, (1600,))
+    c = cfg(retrieval="block", block_size=32, blocks=3, block_chunk=32, positions="clamped", block_votes=2)
+    c = dataclasses.replace(c, segment=64, far_blocks=0, far_top_k=4, far_heads="1.0", block_select="exact")
+
+    def run(keep_all):
+        st = Streamer(tiny_model, c, expected_tokens=len(ids), keep_all=keep_all)
+        with torch.no_grad():
+            hs = [st.step(ids[s : s + c.segment]) for s in range(0, len(ids), c.segment)]
+        return st, tiny_model.logits(torch.cat(hs)[None])[0]
+
+    st, ring = run(False)
+    assert [m.ring for m in st.memories.values()] == [1024, 0, 1024] and st.memories[0].n > 1024
+    assert st.memories[0].values.shape[1] == 1024 and st.memories[1].values.shape[1] >= 1600
+    _, every = run(True)
+    torch.testing.assert_close(ring, every, atol=0, rtol=0)
+
+
+def test_ring_rows_wrap_around():
+    """LayerMemory with a ring: entry i sits in slot i % capacity, _rows gives the wrapped span
+    in two pieces in order, positions are kept for every entry, a write longer than the ring
+    keeps its last entries."""
+    mem = LayerMemory(1, 4, IndexSpec("flat"), rotated=True, block_size=4, capacity=4096, near_only=True, ring=1000)
+    assert mem.capacity == 1024
+    x = torch.arange(1500.0)[None, :, None].expand(1, 1500, 4)
+    mem.add(x[:, :900], x[:, :900], torch.arange(900), x[:, :900])
+    mem.add(x[:, 900:], x[:, 900:], torch.arange(900, 1500), x[:, 900:])
+    assert mem.n == 1500 and torch.equal(mem.positions[:1500], torch.arange(1500))
+    pieces = mem._rows(mem.rkeys, 1000, 1100)
+    assert [i for i, _ in pieces] == [1000, 1024]
+    assert torch.equal(torch.cat([p for _, p in pieces], 1)[0, :, 0], torch.arange(1000.0, 1100.0))
+    mem.add(x[:, :1200], x[:, :1200], torch.arange(1500, 2700), x[:, :1200])  # longer than the ring
+    assert mem.n == 2700 and mem.values[0, mem._slot(2699), 0] == 1199 and mem.values[0, mem._slot(1676), 0] == 176
