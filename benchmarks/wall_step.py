@@ -28,6 +28,7 @@ TIMED = [
     (model_mod.Attention, "block_memory_attention", "block_memory_attention"),
     (mem_mod.LayerMemory, "retrieve_blocks", "  retrieve_blocks"),
     (mem_mod.LayerMemory, "gather_blocks", "  gather_blocks"),
+    (mem_mod.LayerMemory, "block_attention", "  LayerMemory.block_attention (blocks read in place)"),
     (model_mod, "memory_bias", "  memory_bias"),
     (model_mod.Attention, "far_token_attention", "far_token_attention"),
     (mem_mod.LayerMemory, "retrieve_far", "  retrieve_far"),
