@@ -162,8 +162,8 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     kernel"). Zeroing it is its first touch, in bulk: page faults taken instead by each
     segment's small strided writes cost 3.5 ms per buffer kind per segment (23 layers, 16K
     tokens) against 0.25 ms on touched pages; touching a 64K document's 69 buffers at once takes
-    0.5-1.0 s against 2.0-2.5 s of faults spread over its segments (README "Memory buffers
-    touched at once")."""
+    0.5-1.0 s against 2.0-2.5 s of faults spread over its segments (scratch runs; README
+    "Fused far reads, blocks read in place, bounded memory")."""
     buf = torch.empty(shape, dtype=dtype, device=device)
     nbytes = buf.numel() * buf.element_size()
     madvise = _madvise() if device.type == "cpu" and nbytes >= 2 * _HUGE and sys.platform.startswith("linux") else None
@@ -542,9 +542,7 @@ class LayerMemory:
         # Whole blocks (the buffer's capacity is whole blocks); the tail past n is masked below.
         # Rotated by their positions; two pieces where a ring wraps (block_max is per piece).
         pieces = self._rows(self.rkeys, start, start + nbn * b)  # [(first id, (KV, len, D))]
-        keys = pieces[0][1] if len(pieces) == 1 else torch.cat([x for _, x in pieces], 1)  # (KV, nbn*b, D)
-        voters = sel.reshape(kv, nc * nq, d).mul(scale).to(keys.dtype)  # (KV, C*Q, D)
-        tail = self.n - start
+        voters = sel.reshape(kv, nc * nq, d).mul(scale).to(self.rkeys.dtype)  # (KV, C*Q, D)
         # In bfloat16 on AVX512-BF16, attn_kernel fuses the maxima into the product (float32
         # logits, never written out: the bfloat16 -> float32 copy of the logits alone took
         # 52-87 ms per 512-token segment at 24K, README "A bfloat16 attention kernel").
@@ -556,7 +554,9 @@ class LayerMemory:
             # One matmul per head for all chunks' voters, keys as the row operand (their natural
             # layout: 1.4 ms vs 4.2 ms for voters @ keys^T, 3 heads x 192 voters x 7,400 keys in
             # bfloat16), in the keys' dtype; the maxima in float32 (bfloat16's amax is 5x slower).
+            keys = pieces[0][1] if len(pieces) == 1 else torch.cat([x for _, x in pieces], 1)  # (KV, nbn*b, D)
             logits = (keys @ voters.transpose(-1, -2)).float()  # (KV, nbn*b, C*Q)
+            tail = self.n - start
             if tail < nbn * b:
                 logits[:, tail:] = float("-inf")
             best = logits.view(kv, nbn, b, nc, nq).amax(2).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
