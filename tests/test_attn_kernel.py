@@ -365,6 +365,36 @@ def test_far_attention_equals_float64_reference(n, k):
 
 
 @needs_kernel
+def test_far_attention_with_many_equal_scores():
+    """A document that repeats itself gives many keys one score: the scan's cheap cut (bisection
+    on the values) cannot bring its candidates near 2k and falls back to an exact selection.
+    Half the keys are one row repeated (every other key), half random; the first 16 queries
+    point at the repeated row, the others anywhere (a query's overflow would land in the next
+    one's candidates). The k keys each query reads carry its k best scores, and the attention
+    matches float64."""
+    g = torch.Generator().manual_seed(7)
+    n, t, k = 2000, 32, 32
+    keys = torch.randn(n, 64, generator=g)
+    row = torch.randn(64, generator=g)
+    keys[::2] = row
+    keys = keys.bfloat16()
+    values = torch.randn(n, 64, generator=g).bfloat16()
+    qs = torch.randn(t, 64, generator=g)
+    qs[:16] += 3 * row
+    qa = torch.randn(3, t, 64, generator=g).bfloat16()
+    bound = torch.full((t,), n)
+    out, lse, ids = attn_kernel.far_attention(keys, values, qs, qa, bound, k, 0.125, 0.0, with_ids=True)
+    for i in range(t):
+        s = keys.double() @ qs[i].double()
+        assert (ids[i] >= 0).all() and len(set(ids[i].tolist())) == k
+        torch.testing.assert_close(s[ids[i]].sort().values, s.topk(k).values.sort().values)
+        sa = qa[:, i].double() @ keys[ids[i]].double().t() * 0.125
+        torch.testing.assert_close(lse[:, i].double(), torch.logsumexp(sa, -1), atol=1e-5, rtol=1e-6)
+        ref = torch.softmax(sa, -1) @ values[ids[i]].double()
+        torch.testing.assert_close(out[:, i].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
 def test_far_attention_agrees_with_the_torch_path():
     """LayerMemory.far_attention (the kernel, one call per head, a bound per token) and
     model.far_reads (retrieve_far per chunk, then attention in torch) agree to bfloat16
