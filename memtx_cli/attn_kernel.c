@@ -563,3 +563,113 @@ int memtx_block_attention(const bf16 *q, const bf16 *kbuf, const bf16 *vbuf, con
     }
     return 0;
 }
+
+// The k largest of a[0..n) sorted in descending order into a[0..k) (quicksort that skips
+// partitions past k; insertion sort below 16 entries).
+static void sort_top(uint64_t *a, int64_t n, int64_t k) {
+    while (n > 16) {
+        uint64_t x = a[0], y = a[n / 2], z = a[n - 1];
+        uint64_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        int64_t i = 0, j = n - 1;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                uint64_t t = a[i];
+                a[i++] = a[j], a[j--] = t;
+            }
+        }
+        // [0, j] >= pivot >= [i, n); entries between j and i equal the pivot
+        if (i < k) sort_top(a + i, n - i, k - i);  // the right part holds some of the top k
+        n = j + 1;  // then the left part, on for its first k
+        if (k > n) k = n;
+    }
+    for (int64_t i = 1; i < n; i++) {
+        uint64_t v = a[i];
+        int64_t j = i - 1;
+        for (; j >= 0 && a[j] < v; j--) a[j + 1] = a[j];
+        a[j + 1] = v;
+    }
+}
+
+// Block selection from the voters' block maxima (memtx_block_max's out), for near blocks only:
+// per KV head h and chunk c, each voter q (a non-zero row of voters) spreads a softmax over the
+// chunk's near blocks of their best logits best[h][j][c*Q + q] (j < nbn; a voter with no
+// finite maximum gives nothing); rel = log(max(summed shares, 1e-30)) on near blocks, -inf
+// elsewhere and on the lo entries before them; each entry then takes the largest rel of itself
+// and the `spread` entries before it; the best min(m, lo + nbn) entries, ties to the earlier
+// block, are written best first: pick (KV, C, m') = entry + first, score (KV, C, m') its rel.
+// near (C, nbn) uint8; voters (KV, C*Q, D) bf16, heads vs apart, Q <= 16. memory.py's torch
+// path computes the same (LayerMemory._exact_relevance, spread_forward, top_blocks). The work
+// runs on shares (log is monotonic: the spread's maxima and the order are the same) and one
+// vector of the Q voters per block; the log only for the entries written.
+int memtx_block_pick(const float *best, const uint8_t *near, const bf16 *voters, int64_t KV, int64_t C, int64_t Q,
+                     int64_t nbn, int64_t lo, int64_t vs, int64_t spread, int64_t m, int64_t first, int64_t *pick,
+                     float *score, int threads) {
+    int64_t n = lo + nbn, mm = m < n ? m : n, CQ = C * Q;
+    if (Q > 16) return 2;
+    int fail = 0;
+    __mmask16 qm = (__mmask16)((1u << Q) - 1);
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    for (int64_t t = 0; t < KV * C; t++) {
+        int64_t h = t / C, c = t % C;
+        float *rel = malloc(n * sizeof(float) + nbn * 16 * sizeof(float));
+        uint64_t *key = malloc(n * sizeof(uint64_t));
+        if (!rel || !key) {
+            fail = 1;
+            free(rel);
+            free(key);
+            continue;
+        }
+        float *e = rel + n;  // (nbn, 16): each near block's exponentials, one lane per voter
+        const uint8_t *nr = near + c * nbn;
+        const float *b = best + h * nbn * CQ + c * Q;
+        __mmask16 vote = 0;  // voters with a non-zero row (+-0 is zero)
+        for (int64_t q = 0; q < Q; q++) {
+            const bf16 *vr = voters + h * vs + (c * Q + q) * D;
+            if (_mm512_test_epi16_mask(_mm512_loadu_si512(vr), _mm512_set1_epi16(0x7FFF)) |
+                _mm512_test_epi16_mask(_mm512_loadu_si512(vr + 32), _mm512_set1_epi16(0x7FFF)))
+                vote |= (__mmask16)(1u << q);
+        }
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < nbn; j++)
+            if (nr[j]) mx = _mm512_max_ps(mx, _mm512_maskz_loadu_ps(qm, b + j * CQ));
+        // a voter with nothing finite near gives no share (torch: softmax NaN -> 0)
+        vote &= _mm512_cmp_ps_mask(mx, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        mx = _mm512_mask_mov_ps(_mm512_setzero_ps(), vote, mx);
+        for (int64_t j = 0; j < nbn; j++) {
+            __m512 x = nr[j] ? exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(vote, b + j * CQ), mx)) : _mm512_setzero_ps();
+            x = _mm512_maskz_mov_ps(vote, x);
+            sum = _mm512_add_ps(sum, x);
+            _mm512_storeu_ps(e + j * 16, x);
+        }
+        __m512 inv = _mm512_maskz_div_ps(vote, _mm512_set1_ps(1.0f), sum);
+        for (int64_t i = 0; i < n; i++) {
+            int64_t j = i - lo;
+            if (j < 0 || !nr[j]) {
+                rel[i] = -1.0f;  // below every share: -inf after the log
+                continue;
+            }
+            float sh = _mm512_reduce_add_ps(_mm512_mul_ps(_mm512_loadu_ps(e + j * 16), inv));
+            rel[i] = sh > 1e-30f ? sh : 1e-30f;
+        }
+        for (int64_t i = n - 1; i >= 0; i--) {  // spread (downwards: reads entries not yet changed)
+            float r = rel[i];
+            for (int64_t s = 1; s <= spread && s < n && i - s >= 0; s++) r = rel[i - s] > r ? rel[i - s] : r;
+            uint32_t u;
+            memcpy(&u, &r, 4);
+            u ^= (u >> 31) ? 0xFFFFFFFFu : 0x80000000u;  // float order as unsigned order
+            key[i] = (uint64_t)u << 32 | (uint32_t)~(uint32_t)i;  // ties: the earlier entry first
+            rel[i] = r;
+        }
+        sort_top(key, n, mm);
+        for (int64_t a = 0; a < mm; a++) {
+            int64_t i = (uint32_t)~(uint32_t)key[a];
+            pick[t * mm + a] = i + first;
+            score[t * mm + a] = rel[i] > 0 ? logf(rel[i]) : -INFINITY;
+        }
+        free(rel);
+        free(key);
+    }
+    return fail;
+}

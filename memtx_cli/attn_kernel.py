@@ -34,6 +34,7 @@ SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out 
     "memtx_block_max": [_P] * 2 + [_I] * 7 + [_P, ctypes.c_int],
     "memtx_block_attention": [_P] * 6 + [_I] * 8 + [ctypes.c_float, _P, _P, ctypes.c_int],
     "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 3 + [ctypes.c_int],
+    "memtx_block_pick": [_P] * 3 + [_I] * 9 + [_P] * 2 + [ctypes.c_int],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -128,8 +129,12 @@ def _run(name: str, *args: object) -> None:
     memtx::attn_kernel.<name> (a ctypes call is not otherwise)."""
     lib = load()
     assert lib is not None
-    with torch.profiler.record_function(f"memtx::attn_kernel.{name}"):
-        rc = getattr(lib, f"memtx_{name}")(*args, torch.get_num_threads())
+    fn = getattr(lib, f"memtx_{name}")
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(f"memtx::attn_kernel.{name}"):
+            rc = fn(*args, torch.get_num_threads())
+    else:  # the label costs ~25 us a call (~3 ms per segment with memory in 23 layers)
+        rc = fn(*args, torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"attn_kernel.{name}: out of memory")
 
@@ -233,6 +238,49 @@ def block_max(
         out.data_ptr(),
     )
     return out
+
+
+def block_pick(
+    best: torch.Tensor,  # (KV, nbn, C*Q) float32: block_max of the chunks' voters
+    near: torch.Tensor,  # (C, nbn) bool: which of those blocks each chunk reads
+    voters: torch.Tensor,  # (KV, C*Q, 64) bfloat16: a zero row is no voter
+    lo: int,  # entries before the first of the nbn blocks (relevance -inf)
+    spread: int,
+    m: int,
+    first: int,  # block id of entry 0
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # (KV, C, m') int64 block ids, float32 relevance
+    """Near-block selection from the voters' block maxima: each voter's softmax over the
+    chunk's near blocks, summed over voters, log (floor 1e-30), spread over the `spread` blocks
+    after, the best m' = min(m, lo + nbn) entries best first (ties: the earlier block). What
+    LayerMemory._exact_relevance + spread_forward + top_blocks compute in ~20 torch ops. None
+    when the kernel cannot run."""
+    kv, nbn, cq = best.shape
+    c = near.shape[0]
+    if not usable(voters) or best.dtype != torch.float32 or cq % c or voters.shape[1] != cq or nbn == 0:
+        return None
+    best, voters = best.contiguous(), _rows(voters)
+    near = near.to(torch.uint8).contiguous()
+    mm = min(m, lo + nbn)
+    pick = torch.empty(kv, c, mm, dtype=torch.int64)
+    score = torch.empty(kv, c, mm, dtype=torch.float32)
+    _run(
+        "block_pick",
+        best.data_ptr(),
+        near.data_ptr(),
+        voters.data_ptr(),
+        kv,
+        c,
+        cq // c,
+        nbn,
+        lo,
+        voters.stride(0) if kv > 1 else 0,
+        spread,
+        m,
+        first,
+        pick.data_ptr(),
+        score.data_ptr(),
+    )
+    return pick, score
 
 
 def far_attention(

@@ -411,6 +411,12 @@ class LayerMemory:
             first = min(self.n_blocks - int(near.sum(-1).max()), self.n_blocks - 1)  # >= 1 block, maybe masked
             near = near[:, first:]
         exact = exact and separate and sel.dim() == 4
+        if exact and near_only and budgets is not None and not gather and scheme == "clamped":
+            # the default path: block maxima and then the picks in two kernel calls
+            got = self._near_picks(sel.float(), near, scale, first, spread, n_blocks)
+            if got is not None:
+                self.search_seconds += time.perf_counter() - t0
+                return BlockPicks(got[0], got[1] > float("-inf"), raw_keys if raw_keys is not None else False)
         # (KV, C, nb - first); near-only masks the far blocks below, so exact needs no means for them
         relevance = self.block_relevance(sel.float(), scheme, near, scale, first, exact, far_means=not near_only)
         nb = relevance.shape[-1]
@@ -427,9 +433,9 @@ class LayerMemory:
         for rel, m in zip(parts, sizes, strict=True):
             if spread:  # a block also counts as relevant as the `spread` blocks before it
                 rel = spread_forward(rel, spread)
-            top = rel.topk(min(m, nb), dim=-1)
-            picks.append(top.indices + first)
-            scores.append(top.values)
+            values, indices = top_blocks(rel, min(m, nb))
+            picks.append(indices + first)
+            scores.append(values)
         pick, score = torch.cat(picks, -1), torch.cat(scores, -1)  # (KV, C, m), best first per budget
         if budgets is None:  # in document order (with budgets, head h reads its first budgets[h])
             pick, order = pick.sort(-1)
@@ -534,20 +540,9 @@ class LayerMemory:
         one per memory (block means: 78.9% / 83.2%). README "Exact block selection"."""
         b = self.block_size
         kv, nc, nq, d = sel.shape
-        # Near blocks are a suffix of every chunk's blocks: score from the first near one only.
-        lo = int(near.any(0).int().argmax())
-        near = near[:, lo:]
-        start = (first + lo) * b
+        lo, near, pieces, voters, fused = self._voter_maxima(sel, near, scale, first)
         nbn = near.shape[1]
-        # Whole blocks (the buffer's capacity is whole blocks); the tail past n is masked below.
-        # Rotated by their positions; two pieces where a ring wraps (block_max is per piece).
-        pieces = self._rows(self.rkeys, start, start + nbn * b)  # [(first id, (KV, len, D))]
-        voters = sel.reshape(kv, nc * nq, d).mul(scale).to(self.rkeys.dtype)  # (KV, C*Q, D)
-        # In bfloat16 on AVX512-BF16, attn_kernel fuses the maxima into the product (float32
-        # logits, never written out: the bfloat16 -> float32 copy of the logits alone took
-        # 52-87 ms per 512-token segment at 24K, README "A bfloat16 attention kernel").
-        parts = [attn_kernel.block_max(x, voters, b, self.n - i) for i, x in pieces]
-        fused = None if any(p is None for p in parts) else torch.cat(parts, 1)  # (KV, nbn, C*Q)
+        start = (first + lo) * b
         if fused is not None:
             best = fused.view(kv, nbn, nc, nq).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
         else:
@@ -564,6 +559,42 @@ class LayerMemory:
         share = best.softmax(-1).nan_to_num_(0.0)  # a chunk with nothing near: no share
         share = (share * (sel != 0).any(-1)[..., None]).sum(2)  # (KV, C, nbn): zero rows don't vote
         return torch.nn.functional.pad(share, (lo, 0)).clamp_min(1e-30).log()  # (KV, C, nb - first)
+
+    def _voter_maxima(
+        self, sel: torch.Tensor, near: torch.Tensor, scale: float, first: int
+    ) -> tuple[int, torch.Tensor, list[tuple[int, torch.Tensor]], torch.Tensor, torch.Tensor | None]:
+        """Voters sel (KV, C, Q, D) (the true half) -> lo (the first block, counted from
+        `first`, that any chunk reads near), near[:, lo:], the rotated keys of those blocks (pieces:
+        [(first id, (KV, len, D))]), the scaled voters (KV, C*Q, D) and their block maxima
+        (KV, nbn, C*Q) from attn_kernel.block_max (None where it cannot run)."""
+        b = self.block_size
+        kv, nc, nq, d = sel.shape
+        # Near blocks are a suffix of every chunk's blocks: score from the first near one only.
+        lo = int(near.any(0).int().argmax())
+        near = near[:, lo:]
+        start = (first + lo) * b
+        # Whole blocks (the buffer's capacity is whole blocks); the tail past n is masked below.
+        # Rotated by their positions; two pieces where a ring wraps (block_max is per piece).
+        pieces = self._rows(self.rkeys, start, start + near.shape[1] * b)  # [(first id, (KV, len, D))]
+        voters = sel.reshape(kv, nc * nq, d).mul(scale).to(self.rkeys.dtype)  # (KV, C*Q, D)
+        # In bfloat16 on AVX512-BF16, attn_kernel fuses the maxima into the product (float32
+        # logits, never written out: the bfloat16 -> float32 copy of the logits alone took
+        # 52-87 ms per 512-token segment at 24K, README "A bfloat16 attention kernel").
+        parts = [attn_kernel.block_max(x, voters, b, self.n - i) for i, x in pieces]
+        fused = None if any(p is None for p in parts) else torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        return lo, near, pieces, voters, fused
+
+    def _near_picks(
+        self, sel: torch.Tensor, near: torch.Tensor, scale: float, first: int, spread: int, m: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """retrieve_blocks' near-only exact selection in two kernel calls (block_max, then
+        attn_kernel.block_pick for the softmax, sum, log, spread and top m that took ~20 torch
+        ops per layer): picks (KV, C, m') best first and their relevance. None where the kernels
+        cannot run (the caller's torch path computes the same)."""
+        lo, near, _, voters, fused = self._voter_maxima(sel[..., self.head_dim :], near, scale, first)
+        if fused is None:
+            return None
+        return attn_kernel.block_pick(fused, near, voters, lo, spread, m, first)
 
     def gather_blocks(
         self, pick: torch.Tensor, raw_keys: bool = True, head0: int = 0, ok: torch.Tensor | None = None
@@ -776,6 +807,14 @@ def exact_top_k(scores: torch.Tensor, k: int, group: int = 32) -> torch.Tensor:
         cand = torch.cat([cand, tail.expand(*lead, -1)], -1)
     best = scores.gather(-1, cand).topk(k, dim=-1, sorted=False).indices
     return cand.gather(-1, best)
+
+
+def top_blocks(rel: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m largest entries of rel (..., n) and their indices, best first, ties to the earlier
+    entry (as attn_kernel.block_pick; spread_forward gives neighbours equal relevance, so ties
+    are common and decide which blocks a budget reads)."""
+    values, indices = rel.sort(dim=-1, descending=True, stable=True)
+    return values[..., :m], indices[..., :m]
 
 
 def spread_forward(rel: torch.Tensor, spread: int) -> torch.Tensor:

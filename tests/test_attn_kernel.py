@@ -419,3 +419,52 @@ def test_far_attention_agrees_with_the_torch_path():
     assert (fast[0].float() - slow[0].float()).abs().max().item() < 0.03
     torch.testing.assert_close(fast[1], slow[1], atol=0.05, rtol=0.01)
     assert torch.isneginf(fast[1][:, :, :32]).all() and not fast[0][:, :, :32].any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("ring", [0, 2048])
+def test_near_picks_equal_the_torch_path(ring, monkeypatch):
+    """Clamped near-only exact selection with budgets (the default path): block_max + block_pick
+    pick what the torch path's relevance ranks best (softmax per voter over the chunk's near
+    blocks, summed, log, spread, top m), in its order up to float rounding, with zero voter
+    rows, a chunk without voters (every near block at the floor: ties, to the earlier block),
+    chunks that see fewer near blocks, a wrapped ring (two pieces of keys) and a budget larger
+    than the near blocks (-inf picks, not ok)."""
+    from memtx_cli.memory import IndexSpec, LayerMemory, spread_forward
+
+    g = torch.Generator().manual_seed(ring + 5)
+    n = 3000
+    kw = {"near_only": True, "ring": ring} if ring else {}
+    mem = LayerMemory(3, 64, IndexSpec("flat"), dtype=torch.bfloat16, block_size=32, rotated=True, **kw)
+    keys = torch.randn(3, n, 64, generator=g)
+    for a in range(0, n, 500):  # in steps, so a ring wraps
+        mem.add(keys[:, a : a + 500], keys[:, a : a + 500], torch.arange(a, a + 500), rotated_k=keys[:, a : a + 500])
+    nb = mem.n_blocks
+    sel = torch.randn(3, 4, 6, 128, generator=g)  # (KV, C, Q, [fixed | true])
+    sel[0, 1, 2] = 0.0  # not a voter
+    sel[1, 2] = 0.0  # a chunk without voters in head 1
+    near = torch.zeros(4, nb, dtype=torch.bool)
+    for c, first_near in enumerate([nb - 40, nb - 40, nb - 39, nb - 3]):
+        near[c, first_near:] = True
+    first = nb - 40
+    for spread, m in [(0, 48), (2, 48), (2, 20)]:  # m: the layer's largest budget
+        budgets = torch.tensor([8, m // 2, m])
+        fast = mem.retrieve_blocks(sel, m, 0.125, "clamped", near, spread, 0, exact=True, budgets=budgets, gather=False)
+        with monkeypatch.context() as mp:
+            mp.setattr(attn_kernel, "enabled", lambda: False)
+            slow = mem.retrieve_blocks(
+                sel, m, 0.125, "clamped", near, spread, 0, exact=True, budgets=budgets, gather=False
+            )
+        # the torch path's relevance from the kernel's block maxima (torch alone rounds logits to bfloat16)
+        mem._exact_cache = None
+        rel = mem.block_relevance(sel, "clamped", near[:, first:], 0.125, first, exact=True, far_means=False)
+        rel = spread_forward(rel.masked_fill(~near[None, :, first:], float("-inf")), spread)  # (KV, C, 40)
+        mm = min(m, 40)  # of the 40 blocks scored
+        assert fast.pick.shape == slow.pick.shape == (3, 4, mm)
+        assert torch.equal(fast.ok, slow.ok) and fast.ok[0, 3].sum() == 3 and fast.ok[1, 2].sum() == mm - (m > 40)
+        assert torch.equal(fast.pick[1, 2], slow.pick[1, 2])  # all at the floor: document order
+        got = rel.gather(-1, fast.pick - first)
+        want = rel.sort(-1, descending=True).values[..., :mm]
+        finite = want > float("-inf")
+        torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+        assert (got[~finite] == float("-inf")).all()
