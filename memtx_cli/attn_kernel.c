@@ -85,12 +85,14 @@ static void pack_v(const bf16 *v, int64_t S, int64_t Sp, bf16 *vp) {
 // s[r][0..n) = q[r] . k[j0 + ..] for r < rows (a constant: 4 or RQ), n a multiple of 32 (padded
 // keys are zero). 8 rows: 16 accumulators per pair of key loads (10-20% faster than 4 rows,
 // attn_kernel_timing.py); 4 rows where fewer are left (decoding: 3 rows).
-static inline __attribute__((always_inline)) void qk_rows(const bf16 *q, const bf16 *kp, int64_t n, float *s,
+// Packed keys come in groups of 32 (2 x 16 keys, 32 x D bf16): kg[g] is group g's (contiguous
+// packing: kp + 32 g D; memory blocks packed where they are stored: each block's own groups).
+static inline __attribute__((always_inline)) void qk_rows(const bf16 *q, const bf16 *const *kg, int64_t n, float *s,
                                                           const int rows) {
     for (int64_t j = 0; j < n; j += 32) {
         __m512 acc[RQ][2];
         for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        const bf16 *kb = kp + j * D;
+        const bf16 *kb = kg[j / 32];
 #pragma GCC unroll 8
         for (int p = 0; p < D / 2; p++) {
             __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + p * 32);
@@ -108,15 +110,26 @@ static inline __attribute__((always_inline)) void qk_rows(const bf16 *q, const b
     }
 }
 
-static inline void qk_tile(const bf16 *q, const bf16 *kp, int64_t n, float *s) { qk_rows(q, kp, n, s, RQ); }
+#define MAXG (KB / 32)  // groups of 32 keys per softmax block
 
-// o[r][:] += sum_j p[r][j] v[j][:], n even (padded probabilities are zero)
-static inline void pv_tile(const bf16 *p, const bf16 *vp, int64_t n, float *o) {
+static inline void groups(const bf16 *p, int64_t n, const bf16 **g) {  // contiguous packing
+    for (int64_t i = 0; i < n / 32; i++) g[i] = p + i * 32 * D;
+}
+
+static inline void qk_tile(const bf16 *q, const bf16 *kp, int64_t n, float *s) {  // n <= KB
+    const bf16 *kg[MAXG];
+    groups(kp, n, kg);
+    qk_rows(q, kg, n, s, RQ);
+}
+
+// o[r][:] += sum_j p[r][j] v[j][:], n a multiple of 32 (padded probabilities are zero); values
+// packed in groups of 32 keys as keys are: vg[g] holds keys 32g.. as 16 pairs of (D, 2)
+static inline void pv_tile(const bf16 *p, const bf16 *const *vg, int64_t n, float *o) {
     __m512 acc[R][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_loadu_ps(o + r * D + 16 * c);
     for (int64_t j = 0; j < n; j += 2) {
-        const bf16 *vb = vp + j * D;
+        const bf16 *vb = vg[j / 32] + (j % 32) * D;
         __m512bh v0 = (__m512bh)_mm512_loadu_si512(vb);
         __m512bh v1 = (__m512bh)_mm512_loadu_si512(vb + 32);
         __m512bh v2 = (__m512bh)_mm512_loadu_si512(vb + 64);
@@ -136,9 +149,10 @@ static inline void pv_tile(const bf16 *p, const bf16 *vp, int64_t n, float *o) {
 // One task: rows [i0, i0 + m) of batch b.
 // o_init / l_init (or NULL): an attention over other keys (output, log-sum-exp) to continue from,
 // so the result is the attention over both (flash-attention's merge, without a second pass).
-static void tile(const bf16 *q, const bf16 *kp, const bf16 *vp, const float *bias, int64_t S, int64_t S16,
-                 int64_t causal_t, float scale, int64_t i0, int64_t m, bf16 *out, float *lse, const bf16 *o_init,
-                 const float *l_init) {
+// kg / vg (or NULL: kp / vp packed contiguously): the S32 / 32 groups of packed keys and values.
+static void tile(const bf16 *q, const bf16 *kp, const bf16 *vp, const bf16 *const *kg, const bf16 *const *vg,
+                 const float *bias, int64_t S, int64_t S16, int64_t causal_t, float scale, int64_t i0, int64_t m,
+                 bf16 *out, float *lse, const bf16 *o_init, const float *l_init) {
     bf16 qt[MT * D] __attribute__((aligned(64)));
     float s[MT * KB] __attribute__((aligned(64)));
     bf16 pb[MT * KB] __attribute__((aligned(64)));
@@ -167,9 +181,12 @@ static void tile(const bf16 *q, const bf16 *kp, const bf16 *vp, const float *bia
     for (int64_t j0 = 0; j0 < jmax; j0 += KB) {
         int64_t n = S16 - j0 < KB ? S16 - j0 : KB;  // keys in this block (multiple of 16)
         int64_t n32 = (n + 31) / 32 * 32;            // qk_tile works in 32s; Kp has room (S32 padding)
+        const bf16 *kl[MAXG], *vl[MAXG];
+        const bf16 *const *kb = kg ? kg + j0 / 32 : kl, *const *vb = vg ? vg + j0 / 32 : vl;
+        if (!kg) groups(kp + j0 * D, n32, kl), groups(vp + j0 * D, n32, vl);
         for (int64_t r = 0; r < mr; r += mr - r >= RQ ? RQ : R) {
-            if (mr - r >= RQ) qk_rows(qt + r * D, kp + j0 * D, n32, s + r * KB, RQ);
-            else qk_rows(qt + r * D, kp + j0 * D, n32, s + r * KB, R);
+            if (mr - r >= RQ) qk_rows(qt + r * D, kb, n32, s + r * KB, RQ);
+            else qk_rows(qt + r * D, kb, n32, s + r * KB, R);
         }
         for (int64_t r = 0; r < mr; r++) {
             float *sr = s + r * KB;
@@ -207,7 +224,7 @@ static void tile(const bf16 *q, const bf16 *kp, const bf16 *vp, const float *bia
                 for (int c = 0; c < D; c += 16) _mm512_storeu_ps(o + r * D + c, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + c), va));
             }
         }
-        for (int64_t r = 0; r < mr; r += R) pv_tile(pb + r * KB, vp + j0 * D, n32, o + r * D);
+        for (int64_t r = 0; r < mr; r += R) pv_tile(pb + r * KB, vb, n32, o + r * D);
     }
     for (int64_t r = 0; r < m; r++) {
         float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
@@ -241,8 +258,9 @@ int memtx_attention(const bf16 *q, const bf16 *k, const bf16 *v, const float *bi
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (int64_t t = 0; t < B * tiles; t++) {
         int64_t b = t / tiles, i0 = (t % tiles) * MT, m = M - i0 < MT ? M - i0 : MT;
-        tile(q + b * qs, kp + b * S32 * D, vp + b * S32 * D, bias ? bias + b * S : NULL, S, S16, causal_t, scale, i0,
-             m, out + b * M * D, lse + b * M, o_init ? o_init + b * M * D : NULL, o_init ? l_init + b * M : NULL);
+        tile(q + b * qs, kp + b * S32 * D, vp + b * S32 * D, NULL, NULL, bias ? bias + b * S : NULL, S, S16, causal_t,
+             scale, i0, m, out + b * M * D, lse + b * M, o_init ? o_init + b * M * D : NULL,
+             o_init ? l_init + b * M : NULL);
     }
     return 0;
 }
@@ -527,26 +545,40 @@ int memtx_far_attention(const bf16 *keys, const bf16 *values, const float *qs, c
 // ok[b][i] == 0 (ok may be NULL), are masked. q (B, M, D) bf16, rows contiguous, batches qs
 // apart; out (B, M, D) bf16 and lse (B, M) float32 as memtx_attention's (a row that sees no key:
 // out 0, lse -inf). Packing from the blocks replaces packing from a gathered copy of them.
+// kpk / vpk (or NULL): the buffers already packed per block ((KV, pring_blocks, bsize * D), block i
+// in slot i % pring_blocks, each block's keys as groups of 32, qk_rows' and pv_tile's layouts):
+// then nothing is packed per call (packing took 15-18% of this kernel's time, scratch A/B).
 int memtx_block_attention(const bf16 *q, const bf16 *kbuf, const bf16 *vbuf, const int64_t *heads,
                           const int64_t *blocks, const uint8_t *ok, int64_t B, int64_t M, int64_t nbk, int64_t bsize,
-                          int64_t cap, int64_t ring_blocks, int64_t n_valid, int64_t qs, float scale, bf16 *out,
-                          float *lse, int threads) {
+                          int64_t cap, int64_t ring_blocks, int64_t n_valid, int64_t qs, float scale,
+                          const bf16 *kpk, const bf16 *vpk, int64_t pring_blocks, bf16 *out, float *lse,
+                          int threads) {
     if (bsize % 32) return 2;
-    int64_t S = nbk * bsize;
-    size_t part = (size_t)B * S * D * sizeof(bf16), nbias = (size_t)B * S * sizeof(float);
-    char *ws = workspace(2 * part + nbias + B);
+    int64_t S = nbk * bsize, ng = S / 32;
+    size_t part = kpk ? 0 : (size_t)B * S * D * sizeof(bf16), nbias = (size_t)B * S * sizeof(float);
+    size_t nptr = (size_t)B * ng * sizeof(bf16 *);
+    char *ws = workspace(2 * part + 2 * nptr + nbias + B);
     if (!ws) return 1;
     bf16 *kp = (bf16 *)ws, *vp = (bf16 *)(ws + part);
-    float *bias = (float *)(ws + 2 * part);
-    uint8_t *masked = (uint8_t *)(ws + 2 * part + nbias);
+    const bf16 **kg = (const bf16 **)(ws + 2 * part), **vg = (const bf16 **)(ws + 2 * part + nptr);
+    float *bias = (float *)(ws + 2 * part + 2 * nptr);
+    uint8_t *masked = (uint8_t *)(ws + 2 * part + 2 * nptr + nbias);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         masked[b] = 0;
         for (int64_t i = 0; i < nbk; i++) {
             int64_t blk = blocks[b * nbk + i], first = blk * bsize;
-            int64_t row = heads[b] * cap + (ring_blocks ? blk % ring_blocks : blk) * bsize;
-            pack_k(kbuf + row * D, bsize, bsize, kp + (b * S + i * bsize) * D);
-            pack_v(vbuf + row * D, bsize, bsize, vp + (b * S + i * bsize) * D);
+            if (kpk) {  // packed where stored: point at the block's groups
+                int64_t at = (heads[b] * pring_blocks + blk % pring_blocks) * bsize * D;
+                for (int64_t g = 0; g < bsize / 32; g++) {
+                    kg[b * ng + i * bsize / 32 + g] = kpk + at + g * 32 * D;
+                    vg[b * ng + i * bsize / 32 + g] = vpk + at + g * 32 * D;
+                }
+            } else {
+                int64_t row = heads[b] * cap + (ring_blocks ? blk % ring_blocks : blk) * bsize;
+                pack_k(kbuf + row * D, bsize, bsize, kp + (b * S + i * bsize) * D);
+                pack_v(vbuf + row * D, bsize, bsize, vp + (b * S + i * bsize) * D);
+            }
             int64_t valid = ok && !ok[b * nbk + i] ? 0 : n_valid - first;
             valid = valid < 0 ? 0 : (valid > bsize ? bsize : valid);
             if (valid < bsize) masked[b] = 1;
@@ -558,8 +590,8 @@ int memtx_block_attention(const bf16 *q, const bf16 *kbuf, const bf16 *vbuf, con
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (int64_t t = 0; t < B * tiles; t++) {
         int64_t b = t / tiles, i0 = (t % tiles) * MT, m = M - i0 < MT ? M - i0 : MT;
-        tile(q + b * qs, kp + b * S * D, vp + b * S * D, masked[b] ? bias + b * S : NULL, S, S, 0, scale, i0, m,
-             out + b * M * D, lse + b * M, NULL, NULL);
+        tile(q + b * qs, kp + b * S * D, vp + b * S * D, kpk ? kg + b * ng : NULL, kpk ? vg + b * ng : NULL,
+             masked[b] ? bias + b * S : NULL, S, S, 0, scale, i0, m, out + b * M * D, lse + b * M, NULL, NULL);
     }
     return 0;
 }
@@ -672,4 +704,18 @@ int memtx_block_pick(const float *best, const uint8_t *near, const bf16 *voters,
         free(key);
     }
     return fail;
+}
+
+// Rows of keys and values (KV heads, n rows each, n a multiple of 32, heads ks / vs elements
+// apart, rows contiguous) packed into pk / pv (heads ps apart) in the kernel's layout (pack_k,
+// pack_v: for 32 keys at a time, what memtx_block_attention reads from packed buffers).
+int memtx_pack_rows(const bf16 *k, const bf16 *v, int64_t KV, int64_t n, int64_t ks, int64_t vs, bf16 *pk, bf16 *pv,
+                    int64_t ps, int threads) {
+    if (n % 32) return 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t h = 0; h < KV; h++) {
+        pack_k(k + h * ks, n, n, pk + h * ps);
+        pack_v(v + h * vs, n, n, pv + h * ps);
+    }
+    return 0;
 }

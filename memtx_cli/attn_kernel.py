@@ -32,9 +32,10 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64  # pointer, int64_t
 SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out of range)
     "memtx_attention": [_P] * 4 + [_I] * 7 + [ctypes.c_float] + [_P] * 4 + [ctypes.c_int],
     "memtx_block_max": [_P] * 2 + [_I] * 7 + [_P, ctypes.c_int],
-    "memtx_block_attention": [_P] * 6 + [_I] * 8 + [ctypes.c_float, _P, _P, ctypes.c_int],
+    "memtx_block_attention": [_P] * 6 + [_I] * 8 + [ctypes.c_float, _P, _P, _I, _P, _P, ctypes.c_int],
     "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 3 + [ctypes.c_int],
     "memtx_block_pick": [_P] * 3 + [_I] * 9 + [_P] * 2 + [ctypes.c_int],
+    "memtx_pack_rows": [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I, ctypes.c_int],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -283,6 +284,32 @@ def block_pick(
     return pick, score
 
 
+def pack_rows(k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) -> bool:
+    """Keys and values k, v (KV, n, 64) bfloat16 (n a multiple of 32, rows contiguous) packed into
+    pk, pv (KV, n * 64 elements per head, contiguous per head, heads any stride apart) in the
+    layout block_attention reads (`packed`). False where the kernel cannot run (nothing written)."""
+    kv, n, _ = k.shape
+    if not usable(k, v) or n % 32 or pk.dtype != torch.bfloat16 or pv.stride() != pk.stride():
+        return False
+    if k.stride(1) != HEAD_DIM or v.stride(1) != HEAD_DIM or k.stride(2) != 1 or v.stride(2) != 1:
+        return False
+    if pk[0].numel() != n * HEAD_DIM or not pk[0].is_contiguous() or not pv[0].is_contiguous():
+        return False
+    _run(
+        "pack_rows",
+        k.data_ptr(),
+        v.data_ptr(),
+        kv,
+        n,
+        k.stride(0),
+        v.stride(0),
+        pk.data_ptr(),
+        pv.data_ptr(),
+        pk.stride(0),
+    )
+    return True
+
+
 def far_attention(
     keys: torch.Tensor,  # (N, 64) bfloat16, rows contiguous
     values: torch.Tensor,  # (N, 64) bfloat16
@@ -341,9 +368,12 @@ def block_attention(
     n_valid: int,  # rows from n_valid on are masked (the last block's unused tail)
     scale: float,
     ring: int = 0,  # > 0: the buffers are a ring of `ring` rows (row id in row id % ring)
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None,  # (KV, P, block * 64) keys, values
 ) -> tuple[torch.Tensor, torch.Tensor] | None:  # (B, M, 64) bfloat16, (B, M) float32
     """`attention` over memory blocks read where they are: no (B, nbk * block, 64) gather of
     keys and values and no mask tensor (masked keys are the tail past n_valid and blocks not ok).
+    packed: the same blocks already in the kernel's layout (LayerMemory.pk / pv: block i in slot
+    i % P; every block read must be there), read instead of kbuf / vbuf with nothing packed.
     A row that sees no key gets 0 and -inf. None when the kernel cannot run (see `usable`) or the
     shapes do not fit it."""
     b, m, _ = q.shape
@@ -351,6 +381,10 @@ def block_attention(
     if not usable(q, kbuf, vbuf) or block % 32 or kbuf.shape != vbuf.shape or b == 0 or m == 0 or nbk == 0:
         return None
     if kbuf.stride() != vbuf.stride() or kbuf.stride(1) != HEAD_DIM or kbuf.stride(2) != 1:
+        return None
+    if packed is not None and not all(
+        x.is_contiguous() and x.dtype == torch.bfloat16 and x.shape[2] == block * HEAD_DIM for x in packed
+    ):
         return None
     q = _rows(q)
     heads, blocks = heads.to(torch.int64).contiguous(), blocks.to(torch.int64).contiguous()
@@ -374,6 +408,9 @@ def block_attention(
         n_valid,
         q.stride(0) if b > 1 else 0,
         scale,
+        0 if packed is None else packed[0].data_ptr(),
+        0 if packed is None else packed[1].data_ptr(),
+        0 if packed is None else packed[0].shape[1],
         out.data_ptr(),
         lse.data_ptr(),
     )

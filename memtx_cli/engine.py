@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from memtx_cli import attn_kernel
 from memtx_cli.config import Config, exact_block_select, parse_layers
 from memtx_cli.errors import MemtxError
 from memtx_cli.model import LayerKV, MemoryRead, Transformer, apply_rope, rope_cos_sin, token_nll
@@ -106,6 +107,8 @@ class Streamer:
                 # near-only readers reach `horizon` (+ a chunk, + block alignment) behind the newest
                 # entry: older entries are never read again, so a ring keeps just those
                 ring=ring if near_only[i] and ring < expected_tokens else 0,
+                # blocks read in place by the kernel are kept packed too (the same horizon)
+                packed=ring if bank is None and self._reads_near_in_place(i, dev) else 0,
             )
             for i, h in self.heads.items()
         }
@@ -207,6 +210,22 @@ class Streamer:
     def _far_blocks(self, i: int) -> int:
         """Layer i's far-block budget (clamped): the setting in far layers without far token reads."""
         return self.cfg.far_blocks if i in self.far_layers and not self.cfg.far_top_k else 0
+
+    def _reads_near_in_place(self, i: int, dev: torch.device) -> bool:
+        """Whether layer i's blocks are near ones only, read through their rotated keys by
+        attn_kernel.block_attention (LayerMemory packed): `_near_only`'s rule, far token reads
+        allowed (they read the raw keys), on a CPU where the kernel runs."""
+        c = self.cfg
+        return (
+            c.retrieval == "block"
+            and c.positions == "clamped"
+            and self.exact_select
+            and c.block_votes > 0
+            and self._far_blocks(i) == 0
+            and dev.type == "cpu"
+            and attn_kernel.enabled()
+            and attn_kernel.load() is not None
+        )
 
     def _near_only(self, i: int) -> bool:
         """Whether layer i's memory is only ever read within the trained context through its

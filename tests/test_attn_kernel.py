@@ -468,3 +468,40 @@ def test_near_picks_equal_the_torch_path(ring, monkeypatch):
         finite = want > float("-inf")
         torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
         assert (got[~finite] == float("-inf")).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("ring", [0, 4096])
+def test_packed_blocks_read_as_the_rows(ring):
+    """LayerMemory(packed=...) keeps the last blocks packed in the kernel's layout (updated as
+    entries arrive, partial blocks included, wrapping a ring); block_attention reading them gives
+    exactly what packing the rows per call gives, and picks older than the packed copies fall
+    back to the rows."""
+    from memtx_cli.memory import IndexSpec, LayerMemory
+
+    g = torch.Generator().manual_seed(ring + 11)
+    kw = {"near_only": True, "ring": ring} if ring else {}
+    args = (3, 64, IndexSpec("flat"), torch.bfloat16, "cpu", True, 32, 1024)
+    packed, plain = LayerMemory(*args, packed=2048, **kw), LayerMemory(*args, **kw)
+    n = 0
+    for t in [100, 412, 37, 600, 1500, 3000, 250]:  # partial blocks; the packed ring (64 blocks) wraps
+        k, v = torch.randn(3, t, 64, generator=g), torch.randn(3, t, 64, generator=g)
+        for mem in (packed, plain):
+            mem.add(k, v, torch.arange(n, n + t), rotated_k=k * 0.5)
+        n += t
+        nb = packed.n_blocks
+        q = torch.randn(6, 96, 64, generator=g).bfloat16()
+        pick = torch.randint(nb - min(nb, 60), nb, (3, 2, 8), generator=g)  # the last 60 blocks
+        ok = torch.rand(3, 2, 8, generator=g) > 0.2
+        a = packed.block_attention(q, pick, ok, 0, True, 0.125)
+        b = plain.block_attention(q, pick, ok, 0, True, 0.125)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        ref = plain.gather_blocks(pick, False, ok=ok)  # the rows, gathered: torch's attention
+        s = (q.double() @ ref.rkeys.double().transpose(1, 2)) * 0.125
+        s = s.masked_fill(~ref.valid[:, None], float("-inf"))
+        torch.testing.assert_close(a[1].double(), torch.logsumexp(s, -1), atol=2e-3, rtol=1e-3)
+    old = torch.zeros(3, 2, 8, dtype=torch.long)  # block 0: long out of the packed copies
+    if not ring:
+        a = packed.block_attention(q, old, None, 0, True, 0.125)
+        b = plain.block_attention(q, old, None, 0, True, 0.125)
+        assert torch.equal(a[0], b[0])
