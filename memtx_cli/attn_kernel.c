@@ -629,7 +629,7 @@ static void sort_top(uint64_t *a, int64_t n, int64_t k) {
 // chunk's near blocks of their best logits best[h][j][c*Q + q] (j < nbn; a voter with no
 // finite maximum gives nothing); rel = log(max(summed shares, 1e-30)) on near blocks, -inf
 // elsewhere and on the lo entries before them; each entry then takes the largest rel of itself
-// and the `spread` entries before it; the best min(m, lo + nbn) entries, ties to the earlier
+// and the `spread` entries before it; the best min(m, lo + nbn) entries, ties to the later
 // block, are written best first: pick (KV, C, m') = entry + first, score (KV, C, m') its rel.
 // near (C, nbn) uint8; voters (KV, C*Q, D) bf16, heads vs apart, Q <= 16. memory.py's torch
 // path computes the same (LayerMemory._exact_relevance, spread_forward, top_blocks). The work
@@ -691,12 +691,12 @@ int memtx_block_pick(const float *best, const uint8_t *near, const bf16 *voters,
             uint32_t u;
             memcpy(&u, &r, 4);
             u ^= (u >> 31) ? 0xFFFFFFFFu : 0x80000000u;  // float order as unsigned order
-            key[i] = (uint64_t)u << 32 | (uint32_t)~(uint32_t)i;  // ties: the earlier entry first
+            key[i] = (uint64_t)u << 32 | (uint32_t)i;  // ties: the later entry first
             rel[i] = r;
         }
         sort_top(key, n, mm);
         for (int64_t a = 0; a < mm; a++) {
-            int64_t i = (uint32_t)~(uint32_t)key[a];
+            int64_t i = (uint32_t)key[a];
             pick[t * mm + a] = i + first;
             score[t * mm + a] = rel[i] > 0 ? logf(rel[i]) : -INFINITY;
         }

@@ -252,7 +252,7 @@ def block_pick(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:  # (KV, C, m') int64 block ids, float32 relevance
     """Near-block selection from the voters' block maxima: each voter's softmax over the
     chunk's near blocks, summed over voters, log (floor 1e-30), spread over the `spread` blocks
-    after, the best m' = min(m, lo + nbn) entries best first (ties: the earlier block). What
+    after, the best m' = min(m, lo + nbn) entries best first (ties: the later block). What
     LayerMemory._exact_relevance + spread_forward + top_blocks compute in ~20 torch ops. None
     when the kernel cannot run."""
     kv, nbn, cq = best.shape

@@ -427,7 +427,7 @@ def test_near_picks_equal_the_torch_path(ring, monkeypatch):
     """Clamped near-only exact selection with budgets (the default path): block_max + block_pick
     pick what the torch path's relevance ranks best (softmax per voter over the chunk's near
     blocks, summed, log, spread, top m), in its order up to float rounding, with zero voter
-    rows, a chunk without voters (every near block at the floor: ties, to the earlier block),
+    rows, a chunk without voters (every near block at the floor: ties, to the later block),
     chunks that see fewer near blocks, a wrapped ring (two pieces of keys) and a budget larger
     than the near blocks (-inf picks, not ok)."""
     from memtx_cli.memory import IndexSpec, LayerMemory, spread_forward
@@ -462,7 +462,7 @@ def test_near_picks_equal_the_torch_path(ring, monkeypatch):
         mm = min(m, 40)  # of the 40 blocks scored
         assert fast.pick.shape == slow.pick.shape == (3, 4, mm)
         assert torch.equal(fast.ok, slow.ok) and fast.ok[0, 3].sum() == 3 and fast.ok[1, 2].sum() == mm - (m > 40)
-        assert torch.equal(fast.pick[1, 2], slow.pick[1, 2])  # all at the floor: document order
+        assert torch.equal(fast.pick[1, 2], slow.pick[1, 2])  # all at the floor: the latest first
         got = rel.gather(-1, fast.pick - first)
         want = rel.sort(-1, descending=True).values[..., :mm]
         finite = want > float("-inf")
