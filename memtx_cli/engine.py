@@ -211,10 +211,9 @@ class Streamer:
         """Layer i's far-block budget (clamped): the setting in far layers without far token reads."""
         return self.cfg.far_blocks if i in self.far_layers and not self.cfg.far_top_k else 0
 
-    def _reads_near_in_place(self, i: int, dev: torch.device) -> bool:
-        """Whether layer i's blocks are near ones only, read through their rotated keys by
-        attn_kernel.block_attention (LayerMemory packed): `_near_only`'s rule, far token reads
-        allowed (they read the raw keys), on a CPU where the kernel runs."""
+    def _near_blocks_only(self, i: int) -> bool:
+        """Whether layer i reads memory as blocks within the trained context only, through their
+        rotated keys: clamped blocks, near ones only, selected exactly by voters."""
         c = self.cfg
         return (
             c.retrieval == "block"
@@ -222,25 +221,22 @@ class Streamer:
             and self.exact_select
             and c.block_votes > 0
             and self._far_blocks(i) == 0
-            and dev.type == "cpu"
-            and attn_kernel.enabled()
-            and attn_kernel.load() is not None
+        )
+
+    def _reads_near_in_place(self, i: int, dev: torch.device) -> bool:
+        """Whether layer i's blocks are read by attn_kernel.block_attention where they are stored
+        (LayerMemory packed): `_near_blocks_only`, on a CPU where the kernel runs (far token
+        reads allowed: they read the raw keys)."""
+        return (
+            self._near_blocks_only(i) and dev.type == "cpu" and attn_kernel.enabled() and attn_kernel.load() is not None
         )
 
     def _near_only(self, i: int) -> bool:
         """Whether layer i's memory is only ever read within the trained context through its
-        rotated keys (LayerMemory near_only): clamped blocks, near ones only, selected exactly,
-        no far reads token by token (a bank's memory is decided by the caller)."""
-        c = self.cfg
-        far_tokens = c.far_top_k > 0 and self.far_rows[i] != []
-        return (
-            c.retrieval == "block"
-            and c.positions == "clamped"
-            and self.exact_select
-            and c.block_votes > 0
-            and self._far_blocks(i) == 0
-            and not far_tokens
-        )
+        rotated keys (LayerMemory near_only): `_near_blocks_only` and no far reads token by
+        token (a bank's memory is decided by the caller)."""
+        far_tokens = self.cfg.far_top_k > 0 and self.far_rows[i] != []
+        return self._near_blocks_only(i) and not far_tokens
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One whole segment: ids (T,) -> hidden (T, C). (Not to be mixed with `feed`.)"""

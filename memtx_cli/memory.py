@@ -216,7 +216,7 @@ class LayerMemory:
         packed (rotated bfloat16 block memory, blocks of a multiple of 32): also keep the last
         `packed` entries' rotated keys and values (rounded up to 1024) packed per block in
         attn_kernel's layout (`pk`, `pv`: (KV, blocks, block x D), block i in slot i % blocks),
-        so that block_attention reads blocks without packing them on every call (15-18% of its
+        so that block_attention reads blocks without packing them on every call (7-18% of its
         time, scratch A/B). For readers of near blocks only; others fall back to packing."""
         self.n_kv, self.head_dim, self.spec = n_kv, head_dim, spec
         # block_size > 0: block retrieval. Entries are grouped in blocks of consecutive ids, each
