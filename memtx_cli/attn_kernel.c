@@ -590,7 +590,8 @@ int memtx_block_attention(const bf16 *q, const bf16 *kbuf, const bf16 *vbuf, con
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (int64_t t = 0; t < B * tiles; t++) {
         int64_t b = t / tiles, i0 = (t % tiles) * MT, m = M - i0 < MT ? M - i0 : MT;
-        tile(q + b * qs, kp + b * S * D, vp + b * S * D, kpk ? kg + b * ng : NULL, kpk ? vg + b * ng : NULL,
+        tile(q + b * qs, kpk ? NULL : kp + b * S * D, kpk ? NULL : vp + b * S * D, kpk ? kg + b * ng : NULL,
+             kpk ? vg + b * ng : NULL,
              masked[b] ? bias + b * S : NULL, S, S, 0, scale, i0, m, out + b * M * D, lse + b * M, NULL, NULL);
     }
     return 0;
