@@ -262,6 +262,7 @@ class LayerMemory:
         # The last exact relevance and what it was computed from: decoding asks for a chunk's
         # blocks once per token with the same voters (~1.5 ms per layer), scoring once per chunk.
         self._exact_cache: tuple | None = None
+        self._pick_cache: tuple | None = None  # the same for `_near_picks` (the kernel path)
 
     def __len__(self) -> int:
         return self.n
@@ -350,7 +351,7 @@ class LayerMemory:
         for buf in (self.keys, self.values, self.rkeys):  # the last partial block's unused tail
             if buf is not None and end > self.n:  # a block never wraps: capacities are whole blocks
                 buf[:, self._slot(self.n) : self._slot(self.n) + end - self.n] = 0
-        self._exact_cache = None
+        self._exact_cache = self._pick_cache = None
         if self.block_size:
             if self.reps is not None:
                 self._update_reps(old)
@@ -623,10 +624,14 @@ class LayerMemory:
         attn_kernel.block_pick for the softmax, sum, log, spread and top m that took ~20 torch
         ops per layer): picks (KV, C, m') best first and their relevance. None where the kernels
         cannot run (the caller's torch path computes the same)."""
-        lo, near, _, voters, fused = self._voter_maxima(sel[..., self.head_dim :], near, scale, first)
-        if fused is None:
-            return None
-        return attn_kernel.block_pick(fused, near, voters, lo, spread, m, first)
+        key = (first, scale, spread, m)
+        hit = self._pick_cache  # decoding asks once per token with the same voters
+        if hit is not None and hit[0] == key and torch.equal(hit[1], sel) and torch.equal(hit[2], near):
+            return hit[3]
+        lo, nr, _, voters, fused = self._voter_maxima(sel[..., self.head_dim :], near, scale, first)
+        got = None if fused is None else attn_kernel.block_pick(fused, nr, voters, lo, spread, m, first)
+        self._pick_cache = None if got is None else (key, sel, near, got)
+        return got
 
     def gather_blocks(
         self, pick: torch.Tensor, raw_keys: bool = True, head0: int = 0, ok: torch.Tensor | None = None

@@ -452,6 +452,7 @@ def test_near_picks_equal_the_torch_path(ring, monkeypatch):
         fast = mem.retrieve_blocks(sel, m, 0.125, "clamped", near, spread, 0, exact=True, budgets=budgets, gather=False)
         with monkeypatch.context() as mp:
             mp.setattr(attn_kernel, "enabled", lambda: False)
+            mem._pick_cache = None  # not the kernel's picks from the cache
             slow = mem.retrieve_blocks(
                 sel, m, 0.125, "clamped", near, spread, 0, exact=True, budgets=budgets, gather=False
             )
@@ -468,6 +469,15 @@ def test_near_picks_equal_the_torch_path(ring, monkeypatch):
         finite = want > float("-inf")
         torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
         assert (got[~finite] == float("-inf")).all()
+        # decoding asks again per token with the same voters: the same picks, from the cache,
+        # until the memory grows
+        again = [
+            mem.retrieve_blocks(sel, m, 0.125, "clamped", near, spread, 0, exact=True, budgets=budgets, gather=False)
+            for _ in range(2)
+        ]
+        assert torch.equal(again[0].pick, fast.pick) and again[1].pick is again[0].pick
+    mem.add(keys[:, :32], keys[:, :32], torch.arange(n, n + 32), rotated_k=keys[:, :32])
+    assert mem._pick_cache is None
 
 
 @needs_kernel
