@@ -259,6 +259,8 @@ def block_pick(
     c = near.shape[0]
     if not usable(voters) or best.dtype != torch.float32 or cq % c or voters.shape[1] != cq or nbn == 0:
         return None
+    if cq // c > 16:  # the kernel holds a chunk's voters in one vector (--block-votes 5 or less with G = 3)
+        return None
     best, voters = best.contiguous(), _rows(voters)
     near = near.to(torch.uint8).contiguous()
     mm = min(m, lo + nbn)

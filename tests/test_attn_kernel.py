@@ -515,3 +515,23 @@ def test_packed_blocks_read_as_the_rows(ring):
         a = packed.block_attention(q, old, None, 0, True, 0.125)
         b = plain.block_attention(q, old, None, 0, True, 0.125)
         assert torch.equal(a[0], b[0])
+
+
+@needs_kernel
+def test_block_pick_leaves_many_voters_to_torch():
+    """More than 16 voters per chunk (e.g. --block-votes 8 with 3 query heads) do not fit the
+    kernel's vector: block_pick returns None (no error) and retrieve_blocks takes torch's path."""
+    from memtx_cli.memory import IndexSpec, LayerMemory
+
+    g = torch.Generator().manual_seed(3)
+    mem = LayerMemory(2, 64, IndexSpec("flat"), dtype=torch.bfloat16, block_size=32, rotated=True, near_only=True)
+    k = torch.randn(2, 640, 64, generator=g)
+    mem.add(k, k, torch.arange(640), rotated_k=k)
+    sel = torch.randn(2, 2, 24, 128, generator=g)  # 24 voters per chunk
+    near = torch.ones(2, mem.n_blocks, dtype=torch.bool)
+    best = torch.zeros(2, mem.n_blocks, 48)
+    assert attn_kernel.block_pick(best, near, torch.ones(2, 48, 64, dtype=torch.bfloat16), 0, 2, 4, 0) is None
+    got = mem.retrieve_blocks(
+        sel, 4, 0.125, "clamped", near, 2, 0, exact=True, budgets=torch.tensor([4, 2]), gather=False
+    )
+    assert got.pick.shape == (2, 2, 4) and got.ok.all()
