@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -67,9 +68,27 @@ def cache_dir() -> Path | None:
     return Path(root) / "kernels"
 
 
+def _private_dir(d: Path) -> bool:
+    """A directory only this user can write: owned by us, no group/other write, not a link."""
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _trusted_file(p: Path) -> bool:
+    """A compiled kernel we may load: a regular file (not a link) owned by us, writable by
+    nobody else, in a private directory."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022 and _private_dir(p.parent)
+
+
 def _compile(out: Path) -> None:
     """Compile SOURCE into `out`: into a file beside it, then renamed (atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
@@ -80,6 +99,7 @@ def _compile(out: Path) -> None:
             capture_output=True,
             timeout=120,
         )
+        os.chmod(tmp, 0o700)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -87,16 +107,25 @@ def _compile(out: Path) -> None:
 
 
 def _open() -> ctypes.CDLL:
-    """The compiled library for this source, compiler and flags (compiled now if not cached)."""
+    """The compiled library for this source, compiler and flags (compiled now if not cached).
+    A cached file is loaded only if it is ours in a directory only we can write (it is code
+    this process runs); anything else there is never loaded: we compile privately instead."""
     src = SOURCE.read_bytes()
     tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *FLAGS]).encode()).hexdigest()[:16]
     name = f"attn_kernel-{tag}.so"
     where = cache_dir()
     if where is not None:
+        try:
+            where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            pass
         out = where / name
-        if not out.exists():
-            _compile(out)
-        return ctypes.CDLL(str(out))
+        if _private_dir(where):
+            if not os.path.lexists(out):
+                _compile(out)
+            if _trusted_file(out):
+                return ctypes.CDLL(str(out))
+        log.warning("memtx: the kernel cache %s is not private to this user; compiling the kernel privately", where)
     with tempfile.TemporaryDirectory() as tmp:  # a loaded library outlives its file on Linux
         out = Path(tmp) / name
         _compile(out)
@@ -104,7 +133,8 @@ def _open() -> ctypes.CDLL:
 
 
 def load() -> ctypes.CDLL | None:
-    """The kernel library, or None when it cannot run here (tried once per process)."""
+    """The kernel library, or None when it cannot run here (tried once per process); a library
+    that does not load or lacks a function falls back to torch's kernel with one warning."""
     global _lib, _tried
     if _tried:
         return _lib
@@ -114,13 +144,16 @@ def load() -> ctypes.CDLL | None:
         return None
     try:
         lib = _open()
-    except (OSError, subprocess.SubprocessError) as e:
+        for name, args in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctypes.c_int, args
+    except (FileNotFoundError, subprocess.SubprocessError) as e:  # no compiler, or it failed
         detail = getattr(e, "stderr", b"") or b""
         log.debug("attn_kernel: not built (%s %s); using torch's kernel", e, detail.decode(errors="replace")[:500])
         return None
-    for name, args in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = ctypes.c_int, args
+    except (OSError, AttributeError) as e:
+        log.warning("memtx: the compiled attention kernel is unusable (%s); using torch's kernel", e)
+        return None
     _lib = lib
     return lib
 

@@ -1,53 +1,77 @@
 """Memory banks on disk: attention memories of a corpus, reusable, verifiable, never corrupted.
 
-A bank is a directory (the user names it, e.g. `repo.idx`):
+A bank is a directory (the user names it, e.g. `repo.idx`), private to its owner (0700/0600):
 
     manifest.yaml            format, model + tokenizer fingerprints, geometry, merged config,
                              counts, and the current state generation with its files' sha256
     state/<gen>/docs.json    document table: path(s), sha256, size, tokens, chars, blocks, time
     state/<gen>/blocks.npy   (capacity, 4) int64 per block: doc id (-1 free), valid entries,
-                             insertion sequence, last use (LRU clock)
+                             insertion sequence (a free block: the generation that freed it),
+                             last use (LRU clock)
     state/<gen>/crc.npy      (capacity, files) uint32: crc32 of every block in every data file
     state/<gen>/L<l>_H<h>.faiss  per (memory layer, KV head): IDMap2 inner-product index of the
                              block representatives (mean key), ids = block ids
+    state/<gen>/readers      flock'd (shared) by every reader of that generation
     L<l>.keys, L<l>.values   (slots, KV, D) raw keys (no RoPE) and values, memory-mapped:
                              float16, or int8 rows with a float16 absmax scale (D + 2 bytes)
     provenance.bin           (slots, 3) int64: document id, token offset, character offset
     lock                     flock'd by the one writer
+    reserve                  space held back so that a commit (e.g. `bank rm`) can still be
+                             written on a full disk
 
 Entries live in blocks of `block_size` consecutive tokens of one document (the unit of block
 retrieval, eviction and provenance); entry id = block id * block_size + offset, and ids never
 move, so keys, values and provenance stay aligned through eviction, removal and merges.
 
-Durability: data of new blocks is written only into blocks that are free in the committed
-state, fsync'd, then a complete new state directory is written and fsync'd, and the manifest
-(which names it) is replaced atomically (`os.replace`). A reader or a crash sees the old state
-or the new one, never a mix; uncommitted blocks are garbage nobody references. Ingest commits
-after every document, so a killed ingest loses at most the document it was reading.
+Durability: data of new blocks is written only into blocks no committed state a reader may hold
+uses (banklock.py), with its disk space reserved first, and fsync'd; then a complete new state
+directory is written and fsync'd, and the manifest (which names it) is replaced atomically. A
+reader or a crash sees the old state or the new one, never a mix; uncommitted blocks are
+garbage nobody references. Ingest commits after every document, so a killed ingest loses at
+most the document it was reading. Files are handled as untrusted (bankfs.py, bankstate.py).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
+import errno
 import hashlib
-import json
 import os
-import shutil
+import tempfile
+import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from memtx_cli import bankfs, banklock
+from memtx_cli.bankstate import (
+    FORMAT,
+    MANIFEST_LIMIT,
+    PRECISIONS,
+    VERSION,
+    DocRecord,
+    Geometry,
+    docs_bytes,
+    index_bytes,
+    npy_bytes,
+    parse_docs,
+    parse_index,
+    parse_npy,
+    validate_manifest,
+)
 from memtx_cli.errors import MemtxError
 
-FORMAT = "memtx-bank"
-VERSION = 1
+__all__ = ["Bank", "DocRecord", "Geometry", "PRECISIONS", "Stored", "check_model", "now", "sha256_file"]
+
 EVICTION = ("fifo", "lru", "reservoir")
 # Block table columns.
 B_DOC, B_VALID, B_SEQ, B_USED = range(4)
+FREE_ROW = (-1, 0, 0, -1)  # a block never used: freed "at generation 0", safe for everyone
+RESERVE_SLACK = 1 << 20
 
 
 def _faiss():
@@ -62,54 +86,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@dataclass
-class DocRecord:
-    id: int
-    path: str
-    sha256: str
-    size: int
-    tokens: int
-    chars: int
-    entries: int
-    blocks: list[int]
-    ingested_at: str
-    aliases: list[str] = field(default_factory=list)  # identical documents at other paths
-
-
-@dataclass
-class Geometry:
-    """What a bank's arrays look like; fixed when the bank is created."""
-
-    layers: list[int]
-    n_kv: int
-    head_dim: int
-    block_size: int
-
-    @property
-    def row_bytes(self) -> int:  # one entry of one layer's keys (or values) file, float16
-        return self.n_kv * self.head_dim * 2
-
-
-PRECISIONS = ("float16", "int8")
 
 
 class Stored:
@@ -138,18 +114,45 @@ class Stored:
         return np.concatenate([q.view(np.uint8), scale.view(np.uint8)], -1)
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, checked: format, checksum, version, every field's type and range."""
+    import yaml
+
+    mpath = path / "manifest.yaml"
+    try:
+        raw = bankfs.read_file(mpath, MANIFEST_LIMIT)
+    except FileNotFoundError:
+        raise MemtxError(f"{path} is not a memtx bank (no manifest.yaml)") from None
+    except OSError as e:
+        raise MemtxError(f"bank {path}: cannot read manifest.yaml ({e.strerror})") from None
+    except MemtxError as e:
+        raise MemtxError(f"bank {path}: manifest.yaml is damaged ({e})") from None
+    try:
+        manifest = yaml.safe_load(raw.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise MemtxError(f"bank {path}: manifest.yaml is damaged ({str(e).splitlines()[0]})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise MemtxError(f"bank {path}: manifest.yaml is damaged or not a memtx bank manifest")
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise MemtxError(f"bank {path}: manifest.yaml is damaged (checksum mismatch)")
+    if manifest.get("version") != VERSION:
+        raise MemtxError(f"bank {path}: format version {manifest.get('version')} is not supported (want {VERSION})")
+    validate_manifest(manifest, path)
+    return manifest
+
+
 class Bank:
-    """A bank opened for reading (`Bank.open`) or writing (`Bank.open_writer` / `Bank.create`)."""
+    """A bank opened for reading (`Bank.open`) or writing (`Bank.open(writer=True)` / `Bank.create`)."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], writer: bool) -> None:
         self.path = path
         self.manifest = manifest
         self.writer = writer
-        g = manifest["geometry"]
-        self.geo = Geometry(list(g["layers"]), int(g["n_kv"]), int(g["head_dim"]), int(g["block_size"]))
+        self.geo = validate_manifest(manifest, path)
         self._lock_fd: int | None = None
         self._reader_fd: int | None = None
-        self._reuse_ok: bool | None = None  # may freed blocks be overwritten (no older readers)
+        self._fds: dict[str, int] = {}  # writer: data files, checked and opened once
+        self._crc_new: dict[tuple[int, int], int] = {}  # (block, file) -> crc of what was written
         self.docs: dict[int, DocRecord] = {}
         self.blocks = np.zeros((0, 4), dtype=np.int64)
         self.crc = np.zeros((0, self.n_files), dtype=np.uint32)
@@ -179,6 +182,9 @@ class Bank:
             return self.geo.n_kv * (self.geo.head_dim + 2)
         return self.geo.row_bytes
 
+    def _block_bytes(self, name: str) -> int:
+        return self._row_bytes(name) * self.geo.block_size
+
     @property
     def capacity_blocks(self) -> int:  # blocks the data files have room for
         return int(self.blocks.shape[0])
@@ -191,8 +197,12 @@ class Bank:
     def entries(self) -> int:
         return int(self.blocks[self.blocks[:, B_DOC] >= 0, B_VALID].sum())
 
+    @property
+    def generation(self) -> int:
+        return int(self.manifest["generation"])
+
     def state_dir(self, gen: int | None = None) -> Path:
-        return self.path / "state" / f"{self.manifest['generation'] if gen is None else gen:06d}"
+        return self.path / "state" / f"{self.generation if gen is None else gen:06d}"
 
     # ------------------------------------------------------------------ create / open
     @classmethod
@@ -205,12 +215,13 @@ class Bank:
         evict: dict,
         precision: str = "float16",
     ) -> Bank:
+        """A new, empty, committed bank at `path`, open for writing. It is built in a private
+        directory beside `path` and renamed into place, so `path` is a whole bank or nothing."""
         if precision not in PRECISIONS:
             raise MemtxError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise MemtxError(f"{path} exists and is not a memtx bank; choose another --out")
-        path.mkdir(parents=True, exist_ok=True)
+        _check_target(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -230,12 +241,29 @@ class Bank:
             "clock": 0,
             "state_files": {},
         }
-        bank = cls(path, manifest, writer=True)
-        bank._lock()
-        for name in bank.data_files:
-            (path / name).touch()
-        bank._init_indexes()
-        bank.commit()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".memtx-new", dir=path.parent))
+        bank = cls(tmp, manifest, writer=True)
+        try:
+            bank._lock_fd = banklock.writer_lock(tmp)
+            bankfs.make_dir(tmp / "state")
+            for name in bank.data_files:
+                bankfs.create_file(tmp / name)
+            bank._open_data_files()
+            bank._init_indexes()
+            bank.commit()
+            bankfs.fsync_dir(tmp)
+            os.rename(tmp, path)  # atomic; refused if something was put at `path` meanwhile
+        except BaseException as e:
+            bank.close()
+            bankfs.remove_dir(tmp)
+            if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise MemtxError(f"{path} appeared while the bank was being created; run again") from None
+            if bankfs.is_no_space(e):
+                raise bankfs.no_space(path.parent) from None
+            raise
+        bank.path = path
+        bank._mm.clear()
+        bankfs.fsync_dir(path.parent)
         return bank
 
     @classmethod
@@ -243,73 +271,83 @@ class Bank:
         return (Path(path) / "manifest.yaml").is_file()
 
     @classmethod
-    def open(cls, path: str | Path, writer: bool = False, verify: bool = True) -> Bank:
-        """Open a bank; checks the manifest, the state files' sha256, the data files' sizes and
-        (verify=True) the crc32 of every live block. Any damage is a MemtxError naming the file."""
+    def open(
+        cls,
+        path: str | Path,
+        writer: bool = False,
+        verify: bool = True,
+        wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> Bank:
+        """Open a bank: checks the tree (no links, no special files), the manifest, the state
+        files' sha256 and sizes, and (verify=True) the crc32 of every live block. Any damage is
+        a MemtxError naming the file. A writer waits up to `wait` s for another writer."""
         path = Path(path)
-        mpath = path / "manifest.yaml"
         if not path.exists():
             raise MemtxError(f"no such bank: {path}")
-        if not mpath.is_file():
+        path = path.resolve()
+        if not (path / "manifest.yaml").exists() and not (path / "manifest.yaml").is_symlink():
             raise MemtxError(f"{path} is not a memtx bank (no manifest.yaml)")
-        # Readers hold a shared lock for their lifetime, taken before the manifest is read: a
-        # writer never reuses freed blocks while a reader that may still see them is open.
-        # A writer takes its exclusive lock before reading the manifest too: it must see the
-        # state the previous writer committed.
-        fd = _writer_lock(path) if writer else _reader_lock(path)
-        try:
-            bank = cls._open_locked(path, mpath, writer, verify, fd)
-        except BaseException:
-            if fd is not None:
+        bankfs.check_tree(path)
+        if writer:
+            bankfs.check_dir_for_writing(path)
+            fd = banklock.writer_lock(path, wait, on_wait)
+            try:
+                bank = cls(path, read_manifest(path), writer=True)
+                bank._lock_fd = fd
+            except BaseException:
                 os.close(fd)
+                raise
+        else:
+            bank = cls._open_reader(path)
+        try:
+            if writer:
+                bank._open_data_files()
+            bank._load_state()
+            problems = bank.check(full=verify)
+            if problems:
+                raise MemtxError(f"bank {path} is damaged: {problems[0]} (run `memtx bank verify {path}`)")
+            if writer:
+                banklock.drop_unread(path, bank.generation)  # debris of crashes, unread states
+        except BaseException:
+            bank.close()
             raise
         return bank
 
     @classmethod
-    def _open_locked(cls, path: Path, mpath: Path, writer: bool, verify: bool, fd: int | None) -> Bank:
-        import yaml
+    def _open_reader(cls, path: Path) -> Bank:
+        """Register as a reader of the current generation (see banklock.py), then open it."""
+        for _ in range(200):
+            gen = read_manifest(path)["generation"]
+            fd, retry = banklock.reader_lock(path, gen)
+            if retry:
+                time.sleep(0.01)
+                continue
+            manifest = read_manifest(path)
+            if manifest["generation"] == gen:
+                bank = cls(path, manifest, writer=False)
+                bank._reader_fd = fd
+                return bank
+            if fd is not None:
+                os.close(fd)
+        raise MemtxError(f"bank {path} changes too fast to be opened; try again")
 
-        try:
-            manifest = yaml.safe_load(mpath.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise MemtxError(f"bank {path}: manifest.yaml is damaged ({str(e).splitlines()[0]})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise MemtxError(f"bank {path}: manifest.yaml is damaged or not a memtx bank manifest")
-        if manifest.get("checksum") != manifest_checksum(manifest):
-            raise MemtxError(f"bank {path}: manifest.yaml is damaged (checksum mismatch)")
-        if manifest.get("version") != VERSION:
-            raise MemtxError(f"bank {path}: format version {manifest.get('version')} is not supported (want {VERSION})")
-        try:
-            bank = cls(path, manifest, writer)
-        except (KeyError, TypeError, ValueError):
-            raise MemtxError(f"bank {path}: manifest.yaml is damaged (geometry)") from None
-        if writer:
-            bank._lock_fd = fd
-        else:
-            bank._reader_fd = fd
-        try:
-            bank._load_state()
-            problems = bank.check(full=verify)
-        except Exception:
-            bank._lock_fd = bank._reader_fd = None  # the caller closes fd
-            raise
-        if problems:
-            bank._lock_fd = bank._reader_fd = None
-            raise MemtxError(f"bank {path} is damaged: {problems[0]} (run `memtx bank verify {path}`)")
-        return bank
-
-    def _lock(self) -> None:
-        self._lock_fd = _writer_lock(self.path)
+    def _open_data_files(self) -> None:
+        """A writer's data files: checked (regular, one link, this user's) and opened once."""
+        for name in self.data_files:
+            p = self.path / name
+            bankfs.check_writable(p)
+            self._fds[name] = bankfs.open_file(p, os.O_RDWR)
 
     def close(self) -> None:
         self._mm.clear()
-        if self._reader_fd is not None:
-            os.close(self._reader_fd)  # closing the descriptor releases the shared lock
-            self._reader_fd = None
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for fd in (self._reader_fd, self._lock_fd):  # closing the descriptor releases its lock
+            if fd is not None:
+                os.close(fd)
+        self._reader_fd = self._lock_fd = None
 
     def __enter__(self) -> Bank:
         return self
@@ -321,33 +359,52 @@ class Bank:
         names = ["docs.json", "blocks.npy", "crc.npy"]
         return names + [f"L{layer}_H{h}.faiss" for layer in self.geo.layers for h in range(self.geo.n_kv)]
 
+    def _max_capacity(self) -> int:
+        """Blocks the largest data file can hold: a bound for the state arrays (check() names a
+        file shorter than the state needs)."""
+        cap = None
+        for name in self.data_files:
+            try:
+                size = os.lstat(self.path / name).st_size
+            except FileNotFoundError:
+                raise MemtxError(f"bank {self.path}: {name} is missing") from None
+            n = size // self._block_bytes(name)
+            cap = n if cap is None else max(cap, n)
+        return int(cap or 0)
+
     def _load_state(self) -> None:
         sd = self.state_dir()
         recorded = self.manifest.get("state_files") or {}
+        cap = self._max_capacity()
+        n_live_max = cap
+        limits = {"blocks.npy": 4096 + 32 * cap, "crc.npy": 4096 + 4 * self.n_files * cap}
+        data: dict[str, bytes] = {}
         for name in self._state_files():
             p = sd / name
-            if not p.is_file():
-                raise MemtxError(f"bank {self.path}: state file {p.relative_to(self.path)} is missing")
-            if recorded.get(name) != sha256_file(p):
+            rel = p.relative_to(self.path)
+            limit = limits.get(name, bankfs_limit(name, self.geo.head_dim, n_live_max))
+            try:
+                raw = bankfs.read_file(p, limit)
+            except FileNotFoundError:
+                raise MemtxError(f"bank {self.path}: state file {rel} is missing") from None
+            except MemtxError:
+                raise MemtxError(f"bank {self.path}: {rel} is damaged (too large)") from None
+            if recorded.get(name) != hashlib.sha256(raw).hexdigest():
                 raise MemtxError(
-                    f"bank {self.path}: {p.relative_to(self.path)} is damaged (checksum mismatch); "
-                    f"run `memtx bank verify {self.path}`"
+                    f"bank {self.path}: {rel} is damaged (checksum mismatch); run `memtx bank verify {self.path}`"
                 )
-        try:
-            docs = json.loads((sd / "docs.json").read_text(encoding="utf-8"))
-            self.docs = {int(d["id"]): DocRecord(**d) for d in docs}
-            self.blocks = np.load(sd / "blocks.npy", allow_pickle=False)
-            self.crc = np.load(sd / "crc.npy", allow_pickle=False)
-        except (ValueError, TypeError, KeyError, OSError) as e:
-            raise MemtxError(f"bank {self.path}: state is damaged ({e})") from None
-        faiss = _faiss()
+            data[name] = raw
+        blocks = parse_npy(data["blocks.npy"], "state/blocks.npy", self.path, np.int64, 4)
+        crc = parse_npy(data["crc.npy"], "state/crc.npy", self.path, np.uint32, self.n_files)
+        self.blocks, self.crc = blocks, crc
+        self.docs = parse_docs(data["docs.json"], self.path, max(1, len(blocks)))
+        n_live = int((blocks[:, B_DOC] >= 0).sum()) if len(blocks) else 0
         for layer in self.geo.layers:
             for h in range(self.geo.n_kv):
-                p = sd / f"L{layer}_H{h}.faiss"
-                try:
-                    self.indexes[(layer, h)] = faiss.read_index(str(p))
-                except RuntimeError:
-                    raise MemtxError(f"bank {self.path}: {p.relative_to(self.path)} is damaged") from None
+                name = f"L{layer}_H{h}.faiss"
+                self.indexes[(layer, h)] = parse_index(
+                    data[name], f"state/{name}", self.path, self.geo.head_dim, n_live
+                )
 
     def _init_indexes(self) -> None:
         faiss = _faiss()
@@ -357,21 +414,21 @@ class Bank:
 
     # ------------------------------------------------------------------ data access
     def _array(self, name: str) -> np.memmap | None:
-        """The data file as (slots, KV, D) float16 or (slots, 3) int64, memory-mapped."""
+        """The data file as (slots, KV, D) float16 or (slots, 3) int64, memory-mapped read-only
+        (writers write with pwrite into reserved space: no SIGBUS on a full disk)."""
         mm = self._mm.get(name)
         slots = self.capacity_blocks * self.geo.block_size
         if mm is not None and mm.shape[0] == slots:
             return mm
         if slots == 0:
             return None
-        p = self.path / name
         if name == "provenance.bin":
             shape, dt = (slots, 3), np.int64
         elif self.precision == "int8":
             shape, dt = (slots, self.geo.n_kv, self.geo.head_dim + 2), np.uint8
         else:
             shape, dt = (slots, self.geo.n_kv, self.geo.head_dim), np.float16
-        mm = np.memmap(p, dtype=dt, mode="r+" if self.writer else "r", shape=shape)
+        mm = np.memmap(self.path / name, dtype=dt, mode="r", shape=shape)
         self._mm[name] = mm
         return mm
 
@@ -385,14 +442,14 @@ class Bank:
         return self._array("provenance.bin")
 
     def block_crc(self, name: str, b: int) -> int:
-        rb = self._row_bytes(name) * self.geo.block_size
+        rb = self._block_bytes(name)
         with open(self.path / name, "rb") as f:
             f.seek(b * rb)
             return zlib.crc32(f.read(rb))
 
     def file_crcs(self, name: str, blocks: np.ndarray) -> dict[int, int]:
         """crc32 of the given blocks of one data file, reading it once, in order."""
-        rb = self._row_bytes(name) * self.geo.block_size
+        rb = self._block_bytes(name)
         out = {}
         with open(self.path / name, "rb") as f:
             for b in sorted(int(x) for x in blocks):
@@ -422,9 +479,15 @@ class Bank:
         owned: dict[int, int] = {}
         for d in self.docs.values():
             for b in d.blocks:
+                if b in owned:
+                    problems.append(f"state/docs.json: block {b} belongs to two documents")
+                    return problems
                 owned[b] = d.id
         if set(owned) != set(live.tolist()) or any(self.blocks[b, B_DOC] != owned[b] for b in owned):
             problems.append("state/docs.json and state/blocks.npy disagree on which blocks belong to which document")
+        if len(live) and (self.blocks[live, B_VALID] < 1).any() | (self.blocks[live, B_VALID] > bs).any():
+            problems.append("state/blocks.npy: a block's entry count is out of range")
+            return problems
         for (layer, h), idx in self.indexes.items():
             ids = np.sort(_faiss().vector_to_array(idx.id_map)) if idx.ntotal else np.zeros(0, np.int64)
             if not np.array_equal(ids, np.sort(live)):
@@ -450,28 +513,64 @@ class Bank:
     def free_blocks(self) -> list[int]:
         return np.nonzero(self.blocks[:, B_DOC] < 0)[0].tolist()
 
+    def reusable_blocks(self) -> np.ndarray:
+        """Blocks free in the committed state that no open reader can see as live: freed at a
+        generation f <= the oldest generation a reader holds (legacy rows without f count as
+        freed at the current generation)."""
+        gen = self.generation
+        free = self.blocks[:, B_DOC] < 0
+        freed = np.where(self.blocks[:, B_SEQ] < 0, gen, self.blocks[:, B_SEQ])
+        ok = free & (freed <= gen)  # blocks freed by this uncommitted change wait for its commit
+        if (ok & (freed > 0)).any():
+            held = banklock.held_generations(self.path, gen)
+            if held:
+                ok &= freed <= min(held)
+        return np.nonzero(ok)[0]
+
     def allocate(self, n: int, reserved: set[int]) -> list[int]:
-        """n blocks free in the committed state (lowest ids first), growing the files if needed."""
-        if not self._reuse_ok:  # once no reader is seen after a commit, later readers see these blocks free
-            self._reuse_ok = _no_readers(self.path)
-        reusable = self.free_blocks() if self._reuse_ok else []
-        free = [b for b in reusable if b not in reserved][:n]
+        """n blocks no reader can see (lowest ids first), their disk space reserved; the files
+        grow geometrically only when none is free."""
+        free = [int(b) for b in self.reusable_blocks() if int(b) not in reserved][:n]
+        for b in free:  # a reused block may have been given back to the file system
+            for name in self.data_files:
+                rb = self._block_bytes(name)
+                bankfs.reserve(self._fds[name], b * rb, rb, self.path)
         if len(free) < n:
             need = n - len(free)
             old = self.capacity_blocks
-            grow = max(need, old // 2, 16)  # geometric growth: amortised O(1) file extension
+            grow = max(need, old // 4, 16)  # geometric growth: amortised O(1) file extension
             self._grow(old + grow)
             free += [b for b in range(old, old + grow) if b not in reserved][:need]
         return free
 
     def _grow(self, nb: int) -> None:
+        sizes = {name: os.fstat(fd).st_size for name, fd in self._fds.items()}
+        try:
+            for name, fd in self._fds.items():
+                want = nb * self._block_bytes(name)
+                if sizes[name] < want:
+                    bankfs.reserve(fd, sizes[name], want - sizes[name], self.path)
+                    if os.fstat(fd).st_size < want:
+                        os.ftruncate(fd, want)
+        except BaseException:
+            for name, fd in self._fds.items():  # give back what this attempt took
+                if os.fstat(fd).st_size > sizes[name]:
+                    os.ftruncate(fd, sizes[name])
+            raise
         old = self.capacity_blocks
-        self.blocks = np.concatenate([self.blocks, np.tile(np.array([[-1, 0, -1, -1]], np.int64), (nb - old, 1))])
+        self.blocks = np.concatenate([self.blocks, np.tile(np.array([FREE_ROW], np.int64), (nb - old, 1))])
         self.crc = np.concatenate([self.crc, np.zeros((nb - old, self.n_files), np.uint32)])
-        for name in self.data_files:
-            with open(self.path / name, "r+b") as f:
-                f.truncate(nb * self.geo.block_size * self._row_bytes(name))
         self._mm.clear()
+
+    def _put(self, fi: int, name: str, b: int, block: np.ndarray) -> None:
+        data = block.tobytes()
+        try:
+            bankfs.pwrite_all(self._fds[name], data, b * len(data))
+        except OSError as e:
+            if bankfs.is_no_space(e):
+                raise bankfs.no_space(self.path) from None
+            raise
+        self._crc_new[(b, fi)] = zlib.crc32(data)
 
     def write_block(
         self,
@@ -483,25 +582,21 @@ class Bank:
         """Write one block's data into free block b (not yet committed)."""
         bs = self.geo.block_size
         n = prov.shape[0]
+        fi = 0
         for layer in self.geo.layers:
-            k, v = kv[layer]
-            for name, arr in ((f"L{layer}.keys", k), (f"L{layer}.values", v)):
-                mm = self._array(name)
-                mm[b * bs : b * bs + n] = Stored.encode(arr, self.precision)
-                mm[b * bs + n : (b + 1) * bs] = 0
-        pm = self.provenance()
-        pm[b * bs : b * bs + n] = prov
-        pm[b * bs + n : (b + 1) * bs] = -1
+            for arr in kv[layer]:
+                enc = Stored.encode(arr, self.precision)
+                full = np.zeros((bs, *enc.shape[1:]), enc.dtype)
+                full[:n] = enc
+                self._put(fi, self.data_files[fi], b, full)
+                fi += 1
+        full = np.full((bs, 3), -1, np.int64)
+        full[:n] = prov
+        self._put(fi, "provenance.bin", b, full)
 
     def flush(self) -> None:
-        for mm in self._mm.values():
-            mm.flush()
-        for name in self.data_files:
-            fd = os.open(self.path / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        for fd in self._fds.values():
+            os.fsync(fd)
 
     def reps(self, layer: int, blocks: list[int]) -> np.ndarray:
         """(len(blocks), KV, D) float32 mean keys of the given blocks (valid entries only)."""
@@ -519,7 +614,8 @@ class Bank:
             self.blocks[b] = [doc_id, n, self.manifest["next_seq"], self.manifest["clock"]]
             self.manifest["next_seq"] += 1
             for fi, name in enumerate(self.data_files):
-                self.crc[b, fi] = self.block_crc(name, b)
+                c = self._crc_new.pop((b, fi), None)
+                self.crc[b, fi] = self.block_crc(name, b) if c is None else c
         if not blocks:
             return
         ids = np.asarray(blocks, np.int64)
@@ -529,12 +625,13 @@ class Bank:
                 self.indexes[(layer, h)].add_with_ids(np.ascontiguousarray(r[:, h]), ids)
 
     def detach_blocks(self, blocks: list[int]) -> None:
+        """Free blocks in the next committed state (generation + 1 is when they become free)."""
         if not blocks:
             return
         ids = np.asarray(sorted(blocks), np.int64)
         for idx in self.indexes.values():
             idx.remove_ids(ids)
-        self.blocks[ids] = [-1, 0, -1, -1]
+        self.blocks[ids] = [-1, 0, self.generation + 1, -1]
         self.crc[ids] = 0
 
     def add_document(self, rec: DocRecord) -> None:
@@ -553,65 +650,128 @@ class Bank:
                 return d
         return None
 
+    # ------------------------------------------------------------------ commit
     def commit(self) -> None:
-        """Write a complete new state generation, then point the manifest at it atomically."""
+        """Write a complete new state generation, then point the manifest at it atomically. On
+        a full disk the space held in `reserve` is given up for it once."""
         assert self.writer
-        self._reuse_ok = None
-        self.flush()
-        gen = int(self.manifest["generation"]) + 1
-        sd = self.state_dir(gen)
-        if sd.exists():
-            shutil.rmtree(sd)  # debris of a crashed commit: never referenced
-        sd.mkdir(parents=True)
-        docs = [asdict(d) for d in sorted(self.docs.values(), key=lambda d: d.id)]
-        (sd / "docs.json").write_text(json.dumps(docs, indent=0), encoding="utf-8")
-        np.save(sd / "blocks.npy", self.blocks, allow_pickle=False)
-        np.save(sd / "crc.npy", self.crc, allow_pickle=False)
-        faiss = _faiss()
-        for (layer, h), idx in self.indexes.items():
-            faiss.write_index(idx, str(sd / f"L{layer}_H{h}.faiss"))
-        files = {}
-        for name in self._state_files():
-            with open(sd / name, "rb") as f:
-                os.fsync(f.fileno())
-            files[name] = sha256_file(sd / name)
-        _fsync_dir(sd)
-        _fsync_dir(sd.parent)
-        m = dict(self.manifest)
-        m.update(
-            generation=gen,
-            state_files=files,
-            entries=self.entries,
-            documents=len(self.docs),
-            updated_at=now(),
-        )
-        m.pop("checksum", None)
-        m["checksum"] = manifest_checksum(m)
+        try:
+            self._commit()
+        except OSError as e:
+            if not bankfs.is_no_space(e):
+                raise
+            if not self._release_reserve():
+                raise bankfs.no_space(self.path) from None
+            try:
+                self._commit()
+            except OSError as e2:
+                if bankfs.is_no_space(e2):
+                    raise bankfs.no_space(self.path) from None
+                raise
+        self._refresh_reserve()
+
+    def _commit(self) -> None:
         import yaml
 
-        _write_atomic(self.path / "manifest.yaml", yaml.safe_dump(m, sort_keys=False).encode("utf-8"))
-        _fsync_dir(self.path)
-        old = self.manifest["generation"]
+        self.flush()
+        gen = self.generation + 1
+        sd = self.state_dir(gen)
+        if os.path.lexists(sd):
+            bankfs.remove_dir(sd)  # debris of a crashed commit: never referenced
+        payload = {
+            "docs.json": docs_bytes(sorted(self.docs.values(), key=lambda d: d.id)),
+            "blocks.npy": npy_bytes(self.blocks),
+            "crc.npy": npy_bytes(self.crc),
+        }
+        for (layer, h), idx in self.indexes.items():
+            payload[f"L{layer}_H{h}.faiss"] = index_bytes(idx)
+        try:
+            bankfs.make_dir(sd)
+            files = {}
+            for name, data in payload.items():
+                bankfs.create_file(sd / name, data)
+                files[name] = hashlib.sha256(data).hexdigest()
+            bankfs.create_file(sd / banklock.READERS)
+            bankfs.fsync_dir(sd)
+            bankfs.fsync_dir(sd.parent)
+            m = dict(self.manifest)
+            m.update(
+                generation=gen,
+                state_files=files,
+                entries=self.entries,
+                documents=len(self.docs),
+                updated_at=now(),
+            )
+            m.pop("checksum", None)
+            m["checksum"] = manifest_checksum(m)
+            bankfs.write_atomic(self.path / "manifest.yaml", yaml.safe_dump(m, sort_keys=False).encode("utf-8"))
+        except BaseException:
+            if os.path.isdir(sd) and not os.path.islink(sd):
+                bankfs.remove_dir(sd)
+            raise
+        bankfs.fsync_dir(self.path)
         self.manifest = m
-        for p in (self.path / "state").iterdir():  # older generations are no longer referenced
-            if p.name != f"{gen:06d}" and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-        del old
+        self._state_bytes = sum(len(d) for d in payload.values())
+        banklock.drop_unread(self.path, gen)
+
+    def _refresh_reserve(self) -> None:
+        """Hold back disk space for one more state (best effort: a full disk just has less)."""
+        want = getattr(self, "_state_bytes", 0) + RESERVE_SLACK
+        p = self.path / "reserve"
+        try:
+            fd = bankfs.open_file(p, os.O_RDWR | os.O_CREAT)
+        except OSError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size < want:
+                os.posix_fallocate(fd, 0, want)
+            elif size > 2 * want:
+                os.ftruncate(fd, want)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _release_reserve(self) -> bool:
+        p = self.path / "reserve"
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return False
+        if not os.path.isfile(p) or os.path.islink(p) or st.st_size == 0:
+            return False
+        os.unlink(p)
+        return True
 
     def trim(self) -> None:
-        """Give back the free blocks at the end of the data files (growth is geometric, so up
-        to a third of the files can be slack after an ingest). Commits, then truncates: a crash
-        in between only leaves the files longer than needed."""
+        """Give back the free blocks at the end of the data files (growth is geometric). Only
+        when no reader holds the bank: a reader maps the files at its state's length. Commits,
+        then truncates: a crash in between only leaves the files longer than needed."""
         live = self.live_blocks
         keep = int(live.max()) + 1 if len(live) else 0
-        if keep >= self.capacity_blocks or not _no_readers(self.path):
+        if keep >= self.capacity_blocks or banklock.held_generations(self.path, self.generation):
             return
         self.blocks, self.crc = self.blocks[:keep], self.crc[:keep]
         self._mm.clear()
         self.commit()
-        for name in self.data_files:
-            with open(self.path / name, "r+b") as f:
-                f.truncate(keep * self.geo.block_size * self._row_bytes(name))
+        if [g for g in banklock.held_generations(self.path, self.generation) if g != self.generation]:
+            return
+        for name, fd in self._fds.items():
+            os.ftruncate(fd, keep * self._block_bytes(name))
+
+    def give_back(self) -> int:
+        """Return the disk space of free blocks no reader can see to the file system (their
+        ranges read as zeros until reused). Returns the number of blocks released."""
+        blocks = self.reusable_blocks()
+        n = 0
+        for b in blocks.tolist():
+            for name, fd in self._fds.items():
+                rb = self._block_bytes(name)
+                if not bankfs.punch_hole(fd, b * rb, rb):
+                    return n
+            n += 1
+        return n
 
     # ------------------------------------------------------------------ eviction
     def evict_to_capacity(self, protect: set[int]) -> list[int]:
@@ -654,34 +814,59 @@ class Bank:
 
     # ------------------------------------------------------------------ reading helpers
     def info(self) -> dict[str, Any]:
-        disk = 0
-        for p in self.path.rglob("*"):
-            if p.is_file():
-                disk += p.stat().st_size
+        disk = apparent = 0
+        for dirpath, _, files in os.walk(self.path, followlinks=False):
+            for f in files:
+                st = os.lstat(os.path.join(dirpath, f))
+                disk += st.st_blocks * 512
+                apparent += st.st_size
         toks = sum(d.tokens for d in self.docs.values())
         return {
             "bank": str(self.path),
             "documents": len(self.docs),
             "entries": self.entries,
             "blocks": int(len(self.live_blocks)),
+            "capacity_blocks": self.capacity_blocks,
             "block_size": self.geo.block_size,
             "bytes_on_disk": disk,
+            "apparent_bytes": apparent,
             "bytes_per_token": disk / toks if toks else None,
             "tokens": toks,
             "model": self.manifest["model"],
             "layers": self.geo.layers,
             "kv_heads": self.geo.n_kv,
             "head_dim": self.geo.head_dim,
-            "dtype": self.manifest["dtype"],
+            "dtype": self.precision,
             "eviction": self.manifest.get("eviction"),
             "settings": self.manifest["config"],
-            "generation": self.manifest["generation"],
+            "generation": self.generation,
             "updated_at": self.manifest.get("updated_at"),
+            **bankfs.readable_by(self.path),
         }
+
+
+def bankfs_limit(name: str, d: int, n_live: int) -> int:
+    """The largest a state file may be for a bank with room for `n_live` blocks."""
+    if name.endswith(".faiss"):
+        return 90 + n_live * (4 * d + 8)
+    return 1 << 30  # docs.json: paths of every document
+
+
+def _check_target(path: Path) -> None:
+    """Where a new bank goes: nothing there, or an empty directory."""
+    if path.is_symlink():
+        raise MemtxError(f"{path} is a symlink; give the bank's real path")
+    if path.exists():
+        if not path.is_dir():
+            raise MemtxError(f"{path} exists and is a file; --out names a bank directory")
+        if any(path.iterdir()):
+            raise MemtxError(f"{path} exists and is not a memtx bank; choose another --out")
 
 
 def manifest_checksum(m: dict[str, Any]) -> str:
     """sha256 of the manifest's content without its own checksum (canonical JSON)."""
+    import json
+
     body = {k: v for k, v in m.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
@@ -700,108 +885,3 @@ def check_model(bank: Bank, model: dict[str, Any]) -> None:
                 f"{str(mine.get(key))[:12]}), not {model.get('name')!r} ({str(model.get(key))[:12]}); "
                 f"use --model {mine.get('name')} or rebuild the bank"
             )
-
-
-def _writer_lock(path: Path) -> int:
-    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise MemtxError(f"bank {path} is being written by another memtx process; try again later") from None
-    return fd
-
-
-def _reader_lock(path: Path) -> int | None:
-    try:
-        fd = os.open(path / "readers", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        try:
-            fd = os.open(path / "readers", os.O_RDONLY)
-        except OSError:
-            return None  # a read-only bank without the file: nobody can write it anyway
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
-
-
-def _no_readers(path: Path) -> bool:
-    """True when no reader holds the bank open (then freed blocks may be overwritten)."""
-    fd = os.open(path / "readers", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def verify_bank(path: str | Path) -> list[str]:
-    """Every problem found in a bank (empty = healthy); never raises for damage."""
-    try:
-        bank = Bank.open(path, writer=False, verify=False)
-    except MemtxError as e:
-        return [str(e)]
-    try:
-        return bank.check(full=True)
-    finally:
-        bank.close()
-
-
-def merge_banks(sources: list[Path], out: Path) -> dict[str, Any]:
-    """A new bank holding the documents of all `sources` (identical content kept once)."""
-    if not sources:
-        raise MemtxError("bank merge needs at least one bank")
-    if Bank.is_bank(out) or (out.exists() and any(out.iterdir())):
-        raise MemtxError(f"{out} already exists; bank merge writes a new bank")
-    opened = [Bank.open(p, verify=True) for p in sources]
-    try:
-        first = opened[0]
-        for b in opened[1:]:
-            check_model(first, b.manifest["model"])
-            if asdict(b.geo) != asdict(first.geo):
-                raise MemtxError(f"bank {b.path} has different memory layers or block size than {first.path}")
-        for b in opened[1:]:
-            if b.precision != first.precision:
-                raise MemtxError(f"bank {b.path} stores {b.precision}, {first.path} {first.precision}: cannot merge")
-        dst = Bank.create(
-            out, first.manifest["model"], first.geo, first.manifest["config"], {"capacity": 0}, first.precision
-        )
-        try:
-            for src in opened:
-                for rec in sorted(src.docs.values(), key=lambda d: d.id):
-                    _copy_document(src, rec, dst)
-            return {"documents": len(dst.docs), "entries": dst.entries}
-        finally:
-            dst.close()
-    finally:
-        for b in opened:
-            b.close()
-
-
-def _copy_document(src: Bank, rec: DocRecord, dst: Bank) -> None:
-    same = next((d for d in dst.docs.values() if d.sha256 == rec.sha256), None)
-    if same is not None:
-        for p in [rec.path, *rec.aliases]:
-            if p != same.path and p not in same.aliases:
-                same.aliases.append(p)
-        dst.commit()
-        return
-    doc_id = int(dst.manifest["next_doc_id"])
-    bs = src.geo.block_size
-    new_blocks, valid = [], []
-    for b in rec.blocks:
-        n = int(src.blocks[b, B_VALID])
-        rows = slice(b * bs, b * bs + n)
-        kv = {ly: (np.asarray(src.keys(ly)[rows]), np.asarray(src.values(ly)[rows])) for ly in src.geo.layers}
-        prov = np.array(src.provenance()[b * bs : b * bs + n])
-        prov[:, 0] = doc_id
-        (nb,) = dst.allocate(1, set(new_blocks))
-        dst.write_block(nb, doc_id, kv, prov)
-        new_blocks.append(nb)
-        valid.append(n)
-    dst.attach_blocks(doc_id, new_blocks, valid)
-    d = DocRecord(**{**asdict(rec), "id": doc_id, "blocks": new_blocks})
-    dst.add_document(d)
-    dst.commit()

@@ -22,21 +22,31 @@ import numpy as np
 import torch
 
 from memtx_cli.config import Config
-from memtx_cli.errors import MemtxError
+from memtx_cli.errors import MemtxError, UsageError
 from memtx_cli.generate import Generation, Sampling, generate, stop_token_ids
 from memtx_cli.runtime import LoadedModel
 
 
 def render_chat(lm: LoadedModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """The prompt for `messages` ([{role, content}]) in the model's chat template (card or
-    GGUF/HF tokenizer config); a plain "role: content" layout when the model has none."""
+    GGUF/HF tokenizer config); a plain "role: content" layout when the model has none.
+
+    A template comes from a model file, so it is untrusted: it renders in jinja2's immutable
+    sandbox (as transformers renders the same templates), and one that breaks out of it, or
+    fails, is refused with one line."""
     template = lm.chat_template
     if not template:
         lines = [f"{m['role']}: {m['content']}" for m in messages]
         return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
     import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+    def raise_exception(message: str) -> None:  # what HF templates call to refuse input
+        raise jinja2.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template).render(
             messages=messages,
@@ -44,8 +54,10 @@ def render_chat(lm: LoadedModel, messages: list[dict[str, str]], add_generation_
             bos_token=lm.tokenizer.decode([lm.tokenizer.bos_id]) if getattr(lm.tokenizer, "bos_id", None) else "",
             eos_token="",
         )
-    except jinja2.TemplateError as e:
-        raise MemtxError(f"the chat template of {lm.name} does not render: {e}") from None
+    except SecurityError as e:
+        raise MemtxError(f"the chat template of {lm.name} is refused: it tries an unsafe operation ({e})") from None
+    except (jinja2.TemplateError, TypeError, ValueError, RecursionError) as e:
+        raise MemtxError(f"the chat template of {lm.name} does not render: {str(e)[:200]}") from None
 
 
 @dataclass
@@ -89,10 +101,16 @@ class Source:
         return f"{self.path}:{where}"
 
 
-def _read_if_unchanged(path: str, sha256: str) -> str | None:
+def _read_if_unchanged(path: str, sha256: str, size: int) -> str | None:
+    """The document's text if the file at `path` is still the one ingested (a regular file of
+    the recorded size and sha256); never blocks on a FIFO nor reads a device."""
+    from memtx_cli.reader import read_bytes
+
+    if path.startswith("chat:"):
+        return None
     try:
-        data = Path(path).read_bytes()
-    except OSError:
+        data = read_bytes(path, limit=size)
+    except MemtxError:
         return None
     if hashlib.sha256(data).hexdigest() != sha256:
         return None
@@ -130,7 +148,7 @@ def sources_from_mass(bank: Any, mass: dict[int, float], n: int) -> list[Source]
     for doc, _, _, c0, c1, w in merged[:n]:
         rec = bank.docs[doc]
         if doc not in texts:
-            text = _read_if_unchanged(rec.path, rec.sha256)
+            text = _read_if_unchanged(rec.path, rec.sha256, rec.size)
             texts[doc] = None if text is None else (text, [0] + [m.end() for m in re.finditer("\n", text)])
         lines, snippet = None, None
         if texts[doc] is not None:
@@ -198,6 +216,14 @@ def with_evidence(question: str, excerpts: list[Source], max_chars: int) -> str:
     return "Context:\n" + "\n\n".join(parts) + f"\n\nAnswer this question from the context: {question}"
 
 
+def check_counts(n_sources: int, evidence: int = 0) -> None:
+    """Sources to list and to quote: counts, never negative."""
+    if n_sources < 0:
+        raise UsageError(f"--sources must be >= 0, got {n_sources}")
+    if evidence < 0:
+        raise UsageError(f"--evidence must be >= 0, got {evidence}")
+
+
 def answer(
     lm: LoadedModel,
     messages: list[dict[str, str]],
@@ -217,6 +243,7 @@ def answer(
     prompt (when their text is still on disk), then the answer is decoded, still with the bank
     as memory; the sources listed are the ones recalled. A 135M model rarely reproduces a fact
     from memory attention alone, but does from a quoted excerpt (README "ask")."""
+    check_counts(n_sources, evidence)
     stop = stop_token_ids(lm)
     if bank is None:
         gen = generate(lm, lm.tokenizer.encode(render_chat(lm, messages)), cfg, sampling, None, on_text, stop)
@@ -239,3 +266,39 @@ def answer(
 def conversation_text(messages: list[dict[str, str]]) -> str:
     """A conversation as plain text for the bank (what `chat --remember` stores)."""
     return "".join(f"{m['role']}: {m['content'].strip()}\n" for m in messages if m["role"] != "system")
+
+
+@dataclass
+class Remembered:
+    """Exchanges of a conversation waiting to be appended to a bank (`chat --remember`). While
+    another process writes the bank they are kept, and committed when its lock frees: a busy
+    bank delays a memory, it never loses one."""
+
+    bank: Path
+    lm: LoadedModel
+    cfg: Config
+    pending: list[tuple[str, str]] = field(default_factory=list)  # (document key, text)
+
+    def add(self, key: str, text: str) -> None:
+        self.pending.append((key, text))
+
+    def commit(self, wait: float, on_wait: Callable[[str], None] | None = None) -> int:
+        """Append every pending exchange (waiting up to `wait` s for the lock); returns the
+        tokens remembered, 0 with the exchanges still pending if the bank stayed busy."""
+        from memtx_cli.bank import Bank
+        from memtx_cli.banklock import BankBusy
+        from memtx_cli.ingest import remember_text
+
+        if not self.pending:
+            return 0
+        try:
+            w = Bank.open(self.bank, writer=True, verify=False, wait=wait, on_wait=on_wait)
+        except BankBusy:
+            return 0
+        tokens = 0
+        with w:
+            while self.pending:
+                key, text = self.pending[0]
+                tokens += remember_text(self.lm, w, key, text, self.cfg)
+                self.pending.pop(0)
+        return tokens

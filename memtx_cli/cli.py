@@ -21,7 +21,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from memtx_cli import __version__
-from memtx_cli.errors import MemtxError
+from memtx_cli.errors import MemtxError, UsageError
 
 app = typer.Typer(
     name="memtx",
@@ -51,7 +51,7 @@ def handle_errors(fn: F) -> F:
         except MemtxError as e:
             if os.environ.get("MEMTX_DEBUG"):
                 raise
-            fail(str(e))
+            fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             if os.environ.get("MEMTX_DEBUG"):
                 raise
@@ -613,6 +613,9 @@ def ingest(
     exclude: Annotated[
         list[str] | None, typer.Option("--exclude", help="Skip files matching this glob (repeatable).")
     ] = None,
+    follow_symlinks: Annotated[
+        bool, typer.Option("--follow-symlinks", help="Ingest files that links in a directory lead to outside it.")
+    ] = False,
     capacity: Annotated[int, typer.Option(help="Keep at most N entries (tokens); 0 = no limit.")] = 0,
     evict: Annotated[str, typer.Option(help="Eviction when over capacity: fifo, lru or reservoir.")] = "fifo",
     precision: Annotated[
@@ -641,11 +644,13 @@ def ingest(
     from memtx_cli.corpus import select_files
 
     if evict not in EVICTION:
-        raise MemtxError(f"--evict must be one of {', '.join(EVICTION)}, got {evict!r}")
+        raise UsageError(f"--evict must be one of {', '.join(EVICTION)}, got {evict!r}")
     if capacity < 0:
-        raise MemtxError(f"--capacity must be >= 0, got {capacity}")
+        raise UsageError(f"--capacity must be >= 0, got {capacity}")
+    if max_tokens is not None and max_tokens < 0:
+        raise UsageError(f"--max-tokens must be >= 0 (0 = whole documents), got {max_tokens}")
     out_p = Path(out)
-    sel = select_files(paths, include, exclude, out_p)  # bad paths fail before anything is written
+    sel = select_files(paths, include, exclude, out_p, follow_symlinks)  # bad paths fail before anything is written
     flags = {
         "segment": segment,
         "device": device,
@@ -775,6 +780,7 @@ def bank_info(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) 
             ("memory layers", f"{info['layers'][0]}-{info['layers'][-1]}" if info["layers"] else "-"),
             ("kv heads x head dim", f"{info['kv_heads']} x {info['head_dim']}, {info['dtype']}"),
             ("eviction", f"{info['eviction']}"),
+            ("readable by", f"{info['readable_by']} ({info['mode']}); a bank holds its documents' text"),
         ],
     )
 
@@ -783,7 +789,7 @@ def bank_info(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) 
 @handle_errors
 def bank_verify(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Check a bank: manifest, state checksums, id alignment, every block's crc32."""
-    from memtx_cli.bank import verify_bank
+    from memtx_cli.bankops import verify_bank
 
     problems = verify_bank(bank)
     if as_json:
@@ -801,25 +807,36 @@ def bank_verify(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False
 @handle_errors
 def bank_rm(
     bank: BankArg,
-    docs: Annotated[list[str], typer.Argument(help="Documents to remove: path (as ingested) or id.")],
+    docs: Annotated[list[str], typer.Argument(help="Documents to remove: path (as ingested), alias or id.")],
 ) -> None:
-    """Remove documents (and their memories) from a bank."""
-    from pathlib import Path
-
+    """Remove documents (and their memories) from a bank, and give their space back."""
     from memtx_cli.bank import Bank
+    from memtx_cli.bankops import remove_documents
 
     with Bank.open(bank, writer=True, verify=False) as b:
-        targets = []
-        for key in docs:
-            rec = b.find_doc(key) or b.find_doc(str(Path(key).resolve()))
-            if rec is None:
-                raise MemtxError(f"no document {key!r} in {bank} (see memtx bank info {bank})")
-            targets.append(rec)
-        for rec in targets:
-            if rec.id in b.docs:
-                b.remove_document(rec.id)
-        b.commit()
-    print(f"removed {len(targets)} document(s) from {bank}")
+        done = remove_documents(b, docs)
+    for line in done:
+        print(f"removed {line}")
+    print(f"removed {len(done)} name(s) from {bank}")
+
+
+@bank_app.command("compact")
+@handle_errors
+def bank_compact(bank: BankArg, as_json: JsonOpt = False) -> None:
+    """Give space back: move memories into free blocks and shorten the files (blocks a running
+    reader may still see are kept until it closes)."""
+    from memtx_cli.bank import Bank
+    from memtx_cli.bankops import compact
+
+    with Bank.open(bank, writer=True, verify=False) as b:
+        rep = compact(b)
+    if as_json:
+        print_json({"bank": bank, **rep})
+        return
+    print(
+        f"{bank}: {rep['bytes_before']:,} -> {rep['bytes_after']:,} bytes on disk "
+        f"({rep['moved_blocks']} blocks moved, {rep['released_blocks']} free blocks given back)"
+    )
 
 
 @bank_app.command("merge")
@@ -831,7 +848,7 @@ def bank_merge(
     """Merge banks into a new one; identical documents are kept once."""
     from pathlib import Path
 
-    from memtx_cli.bank import merge_banks
+    from memtx_cli.bankops import merge_banks
 
     rep = merge_banks([Path(b) for b in banks], Path(out))
     print(f"merged {len(banks)} banks into {out}: {rep['documents']} documents, {rep['entries']:,} entries")
@@ -1174,10 +1191,11 @@ def ask(
 ) -> None:
     """Answer a question with memory of a bank (chat template), then list the sources: the
     documents and line ranges whose memories received the most attention while answering."""
-    from memtx_cli.chat import answer
+    from memtx_cli.chat import answer, check_counts
     from memtx_cli.generate import Sampling
     from memtx_cli.reader import read_document
 
+    check_counts(sources, evidence)
     text = read_document("-").text.strip() if question == "-" else question.strip()
     if not text:
         raise MemtxError("the question is empty")
@@ -1221,11 +1239,13 @@ def chat(
     """An interactive conversation with memory of a bank; one message per line on stdin, an empty
     line or end of input ends it. With --remember each exchange is added to the bank."""
     import datetime
+    from pathlib import Path
 
     from memtx_cli.bank import Bank
-    from memtx_cli.chat import answer, conversation_text
+    from memtx_cli.chat import Remembered, answer, check_counts, conversation_text
     from memtx_cli.generate import Sampling
 
+    check_counts(sources)
     if remember and not bank:
         raise MemtxError("--remember needs --memory BANK (the bank to append the conversation to)")
     sampling = Sampling(max_tokens, temperature, top_p, 0, seed)
@@ -1238,6 +1258,7 @@ def chat(
     interactive = sys.stdin.isatty()
     if interactive and not quiet:
         print("memtx chat: one message per line; an empty line or Ctrl-D ends.", file=sys.stderr)
+    memory = Remembered(Path(bank), lm, cfg) if remember and bank else None
     turn = 0
     while True:
         if interactive:
@@ -1258,11 +1279,11 @@ def chat(
         reply = res.generation.text.strip()
         history.append({"role": "assistant", "content": reply})
         remembered = 0
-        if remember:
-            from memtx_cli.ingest import remember_text
-
-            with Bank.open(bank, writer=True, verify=False) as w:
-                remembered = remember_text(lm, w, f"chat:{session}#{turn}", conversation_text(history[-2:]), cfg)
+        if memory is not None:
+            memory.add(f"chat:{session}#{turn}", conversation_text(history[-2:]))
+            remembered = memory.commit(REMEMBER_WAIT, on_wait=lambda m: log(f"memtx: {m}", quiet))
+            if memory.pending:
+                log(f"memtx: {len(memory.pending)} exchange(s) kept for the bank until its writer is done", quiet)
         if as_json:
             print_json({"turn": turn, **res.to_dict(), "remembered_tokens": remembered})
         else:
@@ -1270,6 +1291,19 @@ def chat(
             print_sources(res.sources)
             sys.stdout.flush()
         turn += 1
+    if memory is not None and memory.pending:
+        memory.commit(REMEMBER_FINAL_WAIT, on_wait=lambda m: log(f"memtx: {m}", quiet))
+        if memory.pending:
+            raise MemtxError(
+                f"{len(memory.pending)} exchange(s) were not remembered: bank {bank} stayed busy "
+                f"for {REMEMBER_FINAL_WAIT:.0f} s (another process is writing it)"
+            )
+
+
+# How long `chat --remember` waits for another writer of the bank: after each turn (then the
+# exchange is kept and retried after the next one), and at the end of the conversation.
+REMEMBER_WAIT = 5.0
+REMEMBER_FINAL_WAIT = 120.0
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from memtx_cli.errors import MemtxError
+from memtx_cli.errors import UsageError
 
 CONTEXT_MODES = ("window", "full")
 COMBINE_MODES = ("joint", "gate")
@@ -129,61 +129,61 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.segment < 1:
-            raise MemtxError(f"segment must be >= 1 token, got {self.segment}")
+            raise UsageError(f"segment must be >= 1 token, got {self.segment}")
         if self.context not in CONTEXT_MODES:
-            raise MemtxError(f"context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
+            raise UsageError(f"context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
         if self.max_tokens < 0:
-            raise MemtxError(f"max-tokens must be >= 0, got {self.max_tokens}")
+            raise UsageError(f"max-tokens must be >= 0, got {self.max_tokens}")
         if self.threads < 0:
-            raise MemtxError(f"threads must be >= 0, got {self.threads}")
+            raise UsageError(f"threads must be >= 0, got {self.threads}")
         if self.dtype not in ("auto", "float32", "bfloat16", "fp32", "bf16"):
-            raise MemtxError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+            raise UsageError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.top_k < 1:
-            raise MemtxError(f"top-k must be >= 1, got {self.top_k}")
+            raise UsageError(f"top-k must be >= 1, got {self.top_k}")
         if self.combine not in COMBINE_MODES:
-            raise MemtxError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}")
+            raise UsageError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}")
         if self.positions not in POSITION_SCHEMES:
-            raise MemtxError(f"positions must be one of {', '.join(POSITION_SCHEMES)}, got {self.positions!r}")
+            raise UsageError(f"positions must be one of {', '.join(POSITION_SCHEMES)}, got {self.positions!r}")
         if self.retrieval not in RETRIEVAL_MODES:
-            raise MemtxError(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {self.retrieval!r}")
+            raise UsageError(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {self.retrieval!r}")
         if self.block_size < 1 or 1024 % self.block_size or self.blocks < 1 or self.block_chunk < 1:
-            raise MemtxError("block-size must be a power of two up to 1024, blocks and block-chunk >= 1")
+            raise UsageError("block-size must be a power of two up to 1024, blocks and block-chunk >= 1")
         if self.far_blocks < -1 or self.far_bias < 0:
-            raise MemtxError("far-blocks must be >= -1 (-1 = shared budget) and far-bias >= 0")
+            raise UsageError("far-blocks must be >= -1 (-1 = shared budget) and far-bias >= 0")
         if self.far_top_k < 0:
-            raise MemtxError(f"far-top-k must be >= 0, got {self.far_top_k}")
+            raise UsageError(f"far-top-k must be >= 0, got {self.far_top_k}")
         if self.far_top_k and (self.positions != "clamped" or self.retrieval != "block"):
-            raise MemtxError(
+            raise UsageError(
                 "far-top-k reads memories older than the trained context token by token: "
                 "it needs --positions clamped and --retrieval block"
             )
         if self.block_spread < 0:
-            raise MemtxError(f"block-spread must be >= 0, got {self.block_spread}")
+            raise UsageError(f"block-spread must be >= 0, got {self.block_spread}")
         if not 0 <= self.block_votes <= self.block_chunk:
-            raise MemtxError(
+            raise UsageError(
                 f"block-votes must be between 0 (summed selector) and block-chunk ({self.block_chunk}), "
                 f"got {self.block_votes}"
             )
         if self.block_select not in BLOCK_SELECT:
-            raise MemtxError(f"block-select must be one of {', '.join(BLOCK_SELECT)}, got {self.block_select!r}")
+            raise UsageError(f"block-select must be one of {', '.join(BLOCK_SELECT)}, got {self.block_select!r}")
         if self.block_select == "exact" and not exact_block_select({**self.memory_settings(), "block_select": "auto"}):
-            raise MemtxError(
+            raise UsageError(
                 "block-select exact scores the blocks within the trained context by their voters' "
                 "exact attention: it needs --retrieval block --positions clamped, --block-votes > 0 "
                 "and --far-blocks >= 0 or --far-top-k > 0 (use --block-select means or auto otherwise)"
             )
         if self.bank_blocks < 1 or self.bank_bias < 0:
-            raise MemtxError("bank-blocks must be >= 1 and bank-bias >= 0")
+            raise UsageError("bank-blocks must be >= 1 and bank-bias >= 0")
         if self.sink_positions not in ("auto", "window", "real"):
-            raise MemtxError(f"sink-positions must be auto, window or real, got {self.sink_positions!r}")
+            raise UsageError(f"sink-positions must be auto, window or real, got {self.sink_positions!r}")
         if self.sinks < 0 or self.mem_distance < 0 or self.nprobe < 1:
-            raise MemtxError("sinks and mem-distance must be >= 0, nprobe >= 1")
+            raise UsageError("sinks and mem-distance must be >= 0, nprobe >= 1")
 
     def validate_for(self, context_length: int) -> None:
         """Checks that need the model: a window longer than the trained context is refused."""
         window = self.segment * (2 if self.xl_cache else 1)
         if self.context == "window" and window > context_length:
-            raise MemtxError(
+            raise UsageError(
                 f"segment {self.segment} with the XL cache spans {window} tokens, more than the "
                 f"model's trained context ({context_length}); use --segment {context_length // 2} or less"
             )
@@ -236,12 +236,12 @@ class Config:
             key = "query-head-ranking" if query else "head-ranking"
             ranked = [p for p in str(ranking).split(",") if p.strip()]
             if not n.isdigit() or int(n) < 1:
-                raise MemtxError(
+                raise UsageError(
                     f"memory heads {self.memory_heads!r}: use topN (KV heads) or topqN (query heads) "
                     "with N >= 1, e.g. top60 or topq144"
                 )
             if not ranked:
-                raise MemtxError(
+                raise UsageError(
                     f"memory heads {self.memory_heads!r} needs a {key} (the model card has none): "
                     f"run benchmarks/head_ranking.py{' --query-heads' if query else ''} and set {key}, "
                     "or list layer.head pairs"
@@ -250,7 +250,7 @@ class Config:
         chosen: dict[int, dict[int, set[int] | None]] = {}
         if query:
             if n_heads < n_kv:
-                raise MemtxError(f"memory heads {self.memory_heads!r}: the model's query heads are unknown")
+                raise UsageError(f"memory heads {self.memory_heads!r}: the model's query heads are unknown")
             g = n_heads // n_kv
             for layer, qheads in parse_heads(spec, n_layers, n_heads, "query head").items():
                 for j in qheads:
@@ -261,7 +261,7 @@ class Config:
                 chosen[layer] = dict.fromkeys(kvs)
         out = {i: chosen[i] for i in layers if i in chosen}
         if layers and not out:
-            raise MemtxError(f"memory heads {self.memory_heads!r} select no head in memory layers {self.memory_layers}")
+            raise UsageError(f"memory heads {self.memory_heads!r} select no head in memory layers {self.memory_layers}")
         return out
 
     def far_rows_for(self, n_layers: int, n_kv: int, n_heads: int = 0) -> dict[int, list[int] | None]:
@@ -274,8 +274,8 @@ class Config:
             return {i: (None if i in far else []) for i in heads}
         try:
             wanted = parse_heads(self.far_heads, n_layers, n_kv)
-        except MemtxError:
-            raise MemtxError(
+        except UsageError:
+            raise UsageError(
                 f"far heads {self.far_heads!r}: use all or layer.head pairs, e.g. 18.2,23.0 "
                 f"(the model has {n_layers} layers x {n_kv} KV heads)"
             ) from None
@@ -355,13 +355,13 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise MemtxError(f"config file {path} does not exist")
+        raise UsageError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MemtxError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise MemtxError(f"config file {path} must be a mapping of setting: value")
+        raise UsageError(f"config file {path} must be a mapping of setting: value")
     return {_norm_key(str(k)): v for k, v in data.items()}
 
 
@@ -378,7 +378,7 @@ def merge_config(*layers: dict[str, Any] | None) -> Config:
             if v is None:
                 continue
             if k not in known:
-                raise MemtxError(f"unknown setting {k!r} (known: {', '.join(sorted(known))})")
+                raise UsageError(f"unknown setting {k!r} (known: {', '.join(sorted(known))})")
             merged[k], where[k] = _coerce(k, v, known[k].type), n
     heads = str(merged.get("memory_heads", ""))
     if ":" in heads and where.get("blocks", -1) > where["memory_heads"]:
@@ -393,8 +393,14 @@ def merge_config(*layers: dict[str, Any] | None) -> Config:
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """A setting's value as its declared type; YAML's other types (a number for a name, 1.7
+    threads, .inf tokens, a list) are refused, not converted."""
+    import math
+
     t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     try:
+        if isinstance(value, (list, dict)):
+            raise ValueError(value)
         if t == "bool":
             if isinstance(value, str):
                 if value.lower() in ("true", "yes", "on", "1"):
@@ -402,17 +408,31 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 if value.lower() in ("false", "no", "off", "0"):
                     return False
                 raise ValueError(value)
-            return bool(value)
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
         if t == "int":
             if isinstance(value, bool):
                 raise ValueError(value)
-            return int(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            out = int(value)
+            if abs(out) > 1 << 40:
+                raise ValueError(value)
+            return out
         if t == "float":
-            return float(value)
-        if t == "str":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError(value)
+            return out
+        if t == "str":  # a layer list may be one number (memory-layers: 20)
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise ValueError(value)
             return str(value)
-    except (TypeError, ValueError):
-        raise MemtxError(f"setting {key!r}: {value!r} is not a valid {t}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"setting {key!r}: {value!r} is not a valid {t}") from None
     return value
 
 
@@ -427,17 +447,17 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
         if m is None:
-            raise MemtxError(f"memory layers {spec!r}: use all, a list like 8,16,24 or a range like 10-19")
+            raise UsageError(f"memory layers {spec!r}: use all, a list like 8,16,24 or a range like 10-19")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         for i in range(lo, hi + 1):
             if not 0 <= i < n_layers:
-                raise MemtxError(
+                raise UsageError(
                     f"memory layer {i} is out of range: the model has {n_layers} layers (0-{n_layers - 1})"
                 )
             out.add(i)
     if not out:
-        raise MemtxError(f"memory layers {spec!r} selects no layer")
+        raise UsageError(f"memory layers {spec!r} selects no layer")
     return sorted(out)
 
 
@@ -453,16 +473,16 @@ def parse_head_blocks(spec: str, n_layers: int, n_kv: int, what: str = "KV head"
     for part in filter(None, (p.strip() for p in str(spec).split(","))):
         m = re.fullmatch(r"(\d+)\.(\d+)(?::(\d+))?", part)
         if m is None or m.group(3) is not None and (int(m.group(3)) < 1 or what != "KV head"):
-            raise MemtxError(
+            raise UsageError(
                 f"memory heads {spec!r}: use all, topN, topqN or layer.head pairs like 18.2,8.0 "
                 "(KV heads may carry their own block budget >= 1: 18.2:224,8.0:32)"
             )
         layer, head = int(m.group(1)), int(m.group(2))
         if not 0 <= layer < n_layers or not 0 <= head < n_kv:
-            raise MemtxError(
+            raise UsageError(
                 f"memory head {part} is out of range: the model has {n_layers} layers and {n_kv} {what}s per layer"
             )
         out.setdefault(layer, {})[head] = int(m.group(3) or 0)
     if not out:
-        raise MemtxError(f"memory heads {spec!r} selects no head")
+        raise UsageError(f"memory heads {spec!r} selects no head")
     return out

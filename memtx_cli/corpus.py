@@ -79,12 +79,15 @@ def select_files(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     out: Path | None = None,
+    follow_symlinks: bool = False,
 ) -> Selection:
     """Expand `paths` ("-" = read paths from stdin, one per line) into the files to ingest.
 
     Refused with a MemtxError (nothing is written): a path that does not exist, a symlink loop,
     the output bank itself or a path inside it, an empty selection. Skipped with a reason:
-    unreadable files, files under a bank, .gitignore'd files, non-matching globs.
+    unreadable files, files under a bank, .gitignore'd files, non-matching globs, and (unless
+    follow_symlinks) links in a walked directory that lead out of it: `ln -s ~/.ssh/id_rsa
+    repo/notes.md` must not put a key into a bank. Paths given by name are taken as given.
     """
     expanded: list[str] = []
     for p in paths:
@@ -116,7 +119,7 @@ def select_files(
         if rp.is_dir():
             if out_r is not None and rp in out_r.parents:
                 pass  # the bank sits inside this directory: its files are skipped below
-            _walk(rp, include or [], exclude or [], out_r, sel, seen)
+            _walk(rp, include or [], exclude or [], out_r, sel, seen, follow_symlinks)
         elif rp.is_file():
             if rp in seen:
                 continue
@@ -135,7 +138,15 @@ def select_files(
     return sel
 
 
-def _walk(root: Path, include: list[str], exclude: list[str], out_r: Path | None, sel: Selection, seen: set) -> None:
+def _walk(
+    root: Path,
+    include: list[str],
+    exclude: list[str],
+    out_r: Path | None,
+    sel: Selection,
+    seen: set,
+    follow_symlinks: bool = False,
+) -> None:
     gi = GitIgnore()
     found = 0
     # followlinks=False: a symlinked directory is never entered, so loops cannot happen here.
@@ -171,6 +182,10 @@ def _walk(root: Path, include: list[str], exclude: list[str], out_r: Path | None
                 sel.skipped.append((rel, "broken symlink or symlink loop"))
                 continue
             if not rf.is_file():
+                sel.skipped.append((rel, "not a regular file"))
+                continue
+            if rf != f and not follow_symlinks and root != rf and root not in rf.parents:
+                sel.skipped.append((rel, "symlink out of the tree (--follow-symlinks to ingest it)"))
                 continue
             if out_r is not None and (rf == out_r or out_r in rf.parents):
                 continue

@@ -4,6 +4,7 @@ cache (`Streamer.feed`), every new token reading the memory as scoring would."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 
 from memtx_cli.config import Config
 from memtx_cli.engine import Streamer
-from memtx_cli.errors import MemtxError
+from memtx_cli.errors import MemtxError, UsageError
 from memtx_cli.runtime import LoadedModel
 
 
@@ -28,13 +29,15 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise MemtxError(f"max-tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise MemtxError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MemtxError(f"top-p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"max-tokens must be >= 1, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UsageError(f"temperature must be a number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # also false for nan
+            raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise MemtxError(f"top-k must be >= 0, got {self.top_k}")
+            raise UsageError(f"top-k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 1 << 63:
+            raise UsageError(f"seed must be between 0 and 2^63 - 1, got {self.seed}")
 
 
 @dataclass

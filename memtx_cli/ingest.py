@@ -25,8 +25,8 @@ import torch
 from memtx_cli.bank import Bank, DocRecord, Geometry, check_model, now
 from memtx_cli.config import Config
 from memtx_cli.engine import Streamer
-from memtx_cli.errors import MemtxError
-from memtx_cli.reader import decode_text
+from memtx_cli.errors import MemtxError, UsageError
+from memtx_cli.reader import decode_text, read_bytes
 from memtx_cli.runtime import LoadedModel
 
 
@@ -231,17 +231,16 @@ def ingest(
     max_tokens: int = 0,
 ) -> IngestReport:
     cfg.validate_for(lm.args.context_length)
+    if max_tokens < 0:
+        raise UsageError(f"max-tokens must be >= 0 (0 = whole documents), got {max_tokens}")
     rep = IngestReport()
     t_start = time.perf_counter()
     for i, path in enumerate(files):
         key = str(path)
         try:
-            data = path.read_bytes()
-        except PermissionError:
-            rep.skipped.append((key, "permission denied"))
-            continue
-        except OSError as e:
-            rep.skipped.append((key, e.strerror or str(e)))
+            data = read_bytes(path)
+        except MemtxError as e:
+            rep.skipped.append((key, str(e).removeprefix(f"{key} ").removeprefix(f"cannot read {key}: ")))
             continue
         try:
             text, warnings = decode_text(data, key)

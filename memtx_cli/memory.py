@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from memtx_cli import attn_kernel
-from memtx_cli.errors import MemtxError
+from memtx_cli.errors import MemtxError, UsageError
 from memtx_cli.model import BlockRetrieval, Retrieval
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -45,7 +45,7 @@ def check_index_kind(kind: str) -> None:
     try:
         faiss.index_factory(8, kind, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
-        raise MemtxError(
+        raise UsageError(
             f"unknown index kind {kind!r}: use flat, ivf, hnsw or a FAISS factory string such as 'IVF256,Flat'"
         ) from None
 

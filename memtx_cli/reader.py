@@ -4,10 +4,16 @@ Policy: text is UTF-8 (a BOM is dropped). A file with NUL bytes in its first 8 K
 more than 1% of the bytes are not valid UTF-8, is binary and refused. A text file with a few
 invalid bytes is decoded with U+FFFD replacement and a warning that says how many: one bad
 byte in a log or a Latin-1 quote should not stop a 100 MB ingest, but the user should know.
+
+Only regular files are read (never a FIFO, a device or /dev/zero), and nothing larger than
+MAX_DOCUMENT_BYTES: a document is streamed through a model token by token, so 256 MiB (about
+60M tokens, most of a day on one machine) is more than any single document a user means.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +22,7 @@ from memtx_cli.errors import MemtxError
 
 SNIFF_BYTES = 8192
 MAX_BAD_FRACTION = 0.01
+MAX_DOCUMENT_BYTES = 256 << 20
 
 
 @dataclass
@@ -51,23 +58,49 @@ def decode_text(data: bytes, name: str) -> tuple[str, list[str]]:
     return text, [f"{name}: {bad} invalid UTF-8 byte(s) replaced with U+FFFD"]
 
 
+def read_bytes(path: str | Path, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """A regular file's bytes, at most `limit` (MemtxError otherwise). Opened without blocking,
+    so a FIFO is refused instead of waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MemtxError(f"no such file: {path}") from None
+    except PermissionError:
+        raise MemtxError(f"cannot read {path}: permission denied") from None
+    except OSError as e:
+        raise MemtxError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise MemtxError(f"{path} is a directory; give a file (memtx ingest reads directories)")
+        if not stat.S_ISREG(st.st_mode):
+            raise MemtxError(f"{path} is not a regular file (a device, FIFO or socket); memtx reads files")
+        if st.st_size > limit:
+            raise MemtxError(f"{path} is {st.st_size:,} bytes; memtx reads documents up to {limit:,} bytes: split it")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew while being read
+        raise MemtxError(f"{path} is over {limit:,} bytes; memtx reads documents up to {limit:,} bytes: split it")
+    return data
+
+
+def read_stdin(limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise MemtxError(f"standard input is over {limit:,} bytes; memtx reads documents up to that: split it")
+    return data
+
+
 def read_document(path: str) -> Document:
     """Read `path` ("-" = stdin) as text, or raise MemtxError with one actionable line."""
     if path == "-":
-        data = sys.stdin.buffer.read()
+        data = read_stdin()
         name = "<stdin>"
     else:
-        p = Path(path)
-        if not p.exists():
-            raise MemtxError(f"no such file: {path}")
-        if p.is_dir():
-            raise MemtxError(f"{path} is a directory; give a file (memtx ingest reads directories)")
-        try:
-            data = p.read_bytes()
-        except PermissionError:
-            raise MemtxError(f"cannot read {path}: permission denied") from None
-        except OSError as e:
-            raise MemtxError(f"cannot read {path}: {e.strerror or e}") from None
+        data = read_bytes(path)
         name = path
     text, warnings = decode_text(data, name)
     if not text.strip():

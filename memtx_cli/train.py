@@ -334,13 +334,20 @@ def load_optimizer_tensors(
             ) from None
 
 
+def _ours(out: Path, kind: str) -> list[Path]:
+    """Directories a save of `out` made beside it (`.NAME.<random>.memtx-save|old`): names only
+    memtx creates (exclusively, with a random part), so removing them never removes the user's."""
+    return sorted(p for p in out.parent.glob(f".{out.name}.*.memtx-{kind}") if p.is_dir() and not p.is_symlink())
+
+
 def recover_checkpoint(out: Path) -> None:
-    """Finish a save interrupted between its two renames (CKPT.old present, CKPT missing)."""
-    old = out.with_name(out.name + ".old")
-    if old.is_dir() and not out.exists():
-        os.replace(old, out)
-    elif old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
+    """Finish a save interrupted between its two renames (the previous checkpoint set aside,
+    CKPT missing), and remove what interrupted saves left."""
+    old = _ours(out, "old")
+    if old and not os.path.lexists(out):
+        os.replace(old.pop(), out)
+    for p in old + _ours(out, "save"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -351,27 +358,36 @@ def save_checkpoint(
     state_tensors: dict[str, torch.Tensor],
     state: dict[str, Any],
 ) -> None:
-    """Write the whole checkpoint to CKPT.tmp, then swap it in: a crash leaves the previous one."""
+    """Write the whole checkpoint into a new private directory beside CKPT, then swap it in: a
+    crash leaves the previous one. Only directories this save created are ever removed."""
+    import tempfile
+
     import yaml
     from safetensors.torch import save_file
 
     from memtx_cli.weights import save_hf_dir
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    weights = {k: v for k, v in model.state_dict().items() if k != "inv_freq"}
-    save_hf_dir(tmp, model.args, weights, tokenizer)
-    (tmp / "memtx.yaml").write_text(yaml.safe_dump(card, sort_keys=False, allow_unicode=True))
-    save_file({k: v.contiguous() for k, v in state_tensors.items()}, str(tmp / "train_state.safetensors"))
-    (tmp / "train_state.yaml").write_text(yaml.safe_dump(state, sort_keys=False))
-    for f in tmp.iterdir():  # on disk before the swap
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        os.replace(out, old)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".memtx-save", dir=out.parent))
+    try:
+        weights = {k: v for k, v in model.state_dict().items() if k != "inv_freq"}
+        save_hf_dir(tmp, model.args, weights, tokenizer)
+        (tmp / "memtx.yaml").write_text(yaml.safe_dump(card, sort_keys=False, allow_unicode=True))
+        save_file({k: v.contiguous() for k, v in state_tensors.items()}, str(tmp / "train_state.safetensors"))
+        (tmp / "train_state.yaml").write_text(yaml.safe_dump(state, sort_keys=False))
+        for f in tmp.iterdir():  # on disk before the swap
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.lexists(out):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".memtx-old", dir=out.parent))
+        os.replace(out, old)  # onto the empty directory just made: the name is ours
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_train_state(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

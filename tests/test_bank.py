@@ -20,7 +20,8 @@ import torch
 from helpers import make_tiny, signal_after_documents, write_gguf
 from typer.testing import CliRunner
 
-from memtx_cli.bank import Bank, DocRecord, Geometry, merge_banks, verify_bank
+from memtx_cli.bank import Bank, DocRecord, Geometry
+from memtx_cli.bankops import merge_banks, verify_bank
 from memtx_cli.cli import app
 from memtx_cli.config import merge_config
 from memtx_cli.errors import MemtxError

@@ -24,8 +24,8 @@ def run(*args, input=None):
     return runner.invoke(app, list(args), input=input)
 
 
-def one_error_line(result, *needles):
-    assert result.exit_code == 1, (result.exit_code, result.output, result.stderr)
+def one_error_line(result, *needles, code=1):
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("memtx: error: "), result.stderr
     for n in needles:
@@ -164,15 +164,15 @@ def test_compare_and_curve():
     ],
 )
 def test_bad_settings(flags, needle):
-    one_error_line(run("score", LUA, *flags), needle)
+    one_error_line(run("score", LUA, *flags), needle, code=2)  # a usage error
 
 
 def test_bad_yaml(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("segment: [oops\n")
-    one_error_line(run("score", LUA, "--config", str(p)), "not valid YAML")
+    one_error_line(run("score", LUA, "--config", str(p)), "not valid YAML", code=2)
     p.write_text("colour: blue\n")
-    one_error_line(run("score", LUA, "--config", str(p)), "unknown setting 'colour'")
+    one_error_line(run("score", LUA, "--config", str(p)), "unknown setting 'colour'", code=2)
 
 
 def test_models_lists_default():

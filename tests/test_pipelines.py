@@ -15,7 +15,8 @@ import pytest
 from helpers import make_tiny, signal_after_documents, write_gguf
 from test_bank import build, make_corpus
 
-from memtx_cli.bank import Bank, verify_bank
+from memtx_cli.bank import Bank
+from memtx_cli.bankops import verify_bank
 from memtx_cli.runtime import load_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -285,7 +285,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, init_yaml):
     assert r.returncode == 1 and "unknown architecture key" in r.stderr
     bad.write_text(TINY_INIT.replace('memory-layers: "1"', 'memory-layers: "7"'))
     r = sh(["train", str(CODE), "--init", str(bad), "--out", str(tmp_path / "o")])
-    assert r.returncode == 1 and "out of range" in r.stderr, r.stderr
+    assert r.returncode == 2 and "out of range" in r.stderr, r.stderr  # a bad setting: usage error
     r = sh(["train", str(CODE), "--init", str(init_yaml), "--out", str(tmp_path / "o"), "--train", "bias"])
     assert r.returncode == 1 and "--train must be one of" in r.stderr
     r = sh(["train", str(CODE), "--out", str(tmp_path), "--resume"])
