@@ -57,10 +57,15 @@ def check_tree(root: Path) -> None:
     def scan(d: Path, depth: int) -> None:
         try:
             entries = list(os.scandir(d))
+        except FileNotFoundError:  # an old generation a writer just deleted
+            return
         except OSError as e:
             raise MemtxError(f"bank {root}: cannot list {d}: {e.strerror}") from None
         for e in entries:
-            st = e.stat(follow_symlinks=False)
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
             bad = kind(st)
             if bad:
                 rel = Path(e.path).relative_to(root)
@@ -100,8 +105,8 @@ def check_dir_for_writing(path: Path) -> None:
 
 
 def open_file(path: Path, flags: int) -> int:
-    """os.open without following a symlink in the last component."""
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """os.open without following a symlink in the last component; a file it creates is private."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
 
 
 def create_file(path: Path, data: bytes = b"", mode: int = FILE_MODE) -> None:

@@ -47,6 +47,7 @@ def remove_documents(bank: Bank, keys: list[str]) -> list[str]:
             raise UsageError(f"{key!r} names a document given before")
         plan.append((rec, name))
     done = []
+    bank.frees_space = True
     for rec, name in plan:
         if rec.id not in bank.docs:
             continue
@@ -70,6 +71,7 @@ def compact(bank: Bank) -> dict[str, Any]:
     """Move live blocks from the end of the files into free blocks no reader can see, commit,
     then give back the end of the files (and the space of any block still free)."""
     before = bank.info()["bytes_on_disk"]
+    bank.frees_space = True
     free = sorted(int(b) for b in bank.reusable_blocks())
     live = sorted(int(b) for b in bank.live_blocks)
     moved = 0

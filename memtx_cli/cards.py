@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memtx_cli.errors import MemtxError
+from memtx_cli.errors import MemtxError, UsageError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -126,7 +126,7 @@ def resolve_model(name_or_path: str | None) -> ModelRef:
         return ModelRef(synth, p.resolve())
     if card is None:
         known = ", ".join(c.name for c in list_cards()) or "none"
-        raise MemtxError(
+        raise UsageError(
             f"unknown model '{name}' (known: {known}); or give a path to a .gguf file or a Hugging Face directory"
         )
     return ModelRef(card, card.require_weights())

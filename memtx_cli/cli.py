@@ -174,10 +174,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar o
 def build_config(config_file: str | None, model: str | None, flags: dict[str, Any]) -> Any:
     """defaults < model card settings < YAML < flags."""
     from memtx_cli.cards import resolve_model
-    from memtx_cli.config import merge_config, read_yaml_config
+    from memtx_cli.config import merge_config, read_yaml_config, setting
 
     yaml_layer = read_yaml_config(config_file) if config_file else {}
-    model_name = model or yaml_layer.get("model")
+    model_name = model or setting(yaml_layer, "model")
     card = resolve_model(model_name).card
     return merge_config(card.settings, yaml_layer, {"model": model, **flags})
 

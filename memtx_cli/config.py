@@ -178,6 +178,13 @@ class Config:
             raise UsageError(f"sink-positions must be auto, window or real, got {self.sink_positions!r}")
         if self.sinks < 0 or self.mem_distance < 0 or self.nprobe < 1:
             raise UsageError("sinks and mem-distance must be >= 0, nprobe >= 1")
+        window = self.segment * (2 if self.xl_cache else 1)
+        if self.sinks > window:
+            need = -(-self.sinks // (2 if self.xl_cache else 1))
+            raise UsageError(
+                f"segment {self.segment} spans fewer tokens than the {self.sinks} attention sinks: "
+                f"use --segment {need} or more (or fewer --sinks)"
+            )
 
     def validate_for(self, context_length: int) -> None:
         """Checks that need the model: a window longer than the trained context is refused."""
@@ -390,6 +397,12 @@ def merge_config(*layers: dict[str, Any] | None) -> Config:
     if merged.get("far_top_k") and not clamped_blocks and later > where["far_top_k"]:
         merged["far_top_k"] = 0
     return Config(**merged)
+
+
+def setting(layer: dict[str, Any], key: str) -> Any:
+    """One setting of a layer (a YAML file's), checked as merge_config checks it; None if unset."""
+    v = layer.get(key)
+    return None if v is None else _coerce(key, v, next(f.type for f in fields(Config) if f.name == key))
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

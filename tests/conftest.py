@@ -60,3 +60,16 @@ def tiny_gguf(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("model") / "tiny.gguf"
     write_gguf(p, args, state)
     return p
+
+
+def _cache_typer_command() -> None:
+    """typer rebuilds its click command on every CliRunner.invoke (~0.1 s for this app); the
+    command is the same each time, so tests build it once."""
+    import functools
+
+    import typer.testing
+
+    typer.testing._get_command = functools.lru_cache(maxsize=4)(typer.testing._get_command)
+
+
+_cache_typer_command()

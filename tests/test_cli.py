@@ -105,7 +105,7 @@ def test_invalid_utf8_many_bytes_refused(tmp_path):
 
 
 def test_unknown_model():
-    one_error_line(run("score", LUA, "--model", "gpt-17"), "unknown model 'gpt-17'", "smollm2-135m")
+    one_error_line(run("score", LUA, "--model", "gpt-17"), "unknown model 'gpt-17'", "smollm2-135m", code=2)
 
 
 def test_unsupported_gguf_architecture(tmp_path):
