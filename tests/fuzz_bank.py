@@ -102,9 +102,9 @@ def mutate(bank: Path, rng: random.Random, sentinel: Path) -> str:
             if target.suffix == ".npy" and rng.random() < 0.5:
                 data = bytearray(b"\x93NUMPY\x01\x00" + (118).to_bytes(2, "little"))
                 shape = rng.choice(["(10000000000, 4)", "(-1, 4)", "(3,)", "(2, 4)", "()", "(1, 1, 1)"])
-                data += f"{{'descr': '{rng.choice(['<i8', '<u4', '|O', '<f8'])}', 'fortran_order': False, 'shape': {shape}, }}".encode().ljust(
-                    118
-                )
+                descr = rng.choice(["<i8", "<u4", "|O", "<f8"])
+                header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+                data += header.encode().ljust(118)
                 data += rng.randbytes(rng.choice([0, 64, 256]))
             if target.name == "docs.json" and rng.random() < 0.5:
                 data = bytearray(rng.choice([b"[" * 50_000, b'[{"id": 0, "path": 1, "blocks": [99999999]}]', b"{}"]))
