@@ -541,35 +541,27 @@ class Bank:
         return np.nonzero(ok)[0]
 
     def allocate(self, n: int, reserved: set[int]) -> list[int]:
-        """n blocks no reader can see (lowest ids first), their disk space reserved; the files
-        grow geometrically only when none is free."""
+        """n blocks no reader can see (lowest ids first), their disk space reserved (a full disk
+        fails here, before anything is written). The files' length grows geometrically, as
+        sparse space, only when no block is free."""
         free = [int(b) for b in self.reusable_blocks() if int(b) not in reserved][:n]
-        for b in free:  # a reused block may have been given back to the file system
-            for name in self.data_files:
-                rb = self._block_bytes(name)
-                bankfs.reserve(self._fds[name], b * rb, rb, self.path)
         if len(free) < n:
             need = n - len(free)
             old = self.capacity_blocks
             grow = max(need, old // 4, 16)  # geometric growth: amortised O(1) file extension
             self._grow(old + grow)
             free += [b for b in range(old, old + grow) if b not in reserved][:need]
+        for b in free:
+            for name in self.data_files:
+                rb = self._block_bytes(name)
+                bankfs.reserve(self._fds[name], b * rb, rb, self.path)
         return free
 
     def _grow(self, nb: int) -> None:
-        sizes = {name: os.fstat(fd).st_size for name, fd in self._fds.items()}
-        try:
-            for name, fd in self._fds.items():
-                want = nb * self._block_bytes(name)
-                if sizes[name] < want:
-                    bankfs.reserve(fd, sizes[name], want - sizes[name], self.path)
-                    if os.fstat(fd).st_size < want:
-                        os.ftruncate(fd, want)
-        except BaseException:
-            for name, fd in self._fds.items():  # give back what this attempt took
-                if os.fstat(fd).st_size > sizes[name]:
-                    os.ftruncate(fd, sizes[name])
-            raise
+        for name, fd in self._fds.items():
+            want = nb * self._block_bytes(name)
+            if os.fstat(fd).st_size < want:
+                os.ftruncate(fd, want)  # sparse: blocks take disk space when allocated
         old = self.capacity_blocks
         self.blocks = np.concatenate([self.blocks, np.tile(np.array([FREE_ROW], np.int64), (nb - old, 1))])
         self.crc = np.concatenate([self.crc, np.zeros((nb - old, self.n_files), np.uint32)])

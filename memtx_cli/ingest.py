@@ -283,5 +283,6 @@ def ingest(
         rep.added.append(key)
         rep.tokens += len(ids)
     bank.trim()
+    bank.give_back()  # free blocks a reader held during the ingest: their space goes back now
     rep.seconds = time.perf_counter() - t_start
     return rep
