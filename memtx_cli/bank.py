@@ -250,6 +250,7 @@ class Bank:
             "clock": 0,
             "state_files": {},
         }
+        _remove_unfinished(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".memtx-new", dir=path.parent))
         bank = cls(tmp, manifest, writer=True)
         try:
@@ -857,6 +858,34 @@ def bankfs_limit(name: str, d: int, n_live: int) -> int:
     if name.endswith(".faiss"):
         return 90 + n_live * (4 * d + 8)
     return 1 << 30  # docs.json: paths of every document
+
+
+def _remove_unfinished(path: Path) -> None:
+    """Remove what killed creations of `path` left beside it: directories named as only
+    Bank.create names them (`.NAME.<random>.memtx-new`), this user's, holding only bank files,
+    whose creator is gone (their lock is free)."""
+    import fcntl
+    import re
+    import stat
+
+    bank_names = re.compile(r"^(manifest\.yaml|lock|reserve|state|provenance\.bin|L\d+\.(keys|values)|\..*\.tmp)$")
+    for d in path.parent.glob(f".{path.name}.*.memtx-new"):
+        try:
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            if not all(bank_names.match(n) for n in os.listdir(d)):
+                continue
+            fd = bankfs.open_file(d / "lock", os.O_RDWR | os.O_CREAT)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            bankfs.remove_dir(d)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _check_target(path: Path) -> None:

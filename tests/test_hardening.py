@@ -441,8 +441,10 @@ def test_a_kill_during_bank_creation_does_not_block_the_rerun(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], env=ENV)
     assert p.returncode == -signal.SIGKILL
     assert not out.exists()
+    assert len(list(tmp_path.glob(".b.idx.*.memtx-new"))) == 1  # what the killed creation left
     synthetic_bank(out, capacity=0, policy="fifo").close()
     assert verify_bank(out) == []
+    assert list(tmp_path.glob(".b.idx.*.memtx-new")) == []  # removed by the rerun
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,3 +566,24 @@ def test_usage_error_exit_code_is_two_in_a_real_process():
         cwd=REPO,
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_compact_moves_blocks_down_and_gives_space_back(tmp_path):
+    path = tmp_path / "b.idx"
+    bank = synthetic_bank(path, capacity=0, policy="fifo")
+    small_writes(bank, 40)
+    keep = {d: bank.keys(0)[bank.docs[d].blocks[0] * 4 : bank.docs[d].blocks[0] * 4 + 4].copy() for d in (137, 139)}
+    for d in [d for d in bank.docs if d not in keep]:
+        bank.remove_document(d)
+    bank.commit()
+    bank.close()
+    with Bank.open(path) as b:
+        before = b.info()["apparent_bytes"]
+    r = runner.invoke(app, ["bank", "compact", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    assert verify_bank(path) == []
+    with Bank.open(path) as b:
+        assert b.capacity_blocks == 2 and b.info()["apparent_bytes"] < before
+        for d, k in keep.items():
+            (blk,) = b.docs[d].blocks
+            np.testing.assert_array_equal(b.keys(0)[blk * 4 : blk * 4 + 4], k)
