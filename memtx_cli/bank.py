@@ -230,7 +230,14 @@ class Bank:
             raise MemtxError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         path = Path(path)
         _check_target(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_unfinished(path)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".memtx-new", dir=path.parent))
+        except OSError as e:
+            if bankfs.is_no_space(e):
+                raise bankfs.no_space(path.parent) from None
+            raise MemtxError(f"cannot create bank {path}: {e.strerror}") from None
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -250,8 +257,6 @@ class Bank:
             "clock": 0,
             "state_files": {},
         }
-        _remove_unfinished(path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".memtx-new", dir=path.parent))
         bank = cls(tmp, manifest, writer=True)
         try:
             bank._lock_fd = banklock.writer_lock(tmp)
