@@ -145,13 +145,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    meta = run_metadata()  # at the start: the code that runs is the code of this commit
     work = Path(tempfile.mkdtemp(prefix="memtx-kills-"))
     (work / "pool").mkdir()
     doc_pool(work / "pool", a.docs, a.seed)
     t0 = time.time()
     ref = finish(work / "pool", work / "clean.idx")
     print(f"clean: {ref['documents']} documents, {ref['entries']:,} entries ({time.time() - t0:.0f} s)", flush=True)
-    res = {**run_metadata(), "documents": ref["documents"], "entries": ref["entries"]}
+    res = {**meta, "documents": ref["documents"], "entries": ref["entries"]}
     res["random_kills"] = random_kills(work / "pool", work, a.kills, random.Random(a.seed), ref)
     print(json.dumps(res["random_kills"]), flush=True)
     res["commit_kills"] = commit_kills(work / "pool", work, a.commit_kills, ref)

@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    meta = run_metadata()  # at the start: the code that runs is the code of this commit
     work = Path(tempfile.mkdtemp(prefix="memtx-soak-"))
     (work / "pool").mkdir()
     pool = doc_pool(work / "pool", a.docs, a.seed)
@@ -145,7 +146,7 @@ def main() -> None:
     ref = summary(clean_path)
     fails = {k: [x for x in v if x["rc"] != 0] for k, v in logs.items()}
     result = {
-        **run_metadata(),
+        **meta,
         "minutes": (time.time() - t0) / 60,
         "writer_steps": steps,
         "documents_ingested": nxt,
