@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import re
 import secrets
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 from memtx_cli.errors import MemtxError
 
@@ -202,18 +204,23 @@ def reserve(fd: int, offset: int, length: int, where: Path) -> None:
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
+@functools.cache
+def _fallocate() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fn
+
+
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Give the disk blocks of [offset, offset + length) back, keeping the file's size (the
     range then reads as zeros). False where the file system cannot."""
     if length <= 0:
         return True
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.fallocate
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    except (OSError, AttributeError):
-        return False
-    return fn(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+    fn = _fallocate()
+    return fn is not None and fn(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 def fsync_dir(path: Path) -> None:
