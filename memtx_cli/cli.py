@@ -780,7 +780,7 @@ def bank_info(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) 
             ("memory layers", f"{info['layers'][0]}-{info['layers'][-1]}" if info["layers"] else "-"),
             ("kv heads x head dim", f"{info['kv_heads']} x {info['head_dim']}, {info['dtype']}"),
             ("eviction", f"{info['eviction']}"),
-            ("readable by", f"{info['readable_by']} ({info['mode']}); a bank holds its documents' text"),
+            ("readable by (it holds its text)", f"{info['readable_by']} ({info['mode']})"),
         ],
     )
 
