@@ -42,6 +42,7 @@ def outputs() -> dict:
         rel = doc.relative_to(REPO).as_posix()
         for mode, flags in (("defaults", []), ("no-memory", ["--no-memory"]), ("full", ["--context", "full"])):
             d = memtx("score", rel, *flags)
+            out["dtype"] = d["dtype"]  # auto: bfloat16 where the CPU has it, else float32
             out["score"][f"{rel} {mode}"] = {"tokens": d["tokens"], "nll": d["nll"]}
             print(f"{rel} {mode}: {d['tokens']} tokens, nll {d['nll']:.6f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +67,11 @@ def outputs() -> dict:
 
 
 def compare(golden: dict, now: dict) -> list[str]:
+    """Differences; meaningful on the CPU the golden file was recorded on (record it again there,
+    at the commit before a change, when the machine differs: BLAS and dtype vary by CPU)."""
     bad = []
+    if golden.get("dtype") != now.get("dtype"):
+        bad.append(f"dtype {golden.get('dtype')} -> {now.get('dtype')}: record the golden file on this CPU")
     for key, g in golden["score"].items():
         n = now["score"].get(key)
         if n is None or n["tokens"] != g["tokens"] or abs(n["nll"] - g["nll"]) > TOLERANCE * abs(g["nll"]):
