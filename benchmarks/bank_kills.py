@@ -16,12 +16,11 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from _meta import REPO, run_metadata
-from bank_soak import doc_pool, summary
+from bank_soak import pool_workdir, summary
 
 from memtx_cli.bankops import verify_bank
 
@@ -146,9 +145,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     meta = run_metadata()  # at the start: the code that runs is the code of this commit
-    work = Path(tempfile.mkdtemp(prefix="memtx-kills-"))
-    (work / "pool").mkdir()
-    doc_pool(work / "pool", a.docs, a.seed)
+    work, _ = pool_workdir("memtx-kills-", a.docs, a.seed)
     t0 = time.time()
     ref = finish(work / "pool", work / "clean.idx")
     print(f"clean: {ref['documents']} documents, {ref['entries']:,} entries ({time.time() - t0:.0f} s)", flush=True)

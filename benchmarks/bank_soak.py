@@ -50,6 +50,13 @@ def doc_pool(root: Path, n: int, seed: int) -> list[Path]:
     return out
 
 
+def pool_workdir(prefix: str, docs: int, seed: int) -> tuple[Path, list[Path]]:
+    """A fresh working directory with a pool of `docs` documents in pool/."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    (work / "pool").mkdir()
+    return work, doc_pool(work / "pool", docs, seed)
+
+
 def bank_bytes(path: Path) -> tuple[int, int]:
     """(bytes on disk, bytes the live entries need: their blocks + current state + reserve)."""
     disk = 0
@@ -94,9 +101,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     meta = run_metadata()  # at the start: the code that runs is the code of this commit
-    work = Path(tempfile.mkdtemp(prefix="memtx-soak-"))
-    (work / "pool").mkdir()
-    pool = doc_pool(work / "pool", a.docs, a.seed)
+    work, pool = pool_workdir("memtx-soak-", a.docs, a.seed)
     bank_path = work / "soak.idx"
     lm = load_model("smollm2-135m", device="cpu", dtype="auto")
     cfg = merge_config(resolve_model("smollm2-135m").card.settings)  # the defaults `memtx ingest` uses

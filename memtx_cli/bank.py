@@ -166,6 +166,7 @@ class Bank:
         self.crc = np.zeros((0, self.n_files), dtype=np.uint32)
         self.indexes: dict[tuple[int, int], Any] = {}
         self._mm: dict[str, np.memmap] = {}
+        self._state_bytes = 0  # size of the last committed state: what the reserve holds back
         self.frees_space = False  # set by removals and compaction: see commit()
 
     # ------------------------------------------------------------------ files and geometry
@@ -395,13 +396,12 @@ class Bank:
         sd = self.state_dir()
         recorded = self.manifest.get("state_files") or {}
         cap = self._max_capacity()
-        n_live_max = cap
         limits = {"blocks.npy": 4096 + 32 * cap, "crc.npy": 4096 + 4 * self.n_files * cap}
         data: dict[str, bytes] = {}
         for name in self._state_files():
             p = sd / name
             rel = p.relative_to(self.path)
-            limit = limits.get(name, bankfs_limit(name, self.geo.head_dim, n_live_max))
+            limit = limits.get(name, state_file_limit(name, self.geo.head_dim, cap))
             try:
                 raw = bankfs.read_file(p, limit)
             except FileNotFoundError:
@@ -541,7 +541,7 @@ class Bank:
         freed = np.where(self.blocks[:, B_SEQ] < 0, gen, self.blocks[:, B_SEQ])
         ok = free & (freed <= gen)  # blocks freed by this uncommitted change wait for its commit
         if (ok & (freed > 0)).any():
-            held = banklock.held_generations(self.path, gen)
+            held = banklock.held_generations(self.path)
             if held:
                 ok &= freed <= min(held)
         return np.nonzero(ok)[0]
@@ -673,7 +673,7 @@ class Bank:
         except OSError as e:
             if not bankfs.is_no_space(e):
                 raise
-            if not self.frees_space or not self._release_reserve():
+            if not self.frees_space or not bankfs.release_reserve(self.path / "reserve"):
                 raise bankfs.no_space(self.path) from None
             try:
                 self._commit()
@@ -681,7 +681,7 @@ class Bank:
                 if bankfs.is_no_space(e2):
                     raise bankfs.no_space(self.path) from None
                 raise
-        self._refresh_reserve()
+        bankfs.refresh_reserve(self.path / "reserve", self._state_bytes + RESERVE_SLACK)
 
     def _commit(self) -> None:
         import yaml
@@ -727,48 +727,18 @@ class Bank:
         self._state_bytes = sum(len(d) for d in payload.values())
         banklock.drop_unread(self.path, gen)
 
-    def _refresh_reserve(self) -> None:
-        """Hold back disk space for one more state (best effort: a full disk just has less)."""
-        want = getattr(self, "_state_bytes", 0) + RESERVE_SLACK
-        p = self.path / "reserve"
-        try:
-            fd = bankfs.open_file(p, os.O_RDWR | os.O_CREAT)
-        except OSError:
-            return
-        try:
-            size = os.fstat(fd).st_size
-            if size < want:
-                os.posix_fallocate(fd, 0, want)
-            elif size > 2 * want:
-                os.ftruncate(fd, want)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-    def _release_reserve(self) -> bool:
-        p = self.path / "reserve"
-        try:
-            st = os.lstat(p)
-        except FileNotFoundError:
-            return False
-        if not os.path.isfile(p) or os.path.islink(p) or st.st_size == 0:
-            return False
-        os.unlink(p)
-        return True
-
     def trim(self) -> None:
         """Give back the free blocks at the end of the data files (growth is geometric). Only
         when no reader holds the bank: a reader maps the files at its state's length. Commits,
         then truncates: a crash in between only leaves the files longer than needed."""
         live = self.live_blocks
         keep = int(live.max()) + 1 if len(live) else 0
-        if keep >= self.capacity_blocks or banklock.held_generations(self.path, self.generation):
+        if keep >= self.capacity_blocks or banklock.held_generations(self.path):
             return
         self.blocks, self.crc = self.blocks[:keep], self.crc[:keep]
         self._mm.clear()
         self.commit()
-        if [g for g in banklock.held_generations(self.path, self.generation) if g != self.generation]:
+        if [g for g in banklock.held_generations(self.path) if g != self.generation]:
             return
         for name, fd in self._fds.items():
             os.ftruncate(fd, keep * self._block_bytes(name))
@@ -858,7 +828,7 @@ class Bank:
         }
 
 
-def bankfs_limit(name: str, d: int, n_live: int) -> int:
+def state_file_limit(name: str, d: int, n_live: int) -> int:
     """The largest a state file may be for a bank with room for `n_live` blocks."""
     if name.endswith(".faiss"):
         return 90 + n_live * (4 * d + 8)

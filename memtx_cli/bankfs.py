@@ -223,6 +223,36 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     return fn is not None and fn(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
+def refresh_reserve(p: Path, want: int) -> None:
+    """Hold `want` bytes of disk in the reserve file `p` (best effort: a full disk has less)."""
+    try:
+        fd = open_file(p, os.O_RDWR | os.O_CREAT)
+    except OSError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if size < want:
+            os.posix_fallocate(fd, 0, want)
+        elif size > 2 * want:
+            os.ftruncate(fd, want)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def release_reserve(p: Path) -> bool:
+    """Delete the reserve file `p` (a regular file, not a link); False if there was none."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return False
+    os.unlink(p)
+    return True
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

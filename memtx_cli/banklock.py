@@ -112,7 +112,7 @@ def _try_exclusive(path: Path, gen: int) -> int | None:
     return fd
 
 
-def held_generations(path: Path, current: int) -> list[int]:
+def held_generations(path: Path) -> list[int]:
     """Generations some reader holds (the current one included)."""
     held = []
     for g in generations(path):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from memtx_cli import banklock
+from memtx_cli import bankfs, banklock
 from memtx_cli.bank import B_VALID, Bank, DocRecord, check_model
 from memtx_cli.errors import MemtxError, UsageError
 
@@ -91,16 +92,12 @@ def compact(bank: Bank) -> dict[str, Any]:
         "released_blocks": released,
         "bytes_before": before,
         "bytes_after": bank.info()["bytes_on_disk"],
-        "readers": len(banklock.held_generations(bank.path, bank.generation)),
+        "readers": len(banklock.held_generations(bank.path)),
     }
 
 
 def _move_block(bank: Bank, src: int, dst: int) -> None:
     """Copy block src's bytes into free block dst and make dst take its place (ids, crc, index)."""
-    import os
-
-    from memtx_cli import bankfs
-
     for name, fd in bank._fds.items():
         rb = bank._block_bytes(name)
         data = os.pread(fd, rb, src * rb)
