@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from memtx_cli.bench import _transformers_runner, default_text
-from memtx_cli.engine import full_nll, stream_nll
-from memtx_cli.runtime import load_model
+from memtx_cli.engine.stream import full_nll, stream_nll
+from memtx_cli.model.loading import load_model
+from memtx_cli.tasks.bench import _transformers_runner, default_text
 
 
 def main() -> None:

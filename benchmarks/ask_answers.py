@@ -6,11 +6,11 @@ the answer and is the first source the right document and lines?
 
 import sys
 
-from memtx_cli.bank import Bank
-from memtx_cli.chat import answer
+from memtx_cli.bank.store import Bank
 from memtx_cli.config import merge_config
-from memtx_cli.generate import Sampling
-from memtx_cli.runtime import load_model
+from memtx_cli.engine.generate import Sampling
+from memtx_cli.model.loading import load_model
+from memtx_cli.tasks.chat import answer
 
 QUESTIONS = [
     ("When was version 1.8 of the Debian constitution ratified?", "January 28", "debian", 4),

@@ -9,10 +9,10 @@ import json
 import math
 import sys
 
-from memtx_cli.bank import Bank
-from memtx_cli.chat import NEUTRAL_QUESTION, block_mass, sources_from_mass
+from memtx_cli.bank.store import Bank
 from memtx_cli.config import merge_config
-from memtx_cli.runtime import load_model
+from memtx_cli.model.loading import load_model
+from memtx_cli.tasks.chat import NEUTRAL_QUESTION, block_mass, sources_from_mass
 
 QUESTIONS = [
     ("When was version 1.8 of the Debian constitution ratified?", "debian", 4),

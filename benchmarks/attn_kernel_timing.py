@@ -23,9 +23,9 @@ from types import SimpleNamespace
 
 import torch
 
-from memtx_cli import attn_kernel
-from memtx_cli.memory import IndexSpec, LayerMemory
-from memtx_cli.model import far_reads
+from memtx_cli.kernels import attn as attn_kernel
+from memtx_cli.memory.store import IndexSpec, LayerMemory
+from memtx_cli.model.llama import far_reads
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 

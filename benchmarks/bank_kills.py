@@ -22,7 +22,7 @@ from pathlib import Path
 from _meta import REPO, run_metadata
 from bank_soak import pool_workdir, summary
 
-from memtx_cli.bankops import verify_bank
+from memtx_cli.bank.ops import verify_bank
 
 MEMTX = [sys.executable, "-m", "memtx_cli"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from _meta import REPO, run_metadata
 
-from memtx_cli.bank import Bank
-from memtx_cli.bankops import remove_documents
-from memtx_cli.cards import resolve_model
+from memtx_cli.bank.ingest import ingest, open_or_create_bank
+from memtx_cli.bank.ops import remove_documents
+from memtx_cli.bank.store import Bank
 from memtx_cli.config import merge_config
-from memtx_cli.ingest import ingest, open_or_create_bank
-from memtx_cli.runtime import load_model
+from memtx_cli.model.cards import resolve_model
+from memtx_cli.model.loading import load_model
 
 CORPUS = [REPO / "sample_docs", REPO.parent / "shared" / "corpus"]
 SLICE_CHARS = 2500  # ~700 tokens per document: many documents, many commits

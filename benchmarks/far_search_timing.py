@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from memtx_cli.memory import IndexSpec, LayerMemory, exact_top_k, top_rows
-from memtx_cli.runtime import tune_allocator
+from memtx_cli.memory.store import IndexSpec, LayerMemory, exact_top_k, top_rows
+from memtx_cli.model.loading import tune_allocator
 
 
 def main() -> None:

@@ -26,9 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memtx_cli.bench import CORPUS
-from memtx_cli.model import apply_rope
-from memtx_cli.runtime import load_model
+from memtx_cli.model.llama import apply_rope
+from memtx_cli.model.loading import load_model
+from memtx_cli.tasks.bench import CORPUS
 
 # Not the memory benchmark's documents (Persuasion, the Lua sources, the SPDX texts, the Debian
 # constitution's versions).

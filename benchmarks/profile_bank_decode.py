@@ -8,10 +8,10 @@ import pstats
 import sys
 import time
 
-from memtx_cli.bank import Bank
+from memtx_cli.bank.store import Bank
 from memtx_cli.config import merge_config
-from memtx_cli.generate import Sampling, generate
-from memtx_cli.runtime import load_model
+from memtx_cli.engine.generate import Sampling, generate
+from memtx_cli.model.loading import load_model
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ import dataclasses
 import torch
 from torch.profiler import profile
 
-from memtx_cli.bench import CORPUS, GENRE_DOCS
 from memtx_cli.config import merge_config
-from memtx_cli.engine import Streamer
-from memtx_cli.runtime import load_model
+from memtx_cli.engine.stream import Streamer
+from memtx_cli.model.loading import load_model
+from memtx_cli.tasks.bench import CORPUS, GENRE_DOCS
 
 
 def streams(n: int, genre: str, measured: int) -> tuple[torch.Tensor, dict[str, Streamer], int, int]:

@@ -22,8 +22,8 @@ import sys
 
 from head_budgets import allocate  # the same greedy as the card's budgets (benchmarks/ is on sys.path)
 
-from memtx_cli.cards import find_card
 from memtx_cli.config import merge_config
+from memtx_cli.model.cards import find_card
 
 G = 3  # query heads per KV head (SmolLM2-135M: 9 / 3)
 HEAD_COST, LAYER_COST = 80, 320

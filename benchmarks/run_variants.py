@@ -19,10 +19,10 @@ import sys
 
 import torch
 
-from memtx_cli.bench import CORPUS, GENRE_DOCS
 from memtx_cli.config import merge_config
-from memtx_cli.engine import run_streams
-from memtx_cli.runtime import load_model
+from memtx_cli.engine.stream import run_streams
+from memtx_cli.model.loading import load_model
+from memtx_cli.tasks.bench import CORPUS, GENRE_DOCS
 
 
 def main() -> None:

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from memtx_cli.bench import CORPUS, GENRE_DOCS
 from memtx_cli.config import merge_config
-from memtx_cli.engine import full_nll, run_stream
-from memtx_cli.runtime import load_model
+from memtx_cli.engine.stream import full_nll, run_stream
+from memtx_cli.model.loading import load_model
+from memtx_cli.tasks.bench import CORPUS, GENRE_DOCS
 
 
 def main() -> None:

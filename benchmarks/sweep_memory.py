@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from memtx_cli.config import Config
-from memtx_cli.engine import full_nll, run_stream
-from memtx_cli.runtime import load_model
+from memtx_cli.engine.stream import full_nll, run_stream
+from memtx_cli.model.loading import load_model
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared/corpus"
 DOCS = {

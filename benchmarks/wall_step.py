@@ -20,7 +20,7 @@ from profile_step import streams  # same set-up (run from the repo root: benchma
 
 from memtx_cli import memory as mem_mod
 from memtx_cli import model as model_mod
-from memtx_cli.bench import GENRE_DOCS
+from memtx_cli.tasks.bench import GENRE_DOCS
 
 SPENT: dict[str, float] = collections.defaultdict(float)
 ACTIVE = {"run": ""}

@@ -1,3 +1,3 @@
-from memtx_cli.cli import main
+from memtx_cli.cli.app import main
 
 main()

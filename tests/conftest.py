@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from memtx_cli.model import ModelArgs
-from memtx_cli.runtime import build_model
+from memtx_cli.model.llama import ModelArgs
+from memtx_cli.model.loading import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -38,7 +38,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def real_lm():
     """The embedded default model in float32 (make test installs it; its absence is a failure)."""
-    from memtx_cli.runtime import load_model
+    from memtx_cli.model.loading import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO))
 import typer.testing as typer_testing  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-import memtx_cli.runtime as runtime  # noqa: E402
-from memtx_cli.bank import manifest_checksum  # noqa: E402
-from memtx_cli.cli import app  # noqa: E402
+import memtx_cli.model.loading as runtime  # noqa: E402
+from memtx_cli.bank.store import manifest_checksum  # noqa: E402
+from memtx_cli.cli.app import app  # noqa: E402
 
 CFG = ["--segment", "64", "--dtype", "float32", "--block-size", "8", "--blocks", "4", "--block-chunk", "16"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from conftest import tiny_args
 
-from memtx_cli.runtime import build_model
+from memtx_cli.model.loading import build_model
 
 
 def byte_tokenizer():

@@ -15,11 +15,11 @@ import torch
 from helpers import make_tiny, write_gguf
 from test_bank import build, make_corpus
 
-from memtx_cli.bank import Bank
-from memtx_cli.chat import BankTrace, sources_from_mass
-from memtx_cli.model import Attention, BlockRetrieval, MemoryRead, ModelArgs, local_bias, rope_inv_freq, rotate_by
-from memtx_cli.passkey import answer_is, build_prompt, parse_depths, parse_lengths
-from memtx_cli.runtime import load_model
+from memtx_cli.bank.store import Bank
+from memtx_cli.model.llama import Attention, BlockRetrieval, MemoryRead, ModelArgs, local_bias, rope_inv_freq, rotate_by
+from memtx_cli.model.loading import load_model
+from memtx_cli.tasks.chat import BankTrace, sources_from_mass
+from memtx_cli.tasks.passkey import answer_is, build_prompt, parse_depths, parse_lengths
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -248,10 +248,10 @@ def test_chat_remember_persists_across_sessions(tiny_gguf, bank_dir, tmp_path):
 def test_ask_real_model_answers_with_the_right_source(real_lm, tmp_path):
     """A bank of two sample documents; the answer is on line 4 of the Debian constitution:
     "Version 1.8 ratified on January 28th, 2022." """
-    from memtx_cli.chat import answer
+    from memtx_cli.bank.ingest import ingest, open_or_create_bank
     from memtx_cli.config import merge_config
-    from memtx_cli.generate import Sampling
-    from memtx_cli.ingest import ingest, open_or_create_bank
+    from memtx_cli.engine.generate import Sampling
+    from memtx_cli.tasks.chat import answer
 
     docs = [
         REPO / "sample_docs/books/austen_persuasion_ch1-2.txt",

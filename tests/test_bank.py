@@ -20,14 +20,14 @@ import torch
 from helpers import make_tiny, signal_after_documents, write_gguf
 from typer.testing import CliRunner
 
-from memtx_cli.bank import Bank, DocRecord, Geometry
-from memtx_cli.bankops import merge_banks, verify_bank
-from memtx_cli.cli import app
+from memtx_cli.bank.ingest import ingest, open_or_create_bank
+from memtx_cli.bank.ops import merge_banks, verify_bank
+from memtx_cli.bank.store import Bank, DocRecord, Geometry
+from memtx_cli.cli.app import app
 from memtx_cli.config import merge_config
 from memtx_cli.errors import MemtxError
-from memtx_cli.ingest import ingest, open_or_create_bank
-from memtx_cli.memory import BankLayerMemory, IndexSpec, LayerMemory
-from memtx_cli.runtime import load_model
+from memtx_cli.memory.store import BankLayerMemory, IndexSpec, LayerMemory
+from memtx_cli.model.loading import load_model
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ def test_score_with_bank_reads_it_and_never_modifies_it(tiny_lm, tiny_gguf, tmp_
 
 
 def _stream_bank(lm, ids, cfg, bank, horizon):
-    from memtx_cli.engine import Streamer
+    from memtx_cli.engine.stream import Streamer
 
     st = Streamer(lm.model, cfg, bank)
     st.horizon = horizon  # as if the trained context ended `horizon` tokens back
@@ -188,7 +188,7 @@ def test_bank_with_clamped_positions_and_memory_heads(tiny_lm, tiny_gguf, tmp_pa
         k_one, v_one, _ = st.bank_memories[layer].gather_blocks(i_one)
         assert torch.equal(k_one[0], k_all[1]) and torch.equal(v_one[0], v_all[1])
     with pytest.raises(MemtxError, match="fixed or clamped"):
-        from memtx_cli.engine import check_bank_settings
+        from memtx_cli.engine.stream import check_bank_settings
 
         with Bank.open(tmp_path / "b.idx") as b:
             check_bank_settings(b, dataclasses.replace(base, positions="true"), b.geo.layers)

@@ -12,9 +12,9 @@ from conftest import REPO, SAMPLE
 from helpers import make_tiny, write_gguf
 from typer.testing import CliRunner
 
-from memtx_cli.cli import app
+from memtx_cli.cli.app import app
 from memtx_cli.config import Config, merge_config
-from memtx_cli.engine import score_text
+from memtx_cli.engine.stream import score_text
 
 LUA = str(SAMPLE / "code/lcorolib.c")
 runner = CliRunner()
@@ -202,7 +202,7 @@ def test_help_is_fast_and_does_not_import_torch():
         [
             sys.executable,
             "-c",
-            "import sys; import memtx_cli.cli; print('torch' in sys.modules, 'faiss' in sys.modules)",
+            "import sys; import memtx_cli.cli.app; print('torch' in sys.modules, 'faiss' in sys.modules)",
         ],
         capture_output=True,
         text=True,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from memtx_cli.config import Config
-from memtx_cli.engine import Streamer, run_stream
+from memtx_cli.engine.stream import Streamer, run_stream
 
 
 def cfg(**kw):

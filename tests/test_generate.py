@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memtx_cli.generate import Sampling, sample_next
+from memtx_cli.engine.generate import Sampling, sample_next
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -21,12 +21,12 @@ import yaml
 from test_bank import build, make_corpus, synthetic_bank
 from typer.testing import CliRunner
 
-from memtx_cli import attn_kernel
-from memtx_cli.bank import Bank, DocRecord, manifest_checksum
-from memtx_cli.bankops import verify_bank
-from memtx_cli.cli import app
+from memtx_cli.bank.ops import verify_bank
+from memtx_cli.bank.store import Bank, DocRecord, manifest_checksum
+from memtx_cli.cli.app import app
 from memtx_cli.errors import MemtxError
-from memtx_cli.runtime import load_model
+from memtx_cli.kernels import attn as attn_kernel
+from memtx_cli.model.loading import load_model
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ def test_space_freed_under_a_reader_is_reused_once_it_closes(tmp_path):
 
 
 def test_a_template_cannot_run_code(tmp_path):
-    from memtx_cli.chat import render_chat
+    from memtx_cli.tasks.chat import render_chat
 
     marker = tmp_path / "pwned"
     evil = "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}"
@@ -323,7 +323,7 @@ def test_a_full_disk_is_one_line_and_bank_rm_frees_space(tiny_gguf, tmp_path, sm
 
 
 def test_ingest_skips_links_out_of_the_tree(tiny_lm, tiny_gguf, tmp_path):
-    from memtx_cli.corpus import select_files
+    from memtx_cli.bank.corpus import select_files
 
     secret = tmp_path / "secret.txt"
     secret.write_text("-----BEGIN PRIVATE KEY-----\n")
@@ -344,7 +344,7 @@ def test_ingest_skips_links_out_of_the_tree(tiny_lm, tiny_gguf, tmp_path):
 def test_checkpoint_save_leaves_the_users_directories_alone(tmp_path):
     import torch
 
-    from memtx_cli.train import save_checkpoint
+    from memtx_cli.tasks.train import save_checkpoint
 
     class Fake:
         args = None
@@ -352,7 +352,7 @@ def test_checkpoint_save_leaves_the_users_directories_alone(tmp_path):
         def state_dict(self):
             return {"w": torch.zeros(2)}
 
-    import memtx_cli.weights as weights
+    import memtx_cli.model.weights as weights
 
     orig = weights.save_hf_dir
     weights.save_hf_dir = lambda path, args, w, tok: Path(path).mkdir(exist_ok=True)
@@ -410,7 +410,7 @@ def test_devices_and_fifos_are_refused_without_hanging(tmp_path):
     t0 = time.time()
     r = runner.invoke(app, ["score", str(fifo)])
     one_line(r, 1, "not a regular file")
-    from memtx_cli.chat import _read_if_unchanged
+    from memtx_cli.tasks.chat import _read_if_unchanged
 
     assert _read_if_unchanged(str(fifo), "0" * 64, 10) is None
     assert _read_if_unchanged("/dev/zero", "0" * 64, 10) is None
@@ -418,7 +418,7 @@ def test_devices_and_fifos_are_refused_without_hanging(tmp_path):
 
 
 def test_documents_over_the_bound_are_refused(tmp_path, monkeypatch):
-    from memtx_cli import reader
+    from memtx_cli.bank import reader
 
     p = tmp_path / "big.txt"
     p.write_text("x" * 2000)
@@ -434,7 +434,7 @@ def test_a_kill_during_bank_creation_does_not_block_the_rerun(tmp_path):
     out = tmp_path / "b.idx"
     code = (
         "import os, signal, sys\n"
-        "from memtx_cli.bank import Bank, Geometry\n"
+        "from memtx_cli.bank.store import Bank, Geometry\n"
         "Bank.commit = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"Bank.create({str(out)!r}, {{'name': 's'}}, Geometry([0], 1, 4, 4), {{}}, {{'capacity': 0}})\n"
     )
@@ -505,7 +505,7 @@ def test_crafted_banks_fail_fast_with_one_line(small_bank, tmp_path, case):
 def test_chat_remember_keeps_exchanges_while_another_writer_holds_the_bank(
     small_bank, tiny_gguf, tmp_path, monkeypatch
 ):
-    import memtx_cli.cli as cli
+    import memtx_cli.cli.app as cli
 
     path = copy_bank(small_bank, tmp_path / "b.idx")
     with Bank.open(path) as b:

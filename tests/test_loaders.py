@@ -5,8 +5,8 @@ import torch
 from helpers import logits_of, make_tiny, write_gguf
 
 from memtx_cli.errors import MemtxError
-from memtx_cli.runtime import load_model
-from memtx_cli.weights import load_gguf, load_hf_dir, save_hf_dir
+from memtx_cli.model.loading import load_model
+from memtx_cli.model.weights import load_gguf, load_hf_dir, save_hf_dir
 
 
 def test_gguf_round_trip_undoes_permutation(tmp_path):

@@ -9,10 +9,10 @@ import torch
 from test_model import naive_logits, nll_from_logits, window_mask
 
 from memtx_cli.config import Config
-from memtx_cli.engine import Streamer, run_stream, run_streams, stream_nll
+from memtx_cli.engine.stream import Streamer, run_stream, run_streams, stream_nll
 from memtx_cli.errors import MemtxError
-from memtx_cli.memory import IndexSpec, LayerMemory, exact_top_k, spread_forward, top_rows
-from memtx_cli.model import BlockRetrieval, MemoryRead, clamp_keys, merge_lse, query_runs, rotate_by
+from memtx_cli.memory.store import IndexSpec, LayerMemory, exact_top_k, spread_forward, top_rows
+from memtx_cli.model.llama import BlockRetrieval, MemoryRead, clamp_keys, merge_lse, query_runs, rotate_by
 
 
 def cfg(**kw):
@@ -596,7 +596,7 @@ def test_head_budgets_gathered_apart_equal_gathered_whole_and_cut(tiny_model, mo
     """Each run of heads gathering only its own budget's blocks (LayerMemory.gathers_by_head)
     gives the numbers of gathering every row to the layer's largest budget and cutting, near
     blocks only (0) or near and far blocks in one budget (-1, far keys rotated per row)."""
-    from memtx_cli.memory import LayerMemory
+    from memtx_cli.memory.store import LayerMemory
 
     torch.manual_seed(64)
     ids = torch.randint(0, 300, (96,))
@@ -987,7 +987,7 @@ def test_vote_selectors_token_by_token_equal_one_call():
     """block_selectors with voters: chunk 0 (each token its own last n vectors, zero-padded) and
     later chunks (the previous chunk's last n) come out the same whether the tokens arrive in one
     call or one at a time (decoding)."""
-    from memtx_cli.model import block_selectors
+    from memtx_cli.model.llama import block_selectors
 
     torch.manual_seed(32)
     qs = torch.randn(2, 3, 13, 4)  # (KV, Gs, T, D)
@@ -1012,7 +1012,7 @@ def test_block_recall_of_every_block_is_one(tiny_model, positions):
     the memory's attention mass; a budget of one block per chunk holds less."""
     from types import SimpleNamespace
 
-    from memtx_cli.bench import _block_recall
+    from memtx_cli.tasks.bench import _block_recall
 
     torch.manual_seed(41)
     ids = torch.randint(0, 300, (64,))
@@ -1165,7 +1165,7 @@ def test_exact_relevance_is_reused_until_the_memory_changes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("cols", [64, 2048, 6])
 def test_select_rows_equals_index_select(dtype, cols):
-    from memtx_cli.memory import select_rows
+    from memtx_cli.memory.store import select_rows
 
     x = torch.randn(50, cols).to(dtype)
     idx = torch.tensor([3, 0, 49, 3, 17])

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_args
 
-from memtx_cli.engine import full_nll, stream_nll
-from memtx_cli.model import apply_rope, grouped_attention, local_bias, rope_cos_sin
-from memtx_cli.runtime import build_model
-from memtx_cli.weights import _unpermute
+from memtx_cli.engine.stream import full_nll, stream_nll
+from memtx_cli.model.llama import apply_rope, grouped_attention, local_bias, rope_cos_sin
+from memtx_cli.model.loading import build_model
+from memtx_cli.model.weights import _unpermute
 
 
 def naive_logits(m, ids, allowed):

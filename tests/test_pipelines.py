@@ -15,9 +15,9 @@ import pytest
 from helpers import make_tiny, signal_after_documents, write_gguf
 from test_bank import build, make_corpus
 
-from memtx_cli.bank import Bank
-from memtx_cli.bankops import verify_bank
-from memtx_cli.runtime import load_model
+from memtx_cli.bank.ops import verify_bank
+from memtx_cli.bank.store import Bank
+from memtx_cli.model.loading import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}

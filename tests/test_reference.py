@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from memtx_cli.config import Config
-from memtx_cli.engine import score_ids
-from memtx_cli.runtime import load_model
+from memtx_cli.engine.stream import score_ids
+from memtx_cli.model.loading import load_model
 
 
 def test_gpl3_perplexity_1024_full_float32(real_lm, gpl3_text):

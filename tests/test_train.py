@@ -17,11 +17,11 @@ import yaml
 from conftest import REPO, SAMPLE, tiny_args
 
 from memtx_cli.config import Config
-from memtx_cli.engine import Streamer
+from memtx_cli.engine.stream import Streamer
 from memtx_cli.errors import MemtxError
-from memtx_cli.model import token_nll
-from memtx_cli.runtime import build_model, load_model
-from memtx_cli.train import InitConfig, TrainConfig, lr_at, train
+from memtx_cli.model.llama import token_nll
+from memtx_cli.model.loading import build_model, load_model
+from memtx_cli.tasks.train import InitConfig, TrainConfig, lr_at, train
 
 MEMTX = [sys.executable, "-m", "memtx_cli"]
 CODE = SAMPLE / "code"
@@ -191,7 +191,7 @@ def test_checkpoint_round_trips_exactly_and_is_a_model(tmp_path, init_yaml):
     st = yaml.safe_load((ck / "train_state.yaml").read_text())
     assert st["losses"] == res.losses
     # The last evaluation re-computed from the loaded checkpoint: the same perplexity.
-    from memtx_cli.train import evaluate
+    from memtx_cli.tasks.train import evaluate
 
     ids = torch.tensor(lm.tokenizer.encode((CODE / "lstring.c").read_text())[:256])
     cfg = _tiny_cfg(init)

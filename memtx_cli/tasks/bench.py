@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from memtx_cli.config import blocks_read
-from memtx_cli.engine import full_nll, stream_nll
+from memtx_cli.engine.stream import full_nll, stream_nll
 from memtx_cli.errors import MemtxError
-from memtx_cli.runtime import load_model
+from memtx_cli.model.loading import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -176,7 +176,7 @@ def run_memory_bench(
     import dataclasses
     import math
 
-    from memtx_cli.engine import run_streams
+    from memtx_cli.engine.stream import run_streams
 
     lm = load_model(model or cfg.model, device=cfg.device, dtype=cfg.dtype)
     rows = []
@@ -233,8 +233,8 @@ def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[s
     import dataclasses
     import math
 
-    from memtx_cli.engine import Streamer
-    from memtx_cli.model import rotate_by
+    from memtx_cli.engine.stream import Streamer
+    from memtx_cli.model.llama import rotate_by
 
     c = dataclasses.replace(cfg, memory=True, retrieval="block")
     st = Streamer(lm.model, c)
@@ -343,9 +343,9 @@ def run_recall(
 
     import numpy as np
 
-    from memtx_cli.engine import Streamer
-    from memtx_cli.memory import HeadIndex, IndexSpec
-    from memtx_cli.model import rotate_by
+    from memtx_cli.engine.stream import Streamer
+    from memtx_cli.memory.store import HeadIndex, IndexSpec
+    from memtx_cli.model.llama import rotate_by
 
     lm = load_model(model or cfg.model, device=cfg.device, dtype=cfg.dtype)
     text = (CORPUS / GENRE_DOCS[genre]).read_text(encoding="utf-8")

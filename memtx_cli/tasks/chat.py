@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from memtx_cli.config import Config
+from memtx_cli.engine.generate import Generation, Sampling, generate, stop_token_ids
 from memtx_cli.errors import MemtxError, UsageError
-from memtx_cli.generate import Generation, Sampling, generate, stop_token_ids
-from memtx_cli.runtime import LoadedModel
+from memtx_cli.model.loading import LoadedModel
 
 
 def render_chat(lm: LoadedModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -104,7 +104,7 @@ class Source:
 def _read_if_unchanged(path: str, sha256: str, size: int) -> str | None:
     """The document's text if the file at `path` is still the one ingested (a regular file of
     the recorded size and sha256); never blocks on a FIFO nor reads a device."""
-    from memtx_cli.reader import read_bytes
+    from memtx_cli.bank.reader import read_bytes
 
     if path.startswith("chat:"):
         return None
@@ -183,7 +183,7 @@ NEUTRAL_QUESTION = "What does the text say about it?"
 @torch.inference_mode()
 def block_mass(lm: LoadedModel, ids: list[int], cfg: Config, bank: Any) -> dict[int, float]:
     """Attention mass per bank block, per token of `ids` (read with the bank as memory)."""
-    from memtx_cli.engine import Streamer
+    from memtx_cli.engine.stream import Streamer
 
     trace = BankTrace()
     st = Streamer(lm.model, cfg, bank)
@@ -285,9 +285,9 @@ class Remembered:
     def commit(self, wait: float, on_wait: Callable[[str], None] | None = None) -> int:
         """Append every pending exchange (waiting up to `wait` s for the lock); returns the
         tokens remembered, 0 with the exchanges still pending if the bank stayed busy."""
-        from memtx_cli.bank import Bank
-        from memtx_cli.banklock import BankBusy
-        from memtx_cli.ingest import remember_text
+        from memtx_cli.bank.ingest import remember_text
+        from memtx_cli.bank.lock import BankBusy
+        from memtx_cli.bank.store import Bank
 
         if not self.pending:
             return 0

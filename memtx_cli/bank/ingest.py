@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from memtx_cli.bank import Bank, DocRecord, Geometry, check_model, now
+from memtx_cli.bank.reader import decode_text, read_bytes
+from memtx_cli.bank.store import Bank, DocRecord, Geometry, check_model, now
 from memtx_cli.config import Config
-from memtx_cli.engine import Streamer
+from memtx_cli.engine.stream import Streamer
 from memtx_cli.errors import MemtxError, UsageError
-from memtx_cli.reader import decode_text, read_bytes
-from memtx_cli.runtime import LoadedModel
+from memtx_cli.model.loading import LoadedModel
 
 
 @dataclass

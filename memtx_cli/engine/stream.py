@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from memtx_cli import attn_kernel
 from memtx_cli.config import Config, exact_block_select, parse_layers
 from memtx_cli.errors import MemtxError
-from memtx_cli.model import LayerKV, MemoryRead, Transformer, apply_rope, rope_cos_sin, token_nll
-from memtx_cli.runtime import LoadedModel
+from memtx_cli.kernels import attn as attn_kernel
+from memtx_cli.model.llama import LayerKV, MemoryRead, Transformer, apply_rope, rope_cos_sin, token_nll
+from memtx_cli.model.loading import LoadedModel
 
 # progress(done_tokens, total_tokens): the library reports, the CLI draws.
 Progress = Callable[[int, int], None]
@@ -48,7 +48,7 @@ class Streamer:
     def __init__(
         self, model: Transformer, cfg: Config, bank: Any = None, expected_tokens: int = 0, keep_all: bool = False
     ) -> None:
-        from memtx_cli.memory import BankLayerMemory, CompositeMemory, IndexSpec, LayerMemory, check_index_kind
+        from memtx_cli.memory.store import BankLayerMemory, CompositeMemory, IndexSpec, LayerMemory, check_index_kind
 
         self.model, self.cfg = model, cfg
         a = model.args

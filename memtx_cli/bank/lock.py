@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from memtx_cli.bankfs import FILE_MODE, GEN_NAME, open_file, remove_dir
+from memtx_cli.bank.fs import FILE_MODE, GEN_NAME, open_file, remove_dir
 from memtx_cli.errors import MemtxError
 
 READERS = "readers"

@@ -13,9 +13,9 @@ from dataclasses import replace
 from typing import Any
 
 from memtx_cli.config import Config
+from memtx_cli.engine.generate import Sampling, generate, stop_token_ids
 from memtx_cli.errors import MemtxError
-from memtx_cli.generate import Sampling, generate, stop_token_ids
-from memtx_cli.runtime import LoadedModel
+from memtx_cli.model.loading import LoadedModel
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "

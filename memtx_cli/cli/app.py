@@ -173,8 +173,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar o
 
 def build_config(config_file: str | None, model: str | None, flags: dict[str, Any]) -> Any:
     """defaults < model card settings < YAML < flags."""
-    from memtx_cli.cards import resolve_model
     from memtx_cli.config import merge_config, read_yaml_config, setting
+    from memtx_cli.model.cards import resolve_model
 
     yaml_layer = read_yaml_config(config_file) if config_file else {}
     model_name = model or setting(yaml_layer, "model")
@@ -188,21 +188,21 @@ def build_config(config_file: str | None, model: str | None, flags: dict[str, An
 
 def open_bank_for_reading(path: str) -> Any:
     """Open a bank read-only and verified (before the model loads: a bad bank fails fast)."""
-    from memtx_cli.bank import Bank
+    from memtx_cli.bank.store import Bank
 
     return Bank.open(path, writer=False, verify=True)
 
 
 def check_bank_model(bank: Any, lm: Any) -> None:
-    from memtx_cli.bank import check_model
-    from memtx_cli.ingest import model_identity
+    from memtx_cli.bank.ingest import model_identity
+    from memtx_cli.bank.store import check_model
 
     check_model(bank, model_identity(lm))
 
 
 def load_for(cfg: Any, bank: Any = None) -> Any:
     """The configured model; a bank given must come from it (one line otherwise)."""
-    from memtx_cli.runtime import load_model
+    from memtx_cli.model.loading import load_model
 
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads or None)
     if bank is not None:
@@ -384,7 +384,7 @@ def score(
     import dataclasses
     import time
 
-    from memtx_cli.reader import read_document
+    from memtx_cli.bank.reader import read_document
 
     doc = read_document(file)  # bad input fails before the model loads
     for w in doc.warnings:
@@ -425,7 +425,7 @@ def score(
     }
     cfg = build_config(config, model, flags)
     the_bank = open_bank_for_reading(bank) if bank else None
-    from memtx_cli.engine import score_ids, tokenize_for_scoring
+    from memtx_cli.engine.stream import score_ids, tokenize_for_scoring
 
     t0 = time.perf_counter()
     lm = load_for(cfg, the_bank)
@@ -517,7 +517,7 @@ def score(
 @handle_errors
 def models(as_json: JsonOpt = False) -> None:
     """List the model cards and whether each model is installed."""
-    from memtx_cli.cards import list_cards
+    from memtx_cli.model.cards import list_cards
 
     rows = []
     for c in list_cards():
@@ -576,9 +576,9 @@ def generate(
     quiet: QuietOpt = False,
 ) -> None:
     """Continue a text, with memory of the prompt itself and of a bank; tokens stream to stdout."""
-    from memtx_cli.generate import Sampling, stop_token_ids
-    from memtx_cli.generate import generate as run_generate
-    from memtx_cli.reader import read_document
+    from memtx_cli.bank.reader import read_document
+    from memtx_cli.engine.generate import Sampling, stop_token_ids
+    from memtx_cli.engine.generate import generate as run_generate
 
     text = read_document("-").text if prompt == "-" else prompt
     if not text:
@@ -640,8 +640,8 @@ def ingest(
     """Build or extend a memory bank: stream documents through the model and keep their memories."""
     from pathlib import Path
 
-    from memtx_cli.bank import EVICTION
-    from memtx_cli.corpus import select_files
+    from memtx_cli.bank.corpus import select_files
+    from memtx_cli.bank.store import EVICTION
 
     if evict not in EVICTION:
         raise UsageError(f"--evict must be one of {', '.join(EVICTION)}, got {evict!r}")
@@ -661,8 +661,8 @@ def ingest(
         ),
     }
     cfg = build_config(config, model, flags)
-    from memtx_cli.ingest import ingest as run_ingest
-    from memtx_cli.ingest import open_or_create_bank
+    from memtx_cli.bank.ingest import ingest as run_ingest
+    from memtx_cli.bank.ingest import open_or_create_bank
 
     lm = load_for(cfg)
     bank = open_or_create_bank(out_p, lm, cfg, capacity, evict, precision=precision)
@@ -756,7 +756,7 @@ BankArg = Annotated[str, typer.Argument(help="The bank directory.")]
 @handle_errors
 def bank_info(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Documents, entries, bytes on disk, bytes per token, model and settings of a bank."""
-    from memtx_cli.bank import Bank
+    from memtx_cli.bank.store import Bank
 
     with Bank.open(bank, verify=False) as b:
         info = b.info()
@@ -789,7 +789,7 @@ def bank_info(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) 
 @handle_errors
 def bank_verify(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Check a bank: manifest, state checksums, id alignment, every block's crc32."""
-    from memtx_cli.bankops import verify_bank
+    from memtx_cli.bank.ops import verify_bank
 
     problems = verify_bank(bank)
     if as_json:
@@ -810,8 +810,8 @@ def bank_rm(
     docs: Annotated[list[str], typer.Argument(help="Documents to remove: path (as ingested), alias or id.")],
 ) -> None:
     """Remove documents (and their memories) from a bank, and give their space back."""
-    from memtx_cli.bank import Bank
-    from memtx_cli.bankops import remove_documents
+    from memtx_cli.bank.ops import remove_documents
+    from memtx_cli.bank.store import Bank
 
     with Bank.open(bank, writer=True, verify=False) as b:
         done = remove_documents(b, docs)
@@ -825,8 +825,8 @@ def bank_rm(
 def bank_compact(bank: BankArg, as_json: JsonOpt = False) -> None:
     """Give space back: move memories into free blocks and shorten the files (blocks a running
     reader may still see are kept until it closes)."""
-    from memtx_cli.bank import Bank
-    from memtx_cli.bankops import compact
+    from memtx_cli.bank.ops import compact
+    from memtx_cli.bank.store import Bank
 
     with Bank.open(bank, writer=True, verify=False) as b:
         rep = compact(b)
@@ -848,7 +848,7 @@ def bank_merge(
     """Merge banks into a new one; identical documents are kept once."""
     from pathlib import Path
 
-    from memtx_cli.bankops import merge_banks
+    from memtx_cli.bank.ops import merge_banks
 
     rep = merge_banks([Path(b) for b in banks], Path(out))
     print(f"merged {len(banks)} banks into {out}: {rep['documents']} documents, {rep['entries']:,} entries")
@@ -873,7 +873,7 @@ def bench_throughput(
     quiet: QuietOpt = False,
 ) -> None:
     """Tokens/s of scoring vs transformers, and as a fraction of the CPU's matmul peak."""
-    from memtx_cli.bench import run_throughput
+    from memtx_cli.tasks.bench import run_throughput
 
     res = run_throughput(
         lengths=[int(x) for x in lengths.split(",")],
@@ -953,7 +953,7 @@ def bench_memory(
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity window-only vs memory vs full attention, and the cost of memory, on real text."""
-    from memtx_cli.bench import run_memory_bench
+    from memtx_cli.tasks.bench import run_memory_bench
 
     flags = {
         "dtype": dtype,
@@ -1046,7 +1046,7 @@ def bench_recall(
     quiet: QuietOpt = False,
 ) -> None:
     """recall@k of approximate FAISS indexes against exact search, on real keys from the model."""
-    from memtx_cli.bench import run_recall
+    from memtx_cli.tasks.bench import run_recall
 
     flags = memory_flags(
         memory_layers=memory_layers,
@@ -1101,7 +1101,7 @@ def bench_passkey(
     quiet: QuietOpt = False,
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden in long filler text; accuracy with memory vs window."""
-    from memtx_cli.passkey import parse_depths, parse_lengths, run_passkey
+    from memtx_cli.tasks.passkey import parse_depths, parse_lengths, run_passkey
 
     lens, deps = parse_lengths(lengths), parse_depths(depths)
     flags = {
@@ -1191,9 +1191,9 @@ def ask(
 ) -> None:
     """Answer a question with memory of a bank (chat template), then list the sources: the
     documents and line ranges whose memories received the most attention while answering."""
-    from memtx_cli.chat import answer, check_counts
-    from memtx_cli.generate import Sampling
-    from memtx_cli.reader import read_document
+    from memtx_cli.bank.reader import read_document
+    from memtx_cli.engine.generate import Sampling
+    from memtx_cli.tasks.chat import answer, check_counts
 
     check_counts(sources, evidence)
     text = read_document("-").text.strip() if question == "-" else question.strip()
@@ -1241,9 +1241,9 @@ def chat(
     import datetime
     from pathlib import Path
 
-    from memtx_cli.bank import Bank
-    from memtx_cli.chat import Remembered, answer, check_counts, conversation_text
-    from memtx_cli.generate import Sampling
+    from memtx_cli.bank.store import Bank
+    from memtx_cli.engine.generate import Sampling
+    from memtx_cli.tasks.chat import Remembered, answer, check_counts, conversation_text
 
     check_counts(sources)
     if remember and not bank:
@@ -1382,8 +1382,8 @@ def train(
     from pathlib import Path
 
     from memtx_cli.config import merge_config, read_yaml_config
-    from memtx_cli.train import InitConfig, TrainConfig
-    from memtx_cli.train import train as run_train
+    from memtx_cli.tasks.train import InitConfig, TrainConfig
+    from memtx_cli.tasks.train import train as run_train
 
     if init and model:
         raise MemtxError("give --model (fine-tune) or --init (from scratch), not both")
@@ -1427,7 +1427,7 @@ def train(
             blocks=blocks,
         ),
     }
-    from memtx_cli.cards import resolve_model
+    from memtx_cli.model.cards import resolve_model
 
     init_cfg = None
     if init:
@@ -1436,7 +1436,7 @@ def train(
     elif resume:  # the checkpoint's card holds the memory settings it trains with
         if not Path(out).is_dir():
             raise MemtxError(f"--resume: {out} does not exist")
-        from memtx_cli.train import recover_checkpoint
+        from memtx_cli.tasks.train import recover_checkpoint
 
         recover_checkpoint(Path(out))
         if not (Path(out) / "train_state.yaml").is_file():

@@ -107,7 +107,7 @@ class InitConfig:
     def from_yaml(cls, path: str | Path) -> InitConfig:
         import yaml
 
-        from memtx_cli.model import ModelArgs
+        from memtx_cli.model.llama import ModelArgs
 
         p = Path(path)
         if not p.is_file():
@@ -151,8 +151,8 @@ class Corpus:
 
 def read_texts(paths: list[str]) -> list[tuple[str, str, str]]:
     """(name, sha256, text) of every file the paths select (directories recursively)."""
-    from memtx_cli.corpus import select_files
-    from memtx_cli.reader import read_document
+    from memtx_cli.bank.corpus import select_files
+    from memtx_cli.bank.reader import read_document
 
     sel = select_files(paths)
     out = []
@@ -212,7 +212,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A byte-level BPE (GPT-2 style pre-tokenizer) trained on the corpus, with <|endoftext|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from memtx_cli.tokenizer import TextTokenizer
+    from memtx_cli.model.tokenizer import TextTokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -290,7 +290,7 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
         return None
     if setting == "bfloat16":
         return torch.bfloat16
-    from memtx_cli.runtime import cpu_has_fast_bf16
+    from memtx_cli.model.loading import cpu_has_fast_bf16
 
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
@@ -365,7 +365,7 @@ def save_checkpoint(
     import yaml
     from safetensors.torch import save_file
 
-    from memtx_cli.weights import save_hf_dir
+    from memtx_cli.model.weights import save_hf_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".memtx-save", dir=out.parent))
@@ -417,7 +417,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Validation perplexity with memory and window-only (same segments): pooled over all
     sequences, and per sequence under `docs`."""
-    from memtx_cli.engine import run_stream
+    from memtx_cli.engine.stream import run_stream
 
     dev = model.embed.weight.device
     out: dict[str, Any] = {}
@@ -464,9 +464,9 @@ def train(
     """Train and checkpoint to `out`. `model`: fine-tune that model; `init`: build a new one
     (InitConfig.from_yaml). `cfg` holds the memory settings the training streams with (for
     --init: the init file's settings under the flags; for --resume: the checkpoint's card)."""
-    from memtx_cli.engine import Streamer
-    from memtx_cli.model import Transformer, token_nll
-    from memtx_cli.runtime import load_model, pick_device, tune_allocator
+    from memtx_cli.engine.stream import Streamer
+    from memtx_cli.model.llama import Transformer, token_nll
+    from memtx_cli.model.loading import load_model, pick_device, tune_allocator
 
     tune_allocator()
     if cfg.threads:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memtx_cli import attn_kernel
 from memtx_cli.errors import MemtxError
+from memtx_cli.kernels import attn as attn_kernel
 
 
 @dataclass

@@ -20,9 +20,9 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def card_dirs() -> list[Path]:
     """Card folders, first match wins: $MEMTX_MODELS_DIR (os.pathsep-separated), the checkout, the wheel."""
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # memtx_cli/
     extra = [Path(p) for p in os.environ.get("MEMTX_MODELS_DIR", "").split(os.pathsep) if p]
-    return [d for d in (*extra, here.parent / "models", here / "_cards") if d.is_dir()]
+    return [d for d in (*extra, package.parent / "models", package / "_cards") if d.is_dir()]
 
 
 @dataclass

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from memtx_cli.cards import ModelCard, ModelRef, resolve_model
 from memtx_cli.errors import MemtxError
-from memtx_cli.model import ModelArgs, Transformer, rope_inv_freq
-from memtx_cli.tokenizer import TextTokenizer
-from memtx_cli.weights import RawWeights, load_weights
+from memtx_cli.model.cards import ModelCard, ModelRef, resolve_model
+from memtx_cli.model.llama import ModelArgs, Transformer, rope_inv_freq
+from memtx_cli.model.tokenizer import TextTokenizer
+from memtx_cli.model.weights import RawWeights, load_weights
 
 CACHE_VERSION = 1
 

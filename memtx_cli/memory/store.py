@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memtx_cli import attn_kernel
 from memtx_cli.errors import MemtxError, UsageError
-from memtx_cli.model import BlockRetrieval, Retrieval
+from memtx_cli.kernels import attn as attn_kernel
+from memtx_cli.model.llama import BlockRetrieval, Retrieval
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from memtx_cli.errors import MemtxError
-from memtx_cli.model import ModelArgs
-from memtx_cli.tokenizer import TextTokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
+from memtx_cli.model.llama import ModelArgs
+from memtx_cli.model.tokenizer import TextTokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2")

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from memtx_cli.config import Config
-from memtx_cli.engine import Streamer
+from memtx_cli.engine.stream import Streamer
 from memtx_cli.errors import MemtxError, UsageError
-from memtx_cli.runtime import LoadedModel
+from memtx_cli.model.loading import LoadedModel
 
 
 @dataclass

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from memtx_cli import bankfs, banklock
-from memtx_cli.bank import B_VALID, Bank, DocRecord, check_model
+from memtx_cli.bank import fs as bankfs
+from memtx_cli.bank import lock as banklock
+from memtx_cli.bank.store import B_VALID, Bank, DocRecord, check_model
 from memtx_cli.errors import MemtxError, UsageError
 
 

@@ -47,8 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from memtx_cli import bankfs, banklock
-from memtx_cli.bankstate import (
+from memtx_cli.bank import fs as bankfs
+from memtx_cli.bank import lock as banklock
+from memtx_cli.bank.format import (
     FORMAT,
     MANIFEST_LIMIT,
     PRECISIONS,
