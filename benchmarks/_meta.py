@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "corpus"  # the long documents benchmarks read (beside the checkout)
 
 
 def run_metadata() -> dict:
@@ -40,4 +41,14 @@ def run_metadata() -> dict:
         "cpu": cpu,
         "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}),
         "cores": len(__import__("os").sched_getaffinity(0)),
+        "torch": _version("torch"),
     }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"

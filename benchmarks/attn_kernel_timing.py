@@ -23,9 +23,10 @@ from types import SimpleNamespace
 
 import torch
 
+from memtx_cli.attention.far import far_reads
 from memtx_cli.kernels import attn as attn_kernel
-from memtx_cli.memory.store import IndexSpec, LayerMemory
-from memtx_cli.model.llama import far_reads
+from memtx_cli.memory.index import IndexSpec
+from memtx_cli.memory.store import LayerMemory
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 

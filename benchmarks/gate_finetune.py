@@ -46,7 +46,16 @@ def main() -> None:
     out = Path(f"/tmp/memtx-gate-{a.combine}")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "memtx_cli", "train", *[str(CORPUS / p) for p in TRAIN], "--out", str(out)]
-    cmd += ["--train", "gate", "--combine", a.combine, "--max-steps", str(a.steps), "--seq-len", str(a.seq_len)]
+    cmd += [
+        "--train",
+        "gate",
+        "--set",
+        f"combine={a.combine}",
+        "--max-steps",
+        str(a.steps),
+        "--seq-len",
+        str(a.seq_len),
+    ]
     cmd += ["--lr", str(a.lr), "--warmup", "5", "--eval-every", str(a.eval_every), "--save-every", str(a.eval_every)]
     cmd += ["--eval-tokens", "8192", "--json"]
     for p in VAL:

@@ -36,13 +36,13 @@ import sys
 from collections.abc import Callable
 
 import torch
+from _meta import CORPUS
 
 from memtx_cli.config import merge_config
 from memtx_cli.engine.stream import Streamer
-from memtx_cli.memory.store import spread_forward
+from memtx_cli.memory.blocks import spread_forward
 from memtx_cli.model.llama import rotate_by
 from memtx_cli.model.loading import load_model
-from memtx_cli.tasks.bench import CORPUS
 
 HELD_OUT = "books/austen_northangerabbey.txt,code/cpython311_pydecimal.py,legal/GPL-3.txt"
 

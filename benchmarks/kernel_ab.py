@@ -70,11 +70,13 @@ def interleaved(libs: list[ctypes.CDLL], call: Callable[[], object], reps: int) 
 
 def real_far_inputs(n: int) -> dict[str, torch.Tensor]:
     """The first far head's far_attention inputs in the last segment of the Lua sources' first n tokens."""
+    from _meta import CORPUS
+
     from memtx_cli import memory as mem_mod
     from memtx_cli.config import merge_config
     from memtx_cli.engine.stream import Streamer
     from memtx_cli.model.loading import load_model
-    from memtx_cli.tasks.bench import CORPUS, GENRE_DOCS
+    from memtx_cli.tasks.bench import GENRE_DOCS
 
     lm = load_model("smollm2-135m", device="cpu", dtype="auto")
     cfg = merge_config(lm.card.settings)

@@ -29,10 +29,10 @@ import typer.testing as typer_testing  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import memtx_cli.model.loading as runtime  # noqa: E402
-from memtx_cli.bank.store import manifest_checksum  # noqa: E402
+from memtx_cli.bank.format import manifest_checksum  # noqa: E402
 from memtx_cli.cli.app import app  # noqa: E402
 
-CFG = ["--segment", "64", "--dtype", "float32", "--block-size", "8", "--blocks", "4", "--block-chunk", "16"]
+CFG = ["--segment", "64", "--dtype", "float32", "--block-size", "8", "--blocks", "4", "--set", "block-chunk=16"]
 
 
 def tree_hash(d: Path) -> str:

@@ -15,8 +15,10 @@ import torch
 from helpers import make_tiny, write_gguf
 from test_bank import build, make_corpus
 
+from memtx_cli.attention.memorizing import MemorizingAttention
+from memtx_cli.attention.reads import BlockRetrieval, MemoryRead
 from memtx_cli.bank.store import Bank
-from memtx_cli.model.llama import Attention, BlockRetrieval, MemoryRead, ModelArgs, local_bias, rope_inv_freq, rotate_by
+from memtx_cli.model.llama import ModelArgs, local_bias, rope_inv_freq, rotate_by
 from memtx_cli.model.loading import load_model
 from memtx_cli.tasks.chat import BankTrace, sources_from_mass
 from memtx_cli.tasks.passkey import answer_is, build_prompt, parse_depths, parse_lengths
@@ -90,7 +92,7 @@ class FakeBankMemory:
 def test_traced_mass_equals_explicit_attention_weights():
     torch.manual_seed(0)
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=16, vocab_size=10)
-    att = Attention(args)
+    att = MemorizingAttention(args)
     kv, g, t, d, s = 2, 2, 3, 8, 5
     q = torch.randn(1, kv * g, t, d)
     k, v = torch.randn(1, kv, s, d), torch.randn(1, kv, s, d)

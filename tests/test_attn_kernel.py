@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_args
 from test_memory import cfg
 
+from memtx_cli.attention.ops import attention_with_lse
 from memtx_cli.engine.stream import run_stream
 from memtx_cli.kernels import attn as attn_kernel
-from memtx_cli.model.llama import attention_with_lse, grouped_attention, local_bias
+from memtx_cli.model.llama import grouped_attention, local_bias
 from memtx_cli.model.loading import build_model
 
 needs_kernel = pytest.mark.skipif(attn_kernel.load() is None, reason="no AVX512-BF16 CPU or no C compiler")
@@ -310,7 +311,8 @@ def test_block_max_equals_float64_reference():
 def test_exact_block_relevance_in_bfloat16_uses_float32_logits(monkeypatch):
     """A bfloat16 memory's exact block selection with the kernel: the reference relevance of its
     bfloat16 keys and voters to 1e-4; torch's path (bfloat16 logits) is within 0.05 of it."""
-    from memtx_cli.memory.store import IndexSpec, LayerMemory
+    from memtx_cli.memory.index import IndexSpec
+    from memtx_cli.memory.store import LayerMemory
 
     torch.manual_seed(52)
     kv, n, d, b = 3, 300, 64, 32  # a partial last block
@@ -401,8 +403,9 @@ def test_far_attention_agrees_with_the_torch_path():
     rounding on a bfloat16 memory, for the heads asked for."""
     from types import SimpleNamespace
 
-    from memtx_cli.memory.store import IndexSpec, LayerMemory
-    from memtx_cli.model.llama import far_reads
+    from memtx_cli.attention.far import far_reads
+    from memtx_cli.memory.index import IndexSpec
+    from memtx_cli.memory.store import LayerMemory
 
     torch.manual_seed(40)
     mem = LayerMemory(3, 64, IndexSpec("flat"), dtype=torch.bfloat16, block_size=32)
@@ -430,7 +433,9 @@ def test_near_picks_equal_the_torch_path(ring, monkeypatch):
     rows, a chunk without voters (every near block at the floor: ties, to the later block),
     chunks that see fewer near blocks, a wrapped ring (two pieces of keys) and a budget larger
     than the near blocks (-inf picks, not ok)."""
-    from memtx_cli.memory.store import IndexSpec, LayerMemory, spread_forward
+    from memtx_cli.memory.blocks import spread_forward
+    from memtx_cli.memory.index import IndexSpec
+    from memtx_cli.memory.store import LayerMemory
 
     g = torch.Generator().manual_seed(ring + 5)
     n = 3000
@@ -487,7 +492,8 @@ def test_packed_blocks_read_as_the_rows(ring):
     entries arrive, partial blocks included, wrapping a ring); block_attention reading them gives
     exactly what packing the rows per call gives, and picks older than the packed copies fall
     back to the rows."""
-    from memtx_cli.memory.store import IndexSpec, LayerMemory
+    from memtx_cli.memory.index import IndexSpec
+    from memtx_cli.memory.store import LayerMemory
 
     g = torch.Generator().manual_seed(ring + 11)
     kw = {"near_only": True, "ring": ring} if ring else {}
@@ -521,7 +527,8 @@ def test_packed_blocks_read_as_the_rows(ring):
 def test_block_pick_leaves_many_voters_to_torch():
     """More than 16 voters per chunk (e.g. --block-votes 8 with 3 query heads) do not fit the
     kernel's vector: block_pick returns None (no error) and retrieve_blocks takes torch's path."""
-    from memtx_cli.memory.store import IndexSpec, LayerMemory
+    from memtx_cli.memory.index import IndexSpec
+    from memtx_cli.memory.store import LayerMemory
 
     g = torch.Generator().manual_seed(3)
     mem = LayerMemory(2, 64, IndexSpec("flat"), dtype=torch.bfloat16, block_size=32, rotated=True, near_only=True)

@@ -20,13 +20,16 @@ import torch
 from helpers import make_tiny, signal_after_documents, write_gguf
 from typer.testing import CliRunner
 
+from memtx_cli.bank.format import DocRecord, Geometry
 from memtx_cli.bank.ingest import ingest, open_or_create_bank
 from memtx_cli.bank.ops import merge_banks, verify_bank
-from memtx_cli.bank.store import Bank, DocRecord, Geometry
+from memtx_cli.bank.store import Bank
 from memtx_cli.cli.app import app
 from memtx_cli.config import merge_config
 from memtx_cli.errors import MemtxError
-from memtx_cli.memory.store import BankLayerMemory, IndexSpec, LayerMemory
+from memtx_cli.memory.bank import BankLayerMemory
+from memtx_cli.memory.index import IndexSpec
+from memtx_cli.memory.store import LayerMemory
 from memtx_cli.model.loading import load_model
 
 runner = CliRunner()
@@ -142,7 +145,9 @@ def test_score_with_bank_reads_it_and_never_modifies_it(tiny_lm, tiny_gguf, tmp_
     plain = json.loads(runner.invoke(app, ["score", str(target), *common]).stdout)
     assert got["ppl"] != plain["ppl"]  # the bank changed the attention
     # voters select the own memory's blocks; the bank is searched with their sum
-    r = runner.invoke(app, ["score", str(target), "--memory", str(tmp_path / "b.idx"), "--block-votes", "4", *common])
+    r = runner.invoke(
+        app, ["score", str(target), "--memory", str(tmp_path / "b.idx"), "--set", "block-votes=4", *common]
+    )
     assert r.exit_code == 0, r.output
     voted = json.loads(r.stdout)
     assert voted["memory"]["block_votes"] == 4 and math.isfinite(voted["ppl"]) and voted["ppl"] != got["ppl"]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from memtx_cli.cli.app import app
 from memtx_cli.config import Config, merge_config
-from memtx_cli.engine.stream import score_text
+from memtx_cli.engine.score import score_text
 
 LUA = str(SAMPLE / "code/lcorolib.c")
 runner = CliRunner()
@@ -154,9 +154,9 @@ def test_compare_and_curve():
         (["--memory-layers", "30"], "memory layer 30 is out of range"),
         (["--memory-layers", "x"], "memory layers"),
         (["--top-k", "0"], "top-k must be >= 1"),
-        (["--index", "bogus"], "unknown index kind 'bogus'"),
+        (["--set", "index=bogus"], "unknown index kind 'bogus'"),
         (["--positions", "absolute"], "positions must be one of"),
-        (["--combine", "sum"], "combine must be one of"),
+        (["--set", "combine=sum"], "combine must be one of"),
         (["--segment", "0"], "segment must be >= 1"),
         (["--segment", "8000"], "more than the model's trained context"),
         (["--context", "sideways"], "context must be one of"),

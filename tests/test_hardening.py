@@ -21,8 +21,9 @@ import yaml
 from test_bank import build, make_corpus, synthetic_bank
 from typer.testing import CliRunner
 
+from memtx_cli.bank.format import DocRecord, manifest_checksum
 from memtx_cli.bank.ops import verify_bank
-from memtx_cli.bank.store import Bank, DocRecord, manifest_checksum
+from memtx_cli.bank.store import Bank
 from memtx_cli.cli.app import app
 from memtx_cli.errors import MemtxError
 from memtx_cli.kernels import attn as attn_kernel
@@ -291,7 +292,7 @@ def small_fs(tmp_path):
 
 
 def ingest_cmd(gguf: Path, corpus: Path, out: Path) -> list[str]:
-    cfg = ["--segment", "64", "--dtype", "float32", "--block-size", "8", "--blocks", "4", "--block-chunk", "16"]
+    cfg = ["--segment", "64", "--dtype", "float32", "--block-size", "8", "--blocks", "4", "--set", "block-chunk=16"]
     return [sys.executable, "-m", "memtx_cli", "ingest", str(corpus), "--out", str(out), "--model", str(gguf), *cfg]
 
 
@@ -434,7 +435,7 @@ def test_a_kill_during_bank_creation_does_not_block_the_rerun(tmp_path):
     out = tmp_path / "b.idx"
     code = (
         "import os, signal, sys\n"
-        "from memtx_cli.bank.store import Bank, Geometry\n"
+        "from memtx_cli.bank.store import Bank\nfrom memtx_cli.bank.format import Geometry\n"
         "Bank.commit = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"Bank.create({str(out)!r}, {{'name': 's'}}, Geometry([0], 1, 4, 4), {{}}, {{'capacity': 0}})\n"
     )
@@ -505,7 +506,7 @@ def test_crafted_banks_fail_fast_with_one_line(small_bank, tmp_path, case):
 def test_chat_remember_keeps_exchanges_while_another_writer_holds_the_bank(
     small_bank, tiny_gguf, tmp_path, monkeypatch
 ):
-    import memtx_cli.cli.app as cli
+    import memtx_cli.cli.generate as cli
 
     path = copy_bank(small_bank, tmp_path / "b.idx")
     with Bank.open(path) as b:

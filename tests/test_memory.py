@@ -8,11 +8,18 @@ import pytest
 import torch
 from test_model import naive_logits, nll_from_logits, window_mask
 
+from memtx_cli.attention.blocks import clamp_keys, query_runs
+from memtx_cli.attention.ops import merge_lse
+from memtx_cli.attention.reads import BlockRetrieval, MemoryRead
 from memtx_cli.config import Config
+from memtx_cli.engine import plan
 from memtx_cli.engine.stream import Streamer, run_stream, run_streams, stream_nll
 from memtx_cli.errors import MemtxError
-from memtx_cli.memory.store import IndexSpec, LayerMemory, exact_top_k, spread_forward, top_rows
-from memtx_cli.model.llama import BlockRetrieval, MemoryRead, clamp_keys, merge_lse, query_runs, rotate_by
+from memtx_cli.memory.blocks import spread_forward
+from memtx_cli.memory.far import exact_top_k, top_rows
+from memtx_cli.memory.index import IndexSpec
+from memtx_cli.memory.store import LayerMemory
+from memtx_cli.model.llama import rotate_by
 
 
 def cfg(**kw):
@@ -628,8 +635,8 @@ def test_blocks_set_later_override_head_budgets():
     assert merge_config(card).memory_heads == "0.0:2, 1.1:3"
     flags = merge_config(card, {"blocks": 7})
     assert flags.memory_heads == "0.0,1.1" and flags.blocks == 7
-    assert flags.blocks_for(3, 2) == {0: None, 1: None}
-    assert merge_config({"blocks": 7}, card).blocks_for(3, 2) == {0: [2], 1: [3]}
+    assert plan.blocks_for(flags, 3, 2) == {0: None, 1: None}
+    assert plan.blocks_for(merge_config({"blocks": 7}, card), 3, 2) == {0: [2], 1: [3]}
 
 
 def test_head_budgets_bad_settings(tiny_model):
@@ -844,8 +851,8 @@ def test_far_heads_outside_the_memory_heads_read_nothing_far(tiny_model):
     no far past (the card's list stays valid under other --memory-heads); bad pairs are refused."""
     c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", far_top_k=2)
     rows = dataclasses.replace(c, memory_heads="0.0,1.1,2.0", far_heads="0.1,1.1,2.0", far_layers="0-1")
-    assert rows.far_rows_for(3, 2, 4) == {0: [], 1: [0], 2: []}
-    assert dataclasses.replace(c, far_layers="1-2").far_rows_for(3, 2, 4) == {0: [], 1: None, 2: None}
+    assert plan.far_rows_for(rows, 3, 2, 4) == {0: [], 1: [0], 2: []}
+    assert plan.far_rows_for(dataclasses.replace(c, far_layers="1-2"), 3, 2, 4) == {0: [], 1: None, 2: None}
     for bad in ("0.5", "zero"):
         with pytest.raises(MemtxError, match=f"far heads '{bad}': use all or layer.head pairs"):
             run_stream(tiny_model, torch.randint(0, 300, (20,)), dataclasses.replace(c, far_heads=bad))
@@ -987,7 +994,7 @@ def test_vote_selectors_token_by_token_equal_one_call():
     """block_selectors with voters: chunk 0 (each token its own last n vectors, zero-padded) and
     later chunks (the previous chunk's last n) come out the same whether the tokens arrive in one
     call or one at a time (decoding)."""
-    from memtx_cli.model.llama import block_selectors
+    from memtx_cli.attention.blocks import block_selectors
 
     torch.manual_seed(32)
     qs = torch.randn(2, 3, 13, 4)  # (KV, Gs, T, D)
@@ -1165,7 +1172,7 @@ def test_exact_relevance_is_reused_until_the_memory_changes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("cols", [64, 2048, 6])
 def test_select_rows_equals_index_select(dtype, cols):
-    from memtx_cli.memory.store import select_rows
+    from memtx_cli.memory.entries import select_rows
 
     x = torch.randn(50, cols).to(dtype)
     idx = torch.tensor([3, 0, 49, 3, 17])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memtx_cli.config import Config
-from memtx_cli.engine.stream import score_ids
+from memtx_cli.engine.score import score_ids
 from memtx_cli.model.loading import load_model
 
 

@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from memtx_cli.bank.format import DocRecord, Geometry, check_model, now
 from memtx_cli.bank.reader import decode_text, read_bytes
-from memtx_cli.bank.store import Bank, DocRecord, Geometry, check_model, now
+from memtx_cli.bank.store import Bank
 from memtx_cli.config import Config
+from memtx_cli.engine import plan
 from memtx_cli.engine.stream import Streamer
 from memtx_cli.errors import MemtxError, UsageError
 from memtx_cli.model.loading import LoadedModel
@@ -90,7 +92,7 @@ def open_or_create_bank(
             "banks hold block memories read at the fixed distance: use --retrieval block, --positions fixed or clamped"
         )
     # Layers with at least one memory head; a bank keeps every KV head of them.
-    layers = list(cfg.heads_for(lm.args.n_layers, lm.args.n_kv_heads, lm.args.n_heads))
+    layers = list(plan.heads_for(cfg, lm.args.n_layers, lm.args.n_kv_heads, lm.args.n_heads))
     if not layers:
         raise MemtxError("ingest needs memory layers (drop --no-memory)")
     if Bank.is_bank(path):
@@ -286,3 +288,48 @@ def ingest(
     bank.give_back()  # free blocks a reader held during the ingest: their space goes back now
     rep.seconds = time.perf_counter() - t_start
     return rep
+
+
+def ingest_files(
+    paths: list[str],
+    out: Path,
+    flags: dict[str, Any],
+    sets: list[str] | None = None,
+    config_file: str | None = None,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    follow_symlinks: bool = False,
+    capacity: int = 0,
+    evict: str = "fifo",
+    precision: str | None = None,
+    max_tokens: int | None = None,
+    progress: Callable[[list[Path]], Any] | None = None,
+) -> tuple[IngestReport, dict[str, Any]]:
+    """`memtx ingest` below the CLI: paths checked and selected, settings resolved, the model
+    loaded, the bank opened or created and filled. Returns the report (its `skipped` lists the
+    files left out and why) and the bank's info. progress(files) -> a context manager yielding an event callback."""
+    import contextlib
+
+    from memtx_cli.bank.corpus import select_files
+    from memtx_cli.bank.format import EVICTION
+    from memtx_cli.engine.session import load_for, resolve_settings
+
+    if evict not in EVICTION:
+        raise UsageError(f"--evict must be one of {', '.join(EVICTION)}, got {evict!r}")
+    if capacity < 0:
+        raise UsageError(f"--capacity must be >= 0, got {capacity}")
+    if max_tokens is not None and max_tokens < 0:
+        raise UsageError(f"--max-tokens must be >= 0 (0 = whole documents), got {max_tokens}")
+    sel = select_files(paths, include, exclude, out, follow_symlinks)  # bad paths fail before anything is written
+    cfg, _ = resolve_settings(flags, sets, config_file)
+    lm = load_for(cfg)
+    bank = open_or_create_bank(out, lm, cfg, capacity, evict, precision=precision)
+    try:
+        with progress(sel.files) if progress else contextlib.nullcontext(lambda e: None) as cb:
+            rep = ingest(lm, bank, sel.files, cfg, cb, max_tokens=max_tokens or 0)
+        info = bank.info()
+    finally:
+        bank.close()
+    rep.skipped = sel.skipped + rep.skipped
+    return rep, info

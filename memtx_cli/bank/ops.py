@@ -11,7 +11,8 @@ import numpy as np
 
 from memtx_cli.bank import fs as bankfs
 from memtx_cli.bank import lock as banklock
-from memtx_cli.bank.store import B_VALID, Bank, DocRecord, check_model
+from memtx_cli.bank.format import B_VALID, DocRecord, check_model
+from memtx_cli.bank.store import Bank
 from memtx_cli.errors import MemtxError, UsageError
 
 

@@ -8,19 +8,18 @@ token but the first, so their numbers compare directly.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from memtx_cli.config import Config, exact_block_select, parse_layers
+from memtx_cli.attention.reads import MemoryRead
+from memtx_cli.config import Config, exact_block_select
+from memtx_cli.engine import plan
 from memtx_cli.errors import MemtxError
 from memtx_cli.kernels import attn as attn_kernel
-from memtx_cli.model.llama import LayerKV, MemoryRead, Transformer, apply_rope, rope_cos_sin, token_nll
-from memtx_cli.model.loading import LoadedModel
+from memtx_cli.model.llama import LayerKV, Transformer, apply_rope, rope_cos_sin, token_nll
 
 # progress(done_tokens, total_tokens): the library reports, the CLI draws.
 Progress = Callable[[int, int], None]
@@ -48,76 +47,25 @@ class Streamer:
     def __init__(
         self, model: Transformer, cfg: Config, bank: Any = None, expected_tokens: int = 0, keep_all: bool = False
     ) -> None:
-        from memtx_cli.memory.store import BankLayerMemory, CompositeMemory, IndexSpec, LayerMemory, check_index_kind
+        from memtx_cli.memory.bank import BankLayerMemory, CompositeMemory
+        from memtx_cli.memory.index import check_index_kind
 
         self.model, self.cfg = model, cfg
         a = model.args
-        # Memory layer -> its KV heads with memory (None = every head of the layer).
-        dev = model.embed.weight.device
-        self.heads = cfg.heads_for(a.n_layers, a.n_kv_heads, a.n_heads)
-        self.layers = list(self.heads)
-        # Memory layer -> (KVm, G) bool: which query heads of its memory KV heads read memory
-        # (None = all of them; --memory-heads topqN selects query heads).
-        self.qmasks: dict[int, torch.Tensor | None] = {}
-        for i, qs in cfg.query_heads_for(a.n_layers, a.n_kv_heads, a.n_heads).items():
-            mask = None
-            if qs is not None:
-                mask = torch.zeros(len(qs), a.n_heads // a.n_kv_heads, dtype=torch.bool, device=dev)
-                for h, q in enumerate(qs):
-                    mask[h, q] = True
-            self.qmasks[i] = mask
-        # Memory layer -> (KVm,) blocks each memory KV head reads (None = `blocks` for all):
-        # "layer.head:n" budgets (memory heads differ in how many blocks hold their attention).
-        budgets = cfg.blocks_for(a.n_layers, a.n_kv_heads, a.n_heads)
-        self.head_blocks: dict[int, torch.Tensor | None] = {
-            i: None if n is None else torch.tensor(n, device=dev) for i, n in budgets.items()
-        }
-        self.layer_blocks = {i: cfg.blocks if n is None else max(n) for i, n in budgets.items()}  # the most any reads
-        # clamped: layers that also read memories older than the trained context (at the fixed distance)
-        self.far_layers = set(parse_layers(cfg.far_layers, a.n_layers)) if self.layers else set()
-        # Memory layer -> the rows of its memory heads that read the far past token by token
-        # (None = all, [] = none; far_layers x far_heads).
-        self.far_rows = cfg.far_rows_for(a.n_layers, a.n_kv_heads, a.n_heads)
+        self._plan(model.embed.weight.device)
         if self.layers:
             check_index_kind(cfg.index)
+        model.use_memory(self.layers)
         if cfg.combine == "gate" and self.layers:
             model.add_memory_params(self.layers, cfg.gate_init)
-        dev = model.embed.weight.device
-        spec = IndexSpec(kind=cfg.index, nprobe=cfg.nprobe)
-        rotated = cfg.positions != "fixed"  # true / clamped score memories at real distances
-        wdt = model.embed.weight.dtype
-        bs = cfg.block_size if cfg.retrieval == "block" else 0
-        self.exact_select = exact_block_select(cfg.memory_settings())  # Config.block_select
-        # Room for a document of `expected_tokens` at once: growing by doubling copied every
-        # entry again and paged in new buffers while the model waited (the doubling to 32K
-        # entries took 1.8 s in 23 layers, torch.profiler).
-        near_only = {i: bank is None and not keep_all and self._near_only(i) for i in self.heads}
-        ring = a.context_length + max(cfg.segment, cfg.block_chunk) + 2 * max(cfg.block_size, 1)
-        self.memories = {
-            i: LayerMemory(
-                len(h) if h else a.n_kv_heads,
-                a.head_dim,
-                spec,
-                wdt,
-                dev,
-                rotated,
-                bs,
-                expected_tokens,
-                near_only=near_only[i],
-                # near-only readers reach `horizon` (+ a chunk, + block alignment) behind the newest
-                # entry: older entries are never read again, so a ring keeps just those
-                ring=ring if near_only[i] and ring < expected_tokens else 0,
-                # blocks read in place by the kernel are kept packed too (the same horizon)
-                packed=ring if bank is None and self._reads_near_in_place(i, dev) else 0,
-            )
-            for i, h in self.heads.items()
-        }
+        self.memories = self._make_memories(bank, expected_tokens, keep_all)
         self.chunk_sums: dict[int, dict] = {i: {} for i in self.layers}  # block selectors' state
         self.bank_memories: dict[int, Any] = {}
         if bank is not None:  # a bank on disk, read-only, joins the document's own memory
             check_bank_settings(bank, cfg, self.layers)
             for i in self.layers:
-                self.bank_memories[i] = BankLayerMemory(bank, i, wdt, dev, self.heads[i])
+                w = model.embed.weight
+                self.bank_memories[i] = BankLayerMemory(bank, i, w.dtype, w.device, self.heads[i])
                 self.memories[i] = CompositeMemory(
                     self.memories[i], self.bank_memories[i], cfg.bank_blocks, cfg.bank_bias
                 )
@@ -139,6 +87,72 @@ class Streamer:
         self.cur_len = 0
         # trace(block_ids, mass): attention mass on bank blocks, while set (see MemoryRead.trace)
         self.trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+
+    def _plan(self, dev: torch.device) -> None:
+        """Which layers and heads read memory, and how much (engine/plan.py), as tensors on `dev`."""
+        cfg, a = self.cfg, self.model.args
+        # Memory layer -> its KV heads with memory (None = every head of the layer).
+        self.heads = plan.heads_for(cfg, a.n_layers, a.n_kv_heads, a.n_heads)
+        self.layers = list(self.heads)
+        # Memory layer -> (KVm, G) bool: which query heads of its memory KV heads read memory
+        # (None = all of them; --memory-heads topqN selects query heads).
+        self.qmasks: dict[int, torch.Tensor | None] = {}
+        for i, qs in plan.query_heads_for(cfg, a.n_layers, a.n_kv_heads, a.n_heads).items():
+            mask = None
+            if qs is not None:
+                mask = torch.zeros(len(qs), a.n_heads // a.n_kv_heads, dtype=torch.bool, device=dev)
+                for h, q in enumerate(qs):
+                    mask[h, q] = True
+            self.qmasks[i] = mask
+        # Memory layer -> (KVm,) blocks each memory KV head reads (None = `blocks` for all):
+        # "layer.head:n" budgets (memory heads differ in how many blocks hold their attention).
+        budgets = plan.blocks_for(cfg, a.n_layers, a.n_kv_heads, a.n_heads)
+        self.head_blocks: dict[int, torch.Tensor | None] = {
+            i: None if n is None else torch.tensor(n, device=dev) for i, n in budgets.items()
+        }
+        self.layer_blocks = {i: cfg.blocks if n is None else max(n) for i, n in budgets.items()}  # the most any reads
+        # clamped: layers that also read memories older than the trained context (at the fixed distance)
+        self.far_layers = set(plan.parse_layers(cfg.far_layers, a.n_layers)) if self.layers else set()
+        # Memory layer -> the rows of its memory heads that read the far past token by token
+        # (None = all, [] = none; far_layers x far_heads).
+        self.far_rows = plan.far_rows_for(cfg, a.n_layers, a.n_kv_heads, a.n_heads)
+
+    def _make_memories(self, bank: Any, expected_tokens: int, keep_all: bool) -> dict[int, Any]:
+        """One LayerMemory per memory layer, sized for the document; near-only readers keep a ring."""
+        from memtx_cli.memory.index import IndexSpec
+        from memtx_cli.memory.store import LayerMemory
+
+        cfg, model, a = self.cfg, self.model, self.model.args
+        dev = model.embed.weight.device
+        spec = IndexSpec(kind=cfg.index, nprobe=cfg.nprobe)
+        rotated = cfg.positions != "fixed"  # true / clamped score memories at real distances
+        wdt = model.embed.weight.dtype
+        bs = cfg.block_size if cfg.retrieval == "block" else 0
+        self.exact_select = exact_block_select(cfg.memory_settings())  # Config.block_select
+        # Room for a document of `expected_tokens` at once: growing by doubling copied every
+        # entry again and paged in new buffers while the model waited (the doubling to 32K
+        # entries took 1.8 s in 23 layers, torch.profiler).
+        near_only = {i: bank is None and not keep_all and self._near_only(i) for i in self.heads}
+        ring = a.context_length + max(cfg.segment, cfg.block_chunk) + 2 * max(cfg.block_size, 1)
+        return {
+            i: LayerMemory(
+                len(h) if h else a.n_kv_heads,
+                a.head_dim,
+                spec,
+                wdt,
+                dev,
+                rotated,
+                bs,
+                expected_tokens,
+                near_only=near_only[i],
+                # near-only readers reach `horizon` (+ a chunk, + block alignment) behind the newest
+                # entry: older entries are never read again, so a ring keeps just those
+                ring=ring if near_only[i] and ring < expected_tokens else 0,
+                # blocks read in place by the kernel are kept packed too (the same horizon)
+                packed=ring if bank is None and self._reads_near_in_place(i, dev) else 0,
+            )
+            for i, h in self.heads.items()
+        }
 
     @property
     def memory_entries(self) -> int:
@@ -395,107 +409,3 @@ def full_nll(
         out.append(token_nll(model, res.hidden[0, s - a : s - a + targets.shape[0]], targets))
         progress(min(s + chunk, n), n)
     return torch.cat(out)
-
-
-@dataclass
-class ScoreResult:
-    tokens: int  # tokens read (the first is context only)
-    scored: int  # tokens scored: tokens - 1
-    nll: float  # mean negative log-likelihood, nats per scored token
-    bytes: int  # UTF-8 bytes of the scored text
-    seconds: float  # model time (load and tokenization excluded)
-    mode: str
-    token_nlls: torch.Tensor | None = None
-    memory: dict[str, Any] | None = None  # memory settings when memory was on
-    memory_entries: int = 0  # (layer, token) entries in memory at the end
-    retrieval_seconds: float = 0.0
-    bank: dict[str, Any] | None = None  # the bank read (path, entries, documents)
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(self.nll)
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nll * self.scored / math.log(2) / max(self.bytes, 1)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "tokens": self.tokens,
-            "scored_tokens": self.scored,
-            "nll": self.nll,
-            "ppl": self.ppl,
-            "bits_per_byte": self.bits_per_byte,
-            "bytes": self.bytes,
-            "mode": self.mode,
-            "seconds": self.seconds,
-            "tokens_per_s": self.tokens_per_s,
-            "memory": self.memory,
-            "memory_entries": self.memory_entries,
-            "retrieval_seconds": self.retrieval_seconds,
-            "bank": self.bank,
-        }
-
-    def curve(self, segment: int) -> list[dict[str, Any]]:
-        """Mean NLL and perplexity per block of `segment` scored tokens (perplexity vs position)."""
-        assert self.token_nlls is not None
-        rows = []
-        for i, s in enumerate(range(0, self.scored, segment)):
-            block = self.token_nlls[s : s + segment]
-            nll = float(block.mean())
-            rows.append({"segment": i, "start": s + 1, "tokens": block.shape[0], "nll": nll, "ppl": math.exp(nll)})
-        return rows
-
-
-def tokenize_for_scoring(lm: LoadedModel, text: str, max_tokens: int = 0) -> tuple[list[int], int]:
-    """Token ids (cut to max_tokens) and the UTF-8 byte count of the text tokens 1.. cover."""
-    ids, offsets = lm.tokenizer.encode_with_offsets(text)
-    if max_tokens:
-        ids, offsets = ids[:max_tokens], offsets[:max_tokens]
-    if len(ids) < 2:
-        raise MemtxError(f"the text has {len(ids)} token(s); scoring needs at least 2")
-    scored_text = text[offsets[0][1] : offsets[-1][1]]
-    return ids, len(scored_text.encode("utf-8"))
-
-
-def score_ids(
-    lm: LoadedModel, ids: list[int], n_bytes: int, cfg: Config, progress: Progress = _noop, bank: Any = None
-) -> ScoreResult:
-    cfg.validate_for(lm.args.context_length)
-    x = torch.tensor(ids, dtype=torch.long, device=lm.device)
-    t0 = time.perf_counter()
-    streamer = None
-    if cfg.context == "full":
-        nll = full_nll(lm.model, x, lm.args.context_length, progress)
-    else:
-        nll, streamer = run_stream(lm.model, x, cfg, progress, bank if cfg.memory else None)
-    if lm.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    nll = nll.double().cpu()
-    return ScoreResult(
-        tokens=len(ids),
-        scored=nll.shape[0],
-        nll=float(nll.mean()),
-        bytes=n_bytes,
-        seconds=seconds,
-        mode=cfg.context if cfg.context == "full" or not streamer.layers else "memory",
-        token_nlls=nll,
-        memory=cfg.memory_settings() if streamer and streamer.layers else None,
-        memory_entries=streamer.memory_entries if streamer else 0,
-        retrieval_seconds=streamer.retrieval_seconds if streamer else 0.0,
-        bank=(
-            {"path": str(bank.path), "entries": bank.entries, "documents": len(bank.docs)}
-            if bank is not None and streamer and streamer.bank_memories
-            else None
-        ),
-    )
-
-
-def score_text(lm: LoadedModel, text: str, cfg: Config, progress: Progress = _noop) -> ScoreResult:
-    ids, n_bytes = tokenize_for_scoring(lm, text, cfg.max_tokens)
-    return score_ids(lm, ids, n_bytes, cfg, progress)

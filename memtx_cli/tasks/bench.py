@@ -21,14 +21,14 @@ from memtx_cli.engine.stream import full_nll, stream_nll
 from memtx_cli.errors import MemtxError
 from memtx_cli.model.loading import load_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout (sample_docs)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def default_text() -> Path:
-    for p in (REPO.parent / "shared/corpus/legal/GPL-3.txt", REPO / "sample_docs/legal/GPL-3.txt"):
-        if p.is_file():
-            return p
+    p = REPO / "sample_docs/legal/GPL-3.txt"
+    if p.is_file():
+        return p
     raise MemtxError("no default benchmark text found; pass --text FILE")
 
 
@@ -151,7 +151,6 @@ def run_throughput(
 # ----------------------------------------------------------------------------------------------
 # Memory: quality (window / memory / full) and cost, on real documents of three genres
 
-CORPUS = REPO.parent / "shared/corpus"
 GENRE_DOCS = {
     "book": "books/austen_persuasion.txt",
     "code": "code/lua54_interpreter_repo.c.txt",
@@ -164,7 +163,18 @@ GENRE_DOCS = {
 }
 
 
+def corpus_doc(corpus: Path, genre: str) -> Path:
+    """The benchmark document of a genre within a corpus directory (GENRE_DOCS)."""
+    if genre not in GENRE_DOCS:
+        raise MemtxError(f"unknown genre {genre!r} (use {', '.join(GENRE_DOCS)})")
+    path = Path(corpus) / GENRE_DOCS[genre]
+    if not path.is_file():
+        raise MemtxError(f"{path} not found: --corpus must hold {GENRE_DOCS[genre]}")
+    return path
+
+
 def run_memory_bench(
+    corpus: Path,
     lengths: list[int],
     genres: list[str],
     cfg: Any,
@@ -181,11 +191,7 @@ def run_memory_bench(
     lm = load_model(model or cfg.model, device=cfg.device, dtype=cfg.dtype)
     rows = []
     for genre in genres:
-        if genre not in GENRE_DOCS:
-            raise MemtxError(f"unknown genre {genre!r} (use {', '.join(GENRE_DOCS)})")
-        path = CORPUS / GENRE_DOCS[genre]
-        if not path.is_file():
-            raise MemtxError(f"{path} not found: the memory benchmark reads ../shared/corpus")
+        path = corpus_doc(corpus, genre)
         all_ids = lm.tokenizer.encode(path.read_text(encoding="utf-8"))
         for n in lengths:
             if n > len(all_ids):
@@ -326,6 +332,7 @@ def _block_recall(lm: Any, ids: torch.Tensor, cfg: Any, k: int, log: Callable[[s
 
 
 def run_recall(
+    corpus: Path,
     tokens: int,
     genre: str,
     kinds: list[str],
@@ -344,11 +351,11 @@ def run_recall(
     import numpy as np
 
     from memtx_cli.engine.stream import Streamer
-    from memtx_cli.memory.store import HeadIndex, IndexSpec
+    from memtx_cli.memory.index import HeadIndex, IndexSpec
     from memtx_cli.model.llama import rotate_by
 
     lm = load_model(model or cfg.model, device=cfg.device, dtype=cfg.dtype)
-    text = (CORPUS / GENRE_DOCS[genre]).read_text(encoding="utf-8")
+    text = corpus_doc(corpus, genre).read_text(encoding="utf-8")
     ids = torch.tensor(lm.tokenizer.encode(text)[:tokens], device=lm.device)
     c = dataclasses.replace(cfg, memory=True, index="flat", retrieval="token")
     st = Streamer(lm.model, c)

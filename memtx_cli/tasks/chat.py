@@ -302,3 +302,67 @@ class Remembered:
                 tokens += remember_text(self.lm, w, key, text, self.cfg)
                 self.pending.pop(0)
         return tokens
+
+
+class Conversation:
+    """A chat: the history, one `turn` per user message (each reads the bank as committed then,
+    with the exchanges remembered so far), and what `--remember` keeps."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        cfg: Config,
+        sampling: Any,
+        bank: str | None,
+        sources: int,
+        system: str | None = None,
+        memory: Remembered | None = None,
+    ) -> None:
+        import datetime
+
+        self.lm, self.cfg, self.sampling, self.bank, self.sources, self.memory = (
+            lm,
+            cfg,
+            sampling,
+            bank,
+            sources,
+            memory,
+        )
+        self.history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.session = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.turns = 0
+
+    def turn(
+        self, message: str, emit: Callable[[str], None], wait: float, on_wait: Callable[[str], None]
+    ) -> tuple[Answer, int]:
+        """Answer one message; returns the answer and the tokens remembered (0 without --remember)."""
+        from memtx_cli.bank.store import Bank
+        from memtx_cli.engine.session import check_bank_model
+
+        self.history.append({"role": "user", "content": message})
+        the_bank = Bank.open(self.bank, writer=False, verify=False) if self.bank else None
+        try:
+            if the_bank is not None:
+                check_bank_model(the_bank, self.lm)
+            res = answer(self.lm, self.history, self.cfg, self.sampling, the_bank, self.sources, emit)
+        finally:
+            if the_bank is not None:
+                the_bank.close()
+        self.history.append({"role": "assistant", "content": res.generation.text.strip()})
+        remembered = 0
+        if self.memory is not None:
+            self.memory.add(f"chat:{self.session}#{self.turns}", conversation_text(self.history[-2:]))
+            remembered = self.memory.commit(wait, on_wait=on_wait)
+        self.turns += 1
+        return res, remembered
+
+    def finish(self, wait: float, on_wait: Callable[[str], None]) -> None:
+        """Commit what is still pending, waiting up to `wait` s for another writer."""
+        if self.memory is None or not self.memory.pending:
+            return
+        self.memory.commit(wait, on_wait=on_wait)
+        if self.memory.pending:
+            raise MemtxError(
+                f"{len(self.memory.pending)} exchange(s) were not remembered: bank {self.bank} stayed busy "
+                f"for {wait:.0f} s (another process is writing it)"
+            )

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from memtx_cli.config import Config
+from memtx_cli.engine import plan
 from memtx_cli.errors import MemtxError
 
 TRAIN_MODES = ("gate", "memory-layers", "all")
@@ -512,7 +513,9 @@ def train(
         scratch = False
         trained_from = {"model": lm.name, "weights_fingerprint": lm.fingerprint}
     cfg.validate_for(net.args.context_length)
-    layers = list(cfg.heads_for(net.args.n_layers, net.args.n_kv_heads, net.args.n_heads))  # layers with memory heads
+    layers = list(
+        plan.heads_for(cfg, net.args.n_layers, net.args.n_kv_heads, net.args.n_heads)
+    )  # layers with memory heads
     if layers:
         net.add_memory_params(layers, cfg.gate_init)
         for i in layers:  # trained scalars in float32 whatever the weights' dtype
@@ -688,3 +691,45 @@ def _card(
         card["name"] = base["name"]
         card["trained"]["from"] = base["trained"].get("from")
     return json.loads(json.dumps(card))  # plain types only (YAML-safe)
+
+
+def resolve_training(
+    out: str,
+    flags: dict[str, Any],
+    train_flags: dict[str, Any],
+    sets: list[str] | None = None,
+    config_file: str | None = None,
+    init: str | None = None,
+    resume: bool = False,
+) -> tuple[Config, TrainConfig, InitConfig | None]:
+    """Settings of a training run. A --config YAML may hold both training keys (TrainConfig) and
+    settings. From scratch (--init) no model card applies; --resume takes the memory settings
+    from the checkpoint's own card (only device and threads may change)."""
+    from memtx_cli.config import merge_config, parse_set, read_yaml_config
+    from memtx_cli.model.cards import resolve_model
+
+    model = flags.get("model")
+    if init and model:
+        raise MemtxError("give --model (fine-tune) or --init (from scratch), not both")
+    yaml_all = read_yaml_config(config_file) if config_file else {}
+    tkeys = {f.name for f in fields(TrainConfig)}
+    yaml_train = {k: v for k, v in yaml_all.items() if k in tkeys}
+    yaml_cfg = {k: v for k, v in yaml_all.items() if k not in tkeys}
+    given = {**train_flags, "train": train_flags.get("train") or ("all" if init else None)}
+    tc = TrainConfig(**{**yaml_train, **{k: v for k, v in given.items() if v is not None}})
+    set_layer = parse_set(sets)
+    init_cfg = None
+    if init:
+        init_cfg = InitConfig.from_yaml(init)
+        cfg = merge_config(init_cfg.settings, yaml_cfg, set_layer, flags)  # no other model's card applies
+    elif resume:  # the checkpoint's card holds the memory settings it trains with
+        if not Path(out).is_dir():
+            raise MemtxError(f"--resume: {out} does not exist")
+        recover_checkpoint(Path(out))
+        if not (Path(out) / "train_state.yaml").is_file():
+            raise MemtxError(f"--resume: {out} is not a memtx training checkpoint (no train_state.yaml)")
+        run_flags = {k: v for k, v in flags.items() if k in ("device", "threads")}
+        cfg = merge_config(resolve_model(out).card.settings, {"model": out, **run_flags})
+    else:
+        cfg = merge_config(resolve_model(model).card.settings, yaml_cfg, set_layer, flags)
+    return cfg, tc, init_cfg

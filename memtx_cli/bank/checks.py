@@ -1,0 +1,121 @@
+"""A bank's checks and summary: every block's crc32, ids aligned, what it holds and who can read it."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any
+
+import numpy as np
+
+from memtx_cli.bank import fs as bankfs
+from memtx_cli.bank.format import (
+    B_DOC,
+    B_VALID,
+    _faiss,
+)
+
+
+class BankChecks:
+    """Verification and description of a Bank (mixed into Bank)."""
+
+    def provenance(self) -> np.memmap:
+        return self._array("provenance.bin")
+
+    def block_crc(self, name: str, b: int) -> int:
+        rb = self._block_bytes(name)
+        with open(self.path / name, "rb") as f:
+            f.seek(b * rb)
+            return zlib.crc32(f.read(rb))
+
+    def file_crcs(self, name: str, blocks: np.ndarray) -> dict[int, int]:
+        """crc32 of the given blocks of one data file, reading it once, in order."""
+        rb = self._block_bytes(name)
+        out = {}
+        with open(self.path / name, "rb") as f:
+            for b in sorted(int(x) for x in blocks):
+                f.seek(b * rb)
+                out[b] = zlib.crc32(f.read(rb))
+        return out
+
+    def check(self, full: bool = True) -> list[str]:
+        """Problems found (empty = healthy): file sizes, id alignment, docs vs blocks, indexes
+        vs blocks, and (full) the crc32 of every live block of every data file."""
+        problems = []
+        nb, bs = self.capacity_blocks, self.geo.block_size
+        if self.crc.shape != (nb, self.n_files):
+            problems.append(f"state/crc.npy has shape {self.crc.shape}, expected {(nb, self.n_files)}")
+            return problems
+        for name in self.data_files:
+            p = self.path / name
+            want = nb * bs * self._row_bytes(name)
+            if not p.is_file():
+                problems.append(f"{name} is missing")
+            elif p.stat().st_size < want:
+                problems.append(f"{name} is truncated ({p.stat().st_size} bytes, expected {want})")
+        if problems:
+            return problems
+        live = self.live_blocks
+        owned: dict[int, int] = {}
+        for d in self.docs.values():
+            for b in d.blocks:
+                if b in owned:
+                    problems.append(f"state/docs.json: block {b} belongs to two documents")
+                    return problems
+                owned[b] = d.id
+        if set(owned) != set(live.tolist()) or any(self.blocks[b, B_DOC] != owned[b] for b in owned):
+            problems.append("state/docs.json and state/blocks.npy disagree on which blocks belong to which document")
+        if len(live) and (self.blocks[live, B_VALID] < 1).any() | (self.blocks[live, B_VALID] > bs).any():
+            problems.append("state/blocks.npy: a block's entry count is out of range")
+            return problems
+        for (layer, h), idx in self.indexes.items():
+            ids = np.sort(_faiss().vector_to_array(idx.id_map)) if idx.ntotal else np.zeros(0, np.int64)
+            if not np.array_equal(ids, np.sort(live)):
+                problems.append(f"state/L{layer}_H{h}.faiss holds {idx.ntotal} blocks, the bank has {len(live)}")
+        if full:
+            for fi, name in enumerate(self.data_files):
+                got = self.file_crcs(name, live)
+                bad = [int(b) for b in live if got[int(b)] != self.crc[b, fi]]
+                if bad:
+                    problems.append(
+                        f"{name} is damaged: checksum mismatch in {len(bad)} block(s), first block {bad[0]}"
+                    )
+            prov = self.provenance()
+            if prov is not None and not problems:
+                for b in live:
+                    rows = prov[b * bs : b * bs + int(self.blocks[b, B_VALID])]
+                    if len(rows) and (rows[:, 0] != self.blocks[b, B_DOC]).any():
+                        problems.append(f"provenance.bin: block {int(b)} rows do not belong to its document")
+                        break
+        return problems
+
+    def info(self) -> dict[str, Any]:
+        disk = apparent = 0
+        for dirpath, _, files in os.walk(self.path, followlinks=False):
+            for f in files:
+                st = os.lstat(os.path.join(dirpath, f))
+                disk += st.st_blocks * 512
+                apparent += st.st_size
+        toks = sum(d.tokens for d in self.docs.values())
+        return {
+            "bank": str(self.path),
+            "documents": len(self.docs),
+            "entries": self.entries,
+            "blocks": int(len(self.live_blocks)),
+            "capacity_blocks": self.capacity_blocks,
+            "block_size": self.geo.block_size,
+            "bytes_on_disk": disk,
+            "apparent_bytes": apparent,
+            "bytes_per_token": disk / toks if toks else None,
+            "tokens": toks,
+            "model": self.manifest["model"],
+            "layers": self.geo.layers,
+            "kv_heads": self.geo.n_kv,
+            "head_dim": self.geo.head_dim,
+            "dtype": self.precision,
+            "eviction": self.manifest.get("eviction"),
+            "settings": self.manifest["config"],
+            "generation": self.generation,
+            "updated_at": self.manifest.get("updated_at"),
+            **bankfs.readable_by(self.path),
+        }

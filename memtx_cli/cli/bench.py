@@ -1,0 +1,226 @@
+"""memtx bench: throughput, memory quality and cost, index recall, passkey retrieval."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memtx_cli.cli.display import describe_retrieval, handle_errors, log, print_grid, print_json, print_table
+from memtx_cli.cli.options import MEMORY_FLAGS, RUN, JsonOpt, ModelOnlyOpt, QuietOpt, SettingsArgs, settings_options
+from memtx_cli.errors import UsageError
+
+bench_app = typer.Typer(help="Benchmarks: throughput, memory, recall, passkey.", no_args_is_help=True)
+
+CorpusOpt = Annotated[
+    str | None,
+    typer.Option(help="Directory of the benchmark documents (books/, code/, legal/). Default: $MEMTX_CORPUS."),
+]
+
+
+def corpus_dir(corpus: str | None) -> Path:
+    where = corpus or os.environ.get("MEMTX_CORPUS")
+    if not where:
+        raise UsageError("this benchmark reads long documents: give --corpus DIR (or set MEMTX_CORPUS)")
+    return Path(where)
+
+
+@bench_app.command("throughput")
+@handle_errors
+def bench_throughput(
+    lengths: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "1024,2048,8192",
+    dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes.")] = "float32,bfloat16",
+    repeats: Annotated[int, typer.Option(help="Timed runs per cell (median reported).")] = 3,
+    transformers: Annotated[
+        bool,
+        typer.Option("--transformers/--no-transformers", help="Also time Hugging Face transformers on the same ids."),
+    ] = True,
+    text: Annotated[str | None, typer.Option(help="Text file for the ids. Default: sample_docs' GPL-3.")] = None,
+    model: ModelOnlyOpt = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: one per core).")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Tokens/s of scoring vs transformers, and as a fraction of the CPU's matmul peak."""
+    from memtx_cli.tasks.bench import run_throughput
+
+    res = run_throughput(
+        lengths=[int(x) for x in lengths.split(",")],
+        dtypes=dtypes.split(","),
+        repeats=repeats,
+        with_transformers=transformers,
+        text_path=text,
+        model=model,
+        threads=threads,
+        log=lambda m: log(m, quiet),
+    )
+    if as_json:
+        print_json(res)
+        return
+    peak = res["peak_gflops"]
+    rows = []
+    for r in res["rows"]:
+        tf = r.get("transformers_tokens_per_s")
+        rows.append(
+            [
+                r["dtype"],
+                str(r["tokens"]),
+                f"{r['window_tokens_per_s']:,.0f}",
+                f"{r['full_tokens_per_s']:,.0f}",
+                f"{tf:,.0f}" if tf else "-",
+                f"{r['full_tokens_per_s'] / tf:.2f}x" if tf else "-",
+                f"{100 * r['full_fraction_of_peak']:.0f}%",
+                f"{r['ppl_full']:.4f}",
+            ]
+        )
+    print_grid(
+        f"throughput, tokens/s (median of {repeats}); matmul peak GFLOP/s: "
+        f"float32 {peak['float32']:.0f}, bfloat16 {peak['bfloat16']:.0f}",
+        [
+            "dtype",
+            "tokens",
+            "memtx window",
+            "memtx full",
+            "transformers",
+            "full / transformers",
+            "full, % of peak",
+            "ppl full",
+        ],
+        rows,
+    )
+
+
+@bench_app.command("memory")
+@handle_errors
+@settings_options("model", "dtype", *MEMORY_FLAGS)
+def bench_memory(
+    lengths: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "8192,32768,65536",
+    genres: Annotated[
+        str, typer.Option(help="Comma-separated: book, code, code-js, legal, legal-versions.")
+    ] = "book,code,legal,legal-versions",
+    corpus: CorpusOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    settings: SettingsArgs = None,  # type: ignore[assignment]
+) -> None:
+    """Perplexity window-only vs memory vs full attention, and the cost of memory, on real text."""
+    from memtx_cli.engine.session import resolve_settings
+    from memtx_cli.tasks.bench import run_memory_bench
+
+    where = corpus_dir(corpus)
+    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
+    res = run_memory_bench(
+        where, [int(x) for x in lengths.split(",")], genres.split(","), cfg, log=lambda m: log(m, quiet)
+    )
+    if as_json:
+        print_json(res)
+        return
+    st = res["settings"]
+    rows = [
+        [
+            r["genre"],
+            f"{r['tokens']:,}",
+            f"{r['ppl_window']:.3f}",
+            f"{r['ppl_memory']:.3f}",
+            f"{r['ppl_full']:.3f}" if "ppl_full" in r else "-",
+            f"{100 * r['gap_recovered']:.0f}%" if "gap_recovered" in r else "-",
+            f"{r['tokens_per_s_window']:,.0f}",
+            f"{r['tokens_per_s_memory']:,.0f}",
+            f"{100 * r['memory_cost']:.0f}%",
+            f"{r['retrieval_seconds']:.1f}",
+        ]
+        for r in res["rows"]
+    ]
+    print_grid(
+        f"memory benchmark ({res['dtype']}): layers {st['memory_layers']}, {describe_retrieval(st)}, "
+        f"{st['positions']} positions, sinks {st['sinks']}",
+        ["genre", "tokens", "ppl window", "ppl memory", "ppl full", "gap recovered"]
+        + ["tok/s window", "tok/s memory", "cost", "retrieval s"],
+        rows,
+    )
+
+
+@bench_app.command("recall")
+@handle_errors
+@settings_options("model", "memory_layers", "positions", "blocks")
+def bench_recall(
+    tokens: Annotated[int, typer.Option(help="Tokens streamed into memory before the query segment.")] = 32768,
+    genre: Annotated[str, typer.Option(help="book, code, code-js, legal or legal-versions.")] = "code",
+    kinds: Annotated[
+        str,
+        typer.Option(
+            help="Semicolon-separated index kinds to compare with exact search (factory strings hold "
+            "commas); 'block' = token recall of block retrieval."
+        ),
+    ] = "ivf;hnsw;IVF256,SQ8;block",
+    k: Annotated[int, typer.Option(help="recall@k.")] = 32,
+    corpus: CorpusOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    settings: SettingsArgs = None,  # type: ignore[assignment]
+) -> None:
+    """recall@k of approximate FAISS indexes against exact search, on real keys from the model."""
+    from memtx_cli.engine.session import resolve_settings
+    from memtx_cli.tasks.bench import run_recall
+
+    where = corpus_dir(corpus)
+    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
+    res = run_recall(where, tokens, genre, kinds.split(";"), cfg, k=k, log=lambda m: log(m, quiet))
+    if as_json:
+        print_json(res)
+        return
+    print_table(
+        f"recall@{k} vs exact, {res['entries_per_head']:,} real keys per head ({genre}, layers {res['layers']})",
+        [
+            (r["index"], f"{r['recall']:.3f} ({r['queries_per_s']:,.0f} queries/s, build {r['build_seconds']:.1f} s)")
+            for r in res["rows"]
+        ],
+    )
+
+
+@bench_app.command("passkey")
+@handle_errors
+@settings_options(*RUN, *MEMORY_FLAGS, "segment")
+def bench_passkey(
+    lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens: 4k,16k,32768.")] = "4k,16k,32k",
+    depths: Annotated[
+        str, typer.Option(help="Where the key sits (0 = start, 1 = end): 0.1,0.5,0.9, or a count N.")
+    ] = "5",
+    trials: Annotated[int, typer.Option(help="Trials (random keys) per length and depth.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed of the keys.")] = 0,
+    no_window: Annotated[bool, typer.Option("--no-window", help="Skip the window-only runs.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    settings: SettingsArgs = None,  # type: ignore[assignment]
+) -> None:
+    """Passkey retrieval: a 5-digit key hidden in long filler text; accuracy with memory vs window."""
+    from memtx_cli.engine.session import load_for, resolve_settings
+    from memtx_cli.tasks.passkey import parse_depths, parse_lengths, run_passkey
+
+    lens, deps = parse_lengths(lengths), parse_depths(depths)
+    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
+    lm = load_for(cfg)
+    res = run_passkey(lm, cfg, lens, deps, trials, seed, window=not no_window, log=lambda m: log(m, quiet))
+    if as_json:
+        print_json(res)
+        return
+    st = res["settings"]
+    rows = [
+        [
+            f"{r['tokens']:,}",
+            f"{r['trials']}",
+            f"{100 * r['accuracy_memory']:.0f}%",
+            f"{100 * r['accuracy_window']:.0f}%" if "accuracy_window" in r else "-",
+            f"{r['seconds_per_trial']:.1f}",
+            f"{r['seconds_per_trial_window']:.1f}" if "seconds_per_trial_window" in r else "-",
+        ]
+        for r in res["rows"]
+    ]
+    print_grid(
+        f"passkey retrieval ({res['dtype']}): layers {st['memory_layers']}, {describe_retrieval(st)}, "
+        f"{st['positions']} positions; window {res['window_tokens']} tokens",
+        ["tokens", "trials", "accuracy memory", "accuracy window", "s/trial memory", "s/trial window"],
+        rows,
+    )
