@@ -1,4 +1,4 @@
-"""Gate fine-tuning on the default model (issue 6): train only the per-head memory parameters on
+"""Gate fine-tuning on the default model: train only the per-head memory parameters on
 part of ../shared/corpus, validate on held-out documents of each genre (the first 8,192 tokens of
 the memory benchmark's documents, never trained on), window-only vs memory before and after.
 

@@ -3,7 +3,7 @@ budgets (`layer.head:blocks`, best first).
 
     python benchmarks/head_budgets.py [--tokens 8192] [--docs a.txt,b.txt] [--json curves.json]
     python benchmarks/head_budgets.py --curves benchmarks/results/head_budget_curves.json[,more.json] [--total N]
-    python benchmarks/head_budgets.py --query-heads --json curves_per_query_head.json  # for query_budgets.py
+    python benchmarks/head_budgets.py --query-heads --json curves_per_query_head.json
 
 The second form reuses saved curves (several files: the mean over all their documents); with
 the defaults either prints the card's memory-heads.

@@ -11,7 +11,7 @@ Times, per source:
   length a prefix of those keys. Also whether every source read the same keys;
 - attention (B, 192 queries, S keys) and block_attention (B chunks x 192 queries, nbk blocks of
   32 from a 10,240-row buffer), in ns per score.
-The README's session 22 kernel figures come from this comparison.
+docs/decisions.md's far-scan figures come from this comparison.
 """
 
 from __future__ import annotations

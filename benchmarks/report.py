@@ -1,9 +1,8 @@
-"""Render benchmark result files as the markdown tables in README.md.
+"""Render benchmark result files as the markdown tables of docs/benchmarks.md.
 
 python benchmarks/report.py throughput benchmarks/results/throughput.json
 python benchmarks/report.py memory benchmarks/results/memory_block.json
 python benchmarks/report.py recall benchmarks/results/recall_code_32k.json
-python benchmarks/report.py sweep benchmarks/results/sweep_8k*.jsonl
 python benchmarks/report.py bank benchmarks/results/bank_usefulness.json
 """
 
@@ -82,25 +81,7 @@ def recall(r: dict) -> None:
         print(f"| {x['index']} | {x['recall']:.3f} | {x['queries_per_s']:,.0f} | {x['build_seconds']:.1f} |")
 
 
-def sweep(rows: list[dict]) -> None:
-    docs = ["book", "code", "legal"]
-    names: list[str] = []
-    for x in rows:
-        if x["setting"] not in names:
-            names.append(x["setting"])
-    print("| setting | " + " | ".join(docs) + " |")
-    print("|---|" + "---|" * len(docs))
-    for n in names:
-        cells = []
-        for d in docs:
-            m = [x for x in rows if x["doc"] == d and x["setting"] == n]
-            cells.append(f"{m[-1]['ppl']:.3f}" if m else "-")
-        print(f"| {n} | " + " | ".join(cells) + " |")
-
-
 if __name__ == "__main__":
-    kind, paths = sys.argv[1], sys.argv[2:]
-    if kind == "sweep":
-        sweep([json.loads(line) for p in paths for line in open(p) if line.strip()])
-    else:
-        {"throughput": throughput, "memory": memory, "recall": recall, "bank": bank}[kind](json.load(open(paths[0])))
+    kind, path = sys.argv[1], sys.argv[2]
+    data = json.load(open(path))
+    {"throughput": throughput, "memory": memory, "recall": recall, "bank": bank}[kind](data)

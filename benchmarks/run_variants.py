@@ -10,7 +10,7 @@ so a prefix of a run is the shorter run (the same numbers as running P tokens al
 Each variant is a JSON object of Config fields applied on top of the model card's settings
 (an optional "label" names it in the output). The variants run interleaved, segment by
 segment, each timed over its own steps (`engine.run_streams`): their tok/s are paired.
-One line per (genre, variant) on stdout. The block-retrieval figures in README came from this.
+One line per (genre, variant) on stdout. Interleaved comparisons in docs/decisions.md came from this.
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""From scratch at toy scale (issue 6): the same tiny model (benchmarks/configs/toy_code.yaml),
+"""From scratch at toy scale: the same tiny model (benchmarks/configs/toy_code.yaml),
 same tokenizer, data order, steps and schedule, trained with its kNN memory layer and without
 (--no-memory); then both scored on long held-out documents.
 

@@ -1,6 +1,6 @@
 """Memory banks: round trips, durability (kill + resume, damaged files), eviction alignment,
 model mismatch, management commands and bad input. A tiny random-weight GGUF model keeps
-these fast; the real model's numbers are in benchmarks/ (README)."""
+these fast; the real model's numbers are in docs/benchmarks.md."""
 
 from __future__ import annotations
 

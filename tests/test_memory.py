@@ -1019,7 +1019,7 @@ def test_block_recall_of_every_block_is_one(tiny_model, positions):
     the memory's attention mass; a budget of one block per chunk holds less."""
     from types import SimpleNamespace
 
-    from memtx_cli.tasks.bench import _block_recall
+    from memtx_cli.tasks.recall import block_recall as _block_recall
 
     torch.manual_seed(41)
     ids = torch.randint(0, 300, (64,))

@@ -163,7 +163,7 @@ def bench_recall(
 ) -> None:
     """recall@k of approximate FAISS indexes against exact search, on real keys from the model."""
     from memtx_cli.engine.session import resolve_settings
-    from memtx_cli.tasks.bench import run_recall
+    from memtx_cli.tasks.recall import run_recall
 
     where = corpus_dir(corpus)
     cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)

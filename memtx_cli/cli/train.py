@@ -84,6 +84,10 @@ def train(
         res = run_train(
             corpus, out, cfg, tc, model=model, init=init_cfg, val_paths=val, resume=resume, on_event=on_event
         )
+    show_training(res, as_json)
+
+
+def show_training(res: Any, as_json: bool) -> None:
     if as_json:
         keys = ("out", "steps", "tokens", "seconds", "stopped", "losses", "evals")
         print_json({k: getattr(res, k) for k in keys})

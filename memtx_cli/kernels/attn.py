@@ -1,10 +1,9 @@
 """bfloat16 attention on AVX512-BF16 CPUs: attn_kernel.c, compiled on first use.
 
-torch's CPU flash kernel runs bfloat16 at its float32 speed on this project's machine (~1.5 ns
-per query-key score on 2 cores in either dtype); attn_kernel.c does both products on the CPU's
-bfloat16 dot-product unit: 0.45-0.63 ns (`benchmarks/attn_kernel_timing.py`, README "A
-bfloat16 attention kernel"). It is compiled with the system C compiler (`$CC`, else `cc`) into
-a per-user cache the first time it is needed (~0.5 s) and called through ctypes. Whenever it
+torch's CPU flash kernel runs bfloat16 at its float32 speed; attn.c does both products on the
+CPU's bfloat16 dot-product unit (timings: docs/decisions.md, `benchmarks/attn_kernel_timing.py`).
+It is compiled with the system C compiler (`$CC`, else `cc`) into
+a per-user cache the first time it is needed and called through ctypes. Whenever it
 cannot be used (no compiler, a CPU without AVX512-BF16, not Linux, MEMTX_KERNEL=0) `attention`
 returns None and the caller uses torch's kernel: results agree to bfloat16 rounding either way.
 """

@@ -190,10 +190,9 @@ class BlockSelection:
         near blocks, each block scored by its best key's exact logit; zero rows are no voters.
         Far blocks get the floor.
 
-        Why the best key: a voter's softmax over every memory, summed per block, held 90.9% /
-        91.7% of the next chunk's attention mass (book / code at 8K, 96 blocks); over each
-        block's best logit 90.6% / 91.4%, with exponentials of one value per block instead of
-        one per memory (block means: 78.9% / 83.2%). README "Exact block selection"."""
+        Why the best key: it keeps nearly all the attention mass a softmax over every memory
+        would, with one exponential per block instead of one per memory; block means keep much
+        less (docs/decisions.md)."""
         b = self.block_size
         kv, nc, nq, d = sel.shape
         lo, near, pieces, voters, fused = self._voter_maxima(sel, near, scale, first)
@@ -234,8 +233,7 @@ class BlockSelection:
         pieces = self._rows(self.rkeys, start, start + near.shape[1] * b)  # [(first id, (KV, len, D))]
         voters = sel.reshape(kv, nc * nq, d).mul(scale).to(self.rkeys.dtype)  # (KV, C*Q, D)
         # In bfloat16 on AVX512-BF16, attn_kernel fuses the maxima into the product (float32
-        # logits, never written out: the bfloat16 -> float32 copy of the logits alone took
-        # 52-87 ms per 512-token segment at 24K, README "A bfloat16 attention kernel").
+        # logits, never written out: copying the logits to float32 was a large part of the time).
         parts = [attn_kernel.block_max(x, voters, b, self.n - i) for i, x in pieces]
         fused = None if any(p is None for p in parts) else torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         return lo, near, pieces, voters, fused

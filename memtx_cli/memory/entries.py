@@ -22,12 +22,9 @@ _HUGE = 2 << 20  # x86-64 transparent huge page
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed memory buffer. On Linux CPUs its whole 2 MiB pages are advised as huge pages
     (madvise MADV_HUGEPAGE; transparent huge pages are often "madvise"-only): fewer TLB misses
-    for block reads and far searches that hop across the buffer (README "A bfloat16 attention
-    kernel"). Zeroing it is its first touch, in bulk: page faults taken instead by each
-    segment's small strided writes cost 3.5 ms per buffer kind per segment (23 layers, 16K
-    tokens) against 0.25 ms on touched pages; touching a 64K document's 69 buffers at once takes
-    0.5-1.0 s against 2.0-2.5 s of faults spread over its segments (scratch runs; README
-    "Fused far reads, blocks read in place, bounded memory")."""
+    for block reads and far searches that hop across the buffer. Zeroing it is its first touch,
+    in bulk: page faults taken instead by each segment's small strided writes cost several times
+    more, spread over the segments."""
     buf = torch.empty(shape, dtype=dtype, device=device)
     nbytes = buf.numel() * buf.element_size()
     madvise = _madvise() if device.type == "cpu" and nbytes >= 2 * _HUGE and sys.platform.startswith("linux") else None
@@ -92,7 +89,7 @@ class EntryStore:
         if self.ring:
             cap = self.ring  # allocated whole: a ring does not grow
         # Sized once for the document: growing by doubling mid-run copied and first-touched
-        # every buffer again (README "Memory buffers sized once"). `_buffer` zeroes them; `add`
+        # every buffer again. `_buffer` zeroes them; `add`
         # still zeroes the unused tail of the last partial block, which block retrieval reads
         # whole (masked out, but NaN garbage would poison the softmax), in case of other writers.
         if near_only and not (rotated and block_size):

@@ -26,9 +26,7 @@ class FarSearch:
         that dtype (AVX512-BF16 runs it ~4x faster than float32, and no float32 copy of the keys
         is made), which shortlists 2k candidates; their float32 scores pick the top k. Rounding
         the scores to 8 bits of mantissa moves a key by far less than the gap between the k-th
-        and 2k-th best. One head, 64 queries: 1.7 / 2.9-3.4 ms at 28,000 / 56,000 keys against
-        2.4-2.6 / 6.4-8.1 ms in float32 (`benchmarks/far_search_timing.py`, session 19); the
-        shortlist (`top_rows`) is most of it. Where attn_kernel runs, the model calls
+        and 2k-th best. The shortlist (`top_rows`) is most of the time. Where attn_kernel runs, the model calls
         `far_attention` instead: this search and the attention in one kernel call per head."""
         t0 = time.perf_counter()
         bound = min(bound, self.n)

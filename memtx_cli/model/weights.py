@@ -113,6 +113,27 @@ def read_gguf_fields(path: Path) -> tuple[Any, dict[str, Any]]:
     return reader, fields
 
 
+GGUF_NAMES = {  # GGUF tensor name -> memtx's
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "head.weight",
+}
+GGUF_LAYER_NAMES = {  # blk.<i>.<name> -> layers.<i>.<memtx name>
+    "attn_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "attn_q.weight": "q.weight",
+    "attn_k.weight": "k.weight",
+    "attn_v.weight": "v.weight",
+    "attn_q.bias": "q.bias",
+    "attn_k.bias": "k.bias",
+    "attn_v.bias": "v.bias",
+    "attn_output.weight": "attn.wo.weight",
+    "ffn_gate.weight": "gate.weight",
+    "ffn_up.weight": "up.weight",
+    "ffn_down.weight": "ffn.w2.weight",
+}
+
+
 def load_gguf(path: Path) -> RawWeights:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -146,34 +167,15 @@ def load_gguf(path: Path) -> RawWeights:
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
     )
-    rename = {
-        "token_embd.weight": "embed.weight",
-        "output_norm.weight": "norm.weight",
-        "output.weight": "head.weight",
-    }
-    per_layer = {
-        "attn_norm.weight": "attn_norm.weight",
-        "ffn_norm.weight": "ffn_norm.weight",
-        "attn_q.weight": "q.weight",
-        "attn_k.weight": "k.weight",
-        "attn_v.weight": "v.weight",
-        "attn_q.bias": "q.bias",
-        "attn_k.bias": "k.bias",
-        "attn_v.bias": "v.bias",
-        "attn_output.weight": "attn.wo.weight",
-        "ffn_gate.weight": "gate.weight",
-        "ffn_up.weight": "up.weight",
-        "ffn_down.weight": "ffn.w2.weight",
-    }
     state: dict[str, np.ndarray] = {}
     for t in reader.tensors:
-        if t.name in rename:
-            name = rename[t.name]
+        if t.name in GGUF_NAMES:
+            name = GGUF_NAMES[t.name]
         else:
             parts = t.name.split(".", 2)
-            if parts[0] != "blk" or parts[2] not in per_layer:
+            if parts[0] != "blk" or parts[2] not in GGUF_LAYER_NAMES:
                 continue  # e.g. rope_freqs: we compute RoPE ourselves
-            name = f"layers.{parts[1]}.{per_layer[parts[2]]}"
+            name = f"layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}"
         qt = GGMLQuantizationType(t.tensor_type)
         try:
             w = dequantize(t.data, qt)

@@ -196,9 +196,8 @@ def recall(lm: LoadedModel, question: str, cfg: Config, bank: Any, n: int) -> li
     """The `n` sources whose memories the question's tokens attended to most, beyond what a
     neutral question gives them (attention lift).
 
-    Measured on 10 questions about sample_docs/ with known answer lines (README "ask"): the
-    right lines first for 2/10 by raw mass, 4/10 by lift, 5/10 by lift with 64 bank blocks
-    and no bank prior (in the top 3: 5, 7, 7), so recall reads the bank with those."""
+    Recall reads the bank with 64 bank blocks and no bank prior: on questions with known
+    answer lines that ranked the right lines best (docs/decisions.md)."""
     cfg = dataclasses.replace(cfg, bank_blocks=max(cfg.bank_blocks, 64), bank_bias=0.0)
     mass = block_mass(lm, lm.tokenizer.encode(question), cfg, bank)
     base = block_mass(lm, lm.tokenizer.encode(NEUTRAL_QUESTION), cfg, bank)
@@ -242,7 +241,7 @@ def answer(
     first read with the bank as memory, the N sources it attended to most are quoted into the
     prompt (when their text is still on disk), then the answer is decoded, still with the bank
     as memory; the sources listed are the ones recalled. A 135M model rarely reproduces a fact
-    from memory attention alone, but does from a quoted excerpt (README "ask")."""
+    from memory attention alone, but does from a quoted excerpt."""
     check_counts(n_sources, evidence)
     stop = stop_token_ids(lm)
     if bank is None:

@@ -25,10 +25,7 @@ and on, and the memory settings it was trained with, which become its defaults),
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -40,9 +37,17 @@ import torch
 from memtx_cli.config import Config
 from memtx_cli.engine import plan
 from memtx_cli.errors import MemtxError
+from memtx_cli.tasks.checkpoint import (
+    STATE_VERSION,
+    _card,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    read_train_state,
+    recover_checkpoint,
+    save_checkpoint,
+)
 
 TRAIN_MODES = ("gate", "memory-layers", "all")
-STATE_VERSION = 1
 
 # on_event(kind, info): "start", "step", "eval", "save", "done". The library reports; the CLI draws.
 Events = Callable[[str, dict[str, Any]], None]
@@ -302,113 +307,6 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 # Checkpoints
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """AdamW state as flat named tensors (safetensors) + scalars (YAML)."""
-    tensors, scalars = {}, {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if not st:
-                continue
-            n = names[id(p)]
-            tensors[f"{n}.exp_avg"] = st["exp_avg"].detach().clone()
-            tensors[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().clone()
-            scalars[n] = float(st["step"])
-    return tensors, scalars
-
-
-def load_optimizer_tensors(
-    opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor], scalars: dict
-) -> None:
-    for n, p in params.items():
-        if n not in scalars:
-            continue
-        try:
-            opt.state[p] = {
-                "step": torch.tensor(float(scalars[n])),
-                "exp_avg": tensors[f"{n}.exp_avg"].to(p.device, p.dtype),
-                "exp_avg_sq": tensors[f"{n}.exp_avg_sq"].to(p.device, p.dtype),
-            }
-        except KeyError:
-            raise MemtxError(
-                f"checkpoint optimizer state lacks {n}; it was written by another training set-up"
-            ) from None
-
-
-def _ours(out: Path, kind: str) -> list[Path]:
-    """Directories a save of `out` made beside it (`.NAME.<random>.memtx-save|old`): names only
-    memtx creates (exclusively, with a random part), so removing them never removes the user's."""
-    return sorted(p for p in out.parent.glob(f".{out.name}.*.memtx-{kind}") if p.is_dir() and not p.is_symlink())
-
-
-def recover_checkpoint(out: Path) -> None:
-    """Finish a save interrupted between its two renames (the previous checkpoint set aside,
-    CKPT missing), and remove what interrupted saves left."""
-    old = _ours(out, "old")
-    if old and not os.path.lexists(out):
-        os.replace(old.pop(), out)
-    for p in old + _ours(out, "save"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def save_checkpoint(
-    out: Path,
-    model: Any,
-    tokenizer: Any,
-    card: dict[str, Any],
-    state_tensors: dict[str, torch.Tensor],
-    state: dict[str, Any],
-) -> None:
-    """Write the whole checkpoint into a new private directory beside CKPT, then swap it in: a
-    crash leaves the previous one. Only directories this save created are ever removed."""
-    import tempfile
-
-    import yaml
-    from safetensors.torch import save_file
-
-    from memtx_cli.model.weights import save_hf_dir
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".memtx-save", dir=out.parent))
-    try:
-        weights = {k: v for k, v in model.state_dict().items() if k != "inv_freq"}
-        save_hf_dir(tmp, model.args, weights, tokenizer)
-        (tmp / "memtx.yaml").write_text(yaml.safe_dump(card, sort_keys=False, allow_unicode=True))
-        save_file({k: v.contiguous() for k, v in state_tensors.items()}, str(tmp / "train_state.safetensors"))
-        (tmp / "train_state.yaml").write_text(yaml.safe_dump(state, sort_keys=False))
-        for f in tmp.iterdir():  # on disk before the swap
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.lexists(out):
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".memtx-old", dir=out.parent))
-        os.replace(out, old)  # onto the empty directory just made: the name is ours
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_train_state(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    import yaml
-    from safetensors.torch import load_file
-
-    recover_checkpoint(out)
-    sy, st = out / "train_state.yaml", out / "train_state.safetensors"
-    if not sy.is_file() or not st.is_file():
-        raise MemtxError(f"--resume: {out} is not a memtx training checkpoint (no train_state.yaml)")
-    try:
-        state = yaml.safe_load(sy.read_text())
-        tensors = load_file(str(st))
-    except Exception as e:
-        raise MemtxError(f"--resume: cannot read the training state in {out}: {e}") from None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise MemtxError(f"--resume: {out} has a training state of another version")
-    return state, tensors
-
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation and the loop
 
@@ -465,9 +363,7 @@ def train(
     """Train and checkpoint to `out`. `model`: fine-tune that model; `init`: build a new one
     (InitConfig.from_yaml). `cfg` holds the memory settings the training streams with (for
     --init: the init file's settings under the flags; for --resume: the checkpoint's card)."""
-    from memtx_cli.engine.stream import Streamer
-    from memtx_cli.model.llama import Transformer, token_nll
-    from memtx_cli.model.loading import load_model, pick_device, tune_allocator
+    from memtx_cli.model.loading import tune_allocator
 
     tune_allocator()
     if cfg.threads:
@@ -486,211 +382,217 @@ def train(
     train_texts = read_texts(corpus_paths)
     val_texts = read_texts(val_paths) if val_paths else []
     torch.manual_seed(tc.seed)
-
-    # --- model, tokenizer, card ---
-    # Gate training leaves every weight frozen: with bfloat16 autocast they can be held in
-    # bfloat16 (no per-segment cast of 135M float32 weights); the trained scalars stay float32.
-    # A resumed run loads the same way, or its numbers would differ in the last bits.
-    frozen_bf16 = tc.train == "gate" and autocast_dtype(tc.autocast, pick_device(cfg.device)) is torch.bfloat16
-    weights_dtype = "bfloat16" if frozen_bf16 else "float32"
-    if resume:
-        lm = load_model(str(out), device=cfg.device, dtype=weights_dtype)
-        net, tokenizer, base_card = lm.model, lm.tokenizer, dict(lm.card.data)
-        scratch = bool(base_card.get("trained", {}).get("from_scratch"))
-        trained_from = base_card.get("trained", {}).get("from")
-    elif init is not None:
-        tokenizer = train_tokenizer([t for _, _, t in train_texts], init.vocab_size)
-        args = replace(init.args, vocab_size=tokenizer.vocab_size)
-        dev = pick_device(cfg.device)
-        net = Transformer(args).to(dev)
-        net.inv_freq = net.inv_freq.float()
-        init_weights(net)
-        scratch, trained_from = True, None
-        base_card = {"name": init.name, "description": "a memorizing transformer trained from scratch by memtx"}
-    else:
-        lm = load_model(model or cfg.model, device=cfg.device, dtype=weights_dtype)
-        net, tokenizer, base_card = lm.model, lm.tokenizer, dict(lm.card.data)
-        scratch = False
-        trained_from = {"model": lm.name, "weights_fingerprint": lm.fingerprint}
-    cfg.validate_for(net.args.context_length)
-    layers = list(
-        plan.heads_for(cfg, net.args.n_layers, net.args.n_kv_heads, net.args.n_heads)
-    )  # layers with memory heads
-    if layers:
-        net.add_memory_params(layers, cfg.gate_init)
-        for i in layers:  # trained scalars in float32 whatever the weights' dtype
-            a = net.layers[i].attn
-            a.mem_gate.data, a.mem_bias.data = a.mem_gate.data.float(), a.mem_bias.data.float()
-    params, lowest = trainable_parameters(net, tc.train, layers if tc.train != "all" else [])
-    names = {id(p): n for n, p in params.items()}
-    dev = net.embed.weight.device
-    amp = autocast_dtype(tc.autocast, dev)
-    corpus = build_corpus(train_texts, val_texts, tokenizer, tc, cfg.segment)
-    base_lr = tc.default_lr(scratch)
-    opt = make_optimizer(params, base_lr, tc.weight_decay)
-    losses: list[float] = list(state.get("losses", []))
-    evals: list[dict[str, Any]] = list(state.get("evals", []))
-    step = int(state.get("step", 0))
-    tokens = int(state.get("tokens", 0))
-    if resume:
-        load_optimizer_tensors(opt, params, state_tensors, state.get("optimizer", {}))
-    net.frozen_below = lowest
-    net.grad_checkpoint = tc.grad_checkpoint
-    card = _card(base_card, cfg, tc, corpus, trained_from, scratch, net)
-
-    def checkpoint_now(elapsed: float) -> None:
-        tensors, scalars = optimizer_tensors(opt, names)
-        st = {
-            "version": STATE_VERSION,
-            "step": step,
-            "tokens": tokens,
-            "seconds": elapsed,
-            "train_config": asdict(tc),
-            "settings": cfg.memory_settings(),
-            "optimizer": scalars,
-            "losses": losses,
-            "evals": evals,
-        }
-        card["trained"]["steps"], card["trained"]["tokens"] = step, tokens
-        save_checkpoint(out, net, tokenizer, card, tensors, st)
-        on_event("save", {"step": step, "path": str(out)})
-
-    def run_eval() -> None:
-        net.eval()
-        ev = {"step": step, **evaluate(net, corpus.val, cfg, amp, corpus.val_names)}
-        evals.append(ev)
-        on_event("eval", ev)
-
-    on_event(
-        "start",
-        {
-            "steps": tc.max_steps,
-            "step": step,
-            "sequences": len(corpus.sequences),
-            "val_sequences": len(corpus.val),
-            "trainable": sum(p.numel() for p in params.values()),
-            "lr": base_lr,
-            "memory_layers": layers,
-        },
-    )
-    if not evals:
-        run_eval()
+    net = Network.build(cfg, tc, out, model, init, resume, train_texts)
+    run = Run(net, cfg, tc, out, train_texts, val_texts, state, state_tensors, on_event)
+    if not run.evals:
+        run.evaluate()
     t0 = time.perf_counter()
     prior = float(state.get("seconds", 0.0))
     stopped = "steps"
-    while step < tc.max_steps:
+    while run.step < tc.max_steps:
         if tc.max_minutes and time.perf_counter() - t0 >= tc.max_minutes * 60:
             stopped = "minutes"
             break
-        net.train()
-        lr = lr_at(step, tc.max_steps, base_lr, tc.warmup, tc.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        seqs = [
-            corpus.sequences[sequence_order(len(corpus.sequences), step * tc.accum + j, tc.seed)]
-            for j in range(tc.accum)
-        ]
-        n_tok = sum(len(s) - 1 for s in seqs)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        ts = time.perf_counter()
-        for ids in seqs:
-            ids = ids.to(dev)
-            streamer = Streamer(net, cfg)  # memory and cache reset: a new document
-            for s in range(0, len(ids), cfg.segment):
-                targets = ids[s + 1 : s + cfg.segment + 1]
-                with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    hidden = streamer.step(ids[s : s + cfg.segment])
-                    if not targets.numel():
-                        continue
-                    nll = token_nll(net, hidden[: targets.shape[0]], targets, rows=64)
-                loss = nll.sum() / n_tok
-                if loss.requires_grad:  # not before the memory fills, when only gates train
-                    loss.backward()
-                total += float(loss.detach())
-        gnorm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), tc.clip or float("inf")))
-        opt.step()
-        step += 1
-        tokens += n_tok
-        losses.append(total)
+        run.optimizer_step(prior + time.perf_counter() - t0)
         elapsed = prior + time.perf_counter() - t0
-        on_event(
-            "step",
-            {
-                "step": step,
-                "steps": tc.max_steps,
-                "loss": total,
-                "lr": lr,
-                "grad_norm": gnorm,
-                "tokens": tokens,
-                "tokens_per_s": n_tok / (time.perf_counter() - ts),
-                "seconds": elapsed,
-            },
-        )
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
-            run_eval()
-        if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
-            checkpoint_now(elapsed)
-    if not evals or evals[-1]["step"] != step:
-        run_eval()
+        if tc.eval_every and run.step % tc.eval_every == 0 and run.step < tc.max_steps:
+            run.evaluate()
+        if tc.save_every and run.step % tc.save_every == 0 and run.step < tc.max_steps:
+            run.checkpoint(elapsed)
+    if not run.evals or run.evals[-1]["step"] != run.step:
+        run.evaluate()
     elapsed = prior + time.perf_counter() - t0
-    checkpoint_now(elapsed)
-    net.frozen_below, net.grad_checkpoint = 0, False
-    res = TrainResult(str(out), step, tokens, elapsed, losses, evals, stopped)
+    run.checkpoint(elapsed)
+    net.model.frozen_below, net.model.grad_checkpoint = 0, False
+    res = TrainResult(str(out), run.step, run.tokens, elapsed, run.losses, run.evals, stopped)
     on_event("done", asdict(res))
     return res
 
 
-def _card(
-    base: dict[str, Any],
-    cfg: Config,
-    tc: TrainConfig,
-    corpus: Corpus,
-    trained_from: Any,
-    scratch: bool,
-    net: Any,
-) -> dict[str, Any]:
-    """The checkpoint's model card: the base card's chat template and stop tokens, the memory
-    settings it was trained with (its scoring defaults), and what it was trained from and on."""
-    a = net.args
-    settings = {k.replace("_", "-"): v for k, v in cfg.memory_settings().items() if k not in ("memory",)}
-    card = {
-        "name": base.get("name", "checkpoint") if scratch else f"{base.get('name', 'model')}-memtx-{tc.train}",
-        "display_name": base.get("display_name", base.get("name", "")),
-        "description": base.get("description", ""),
-        "license": base.get("license", ""),
-        "architecture": {
-            "family": "qwen2" if a.qkv_bias else "llama",
-            "n_layers": a.n_layers,
-            "dim": a.dim,
-            "n_heads": a.n_heads,
-            "n_kv_heads": a.n_kv_heads,
-            "head_dim": a.head_dim,
-            "ffn_dim": a.ffn_dim,
-            "vocab_size": a.vocab_size,
-            "context_length": a.context_length,
-        },
-        "weights": {"format": "hf", "path": "."},
-        "settings": settings,
-        "trained": {
-            "from": trained_from,
-            "from_scratch": scratch,
-            "on": [{k: f[k] for k in ("name", "sha256", "tokens")} for f in corpus.files],
-            "what": tc.train,
-            "config": asdict(tc),
-            "steps": 0,
-            "tokens": 0,
-        },
-    }
-    if scratch and "trained" in base:  # resuming a from-scratch model keeps its own name
-        card["name"] = base["name"]
-    for key in ("chat_template", "stop_tokens"):
-        if base.get(key):
-            card[key] = base[key]
-    if base.get("trained") and not scratch:  # resuming: keep the original provenance
-        card["name"] = base["name"]
-        card["trained"]["from"] = base["trained"].get("from")
-    return json.loads(json.dumps(card))  # plain types only (YAML-safe)
+@dataclass
+class Network:
+    """The model a run trains, its tokenizer, the card it starts from, and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    base_card: dict[str, Any]
+    scratch: bool
+    trained_from: Any
+
+    @classmethod
+    def build(
+        cls,
+        cfg: Config,
+        tc: TrainConfig,
+        out: Path,
+        model: str | None,
+        init: InitConfig | None,
+        resume: bool,
+        train_texts: list,
+    ) -> Network:
+        """Resume the checkpoint, build a new model (--init), or load the model to fine-tune."""
+        from memtx_cli.model.llama import Transformer
+        from memtx_cli.model.loading import load_model, pick_device
+
+        # Gate training leaves every weight frozen: with bfloat16 autocast they can be held in
+        # bfloat16 (no per-segment cast of the float32 weights); the trained scalars stay float32.
+        # A resumed run loads the same way, or its numbers would differ in the last bits.
+        frozen_bf16 = tc.train == "gate" and autocast_dtype(tc.autocast, pick_device(cfg.device)) is torch.bfloat16
+        weights_dtype = "bfloat16" if frozen_bf16 else "float32"
+        if resume:
+            lm = load_model(str(out), device=cfg.device, dtype=weights_dtype)
+            card = dict(lm.card.data)
+            trained = card.get("trained", {})
+            return cls(lm.model, lm.tokenizer, card, bool(trained.get("from_scratch")), trained.get("from"))
+        if init is not None:
+            tokenizer = train_tokenizer([t for _, _, t in train_texts], init.vocab_size)
+            args = replace(init.args, vocab_size=tokenizer.vocab_size)
+            net = Transformer(args).to(pick_device(cfg.device))
+            net.inv_freq = net.inv_freq.float()
+            init_weights(net)
+            card = {"name": init.name, "description": "a memorizing transformer trained from scratch by memtx"}
+            return cls(net, tokenizer, card, True, None)
+        lm = load_model(model or cfg.model, device=cfg.device, dtype=weights_dtype)
+        trained_from = {"model": lm.name, "weights_fingerprint": lm.fingerprint}
+        return cls(lm.model, lm.tokenizer, dict(lm.card.data), False, trained_from)
+
+
+class Run:
+    """One training run's state: parameters, optimizer, data, history; a step, an evaluation and
+    a checkpoint at a time."""
+
+    def __init__(
+        self,
+        net: Network,
+        cfg: Config,
+        tc: TrainConfig,
+        out: Path,
+        train_texts: list,
+        val_texts: list,
+        state: dict[str, Any],
+        state_tensors: dict[str, torch.Tensor],
+        on_event: Events,
+    ) -> None:
+        m = net.model
+        self.net, self.cfg, self.tc, self.out, self.on_event = net, cfg, tc, out, on_event
+        cfg.validate_for(m.args.context_length)
+        # layers with memory heads
+        layers = list(plan.heads_for(cfg, m.args.n_layers, m.args.n_kv_heads, m.args.n_heads))
+        if layers:
+            m.add_memory_params(layers, cfg.gate_init)
+            for i in layers:  # trained scalars in float32 whatever the weights' dtype
+                a = m.layers[i].attn
+                a.mem_gate.data, a.mem_bias.data = a.mem_gate.data.float(), a.mem_bias.data.float()
+        self.params, lowest = trainable_parameters(m, tc.train, layers if tc.train != "all" else [])
+        self.names = {id(p): n for n, p in self.params.items()}
+        self.dev = m.embed.weight.device
+        self.amp = autocast_dtype(tc.autocast, self.dev)
+        self.corpus = build_corpus(train_texts, val_texts, net.tokenizer, tc, cfg.segment)
+        self.base_lr = tc.default_lr(net.scratch)
+        self.opt = make_optimizer(self.params, self.base_lr, tc.weight_decay)
+        self.losses: list[float] = list(state.get("losses", []))
+        self.evals: list[dict[str, Any]] = list(state.get("evals", []))
+        self.step = int(state.get("step", 0))
+        self.tokens = int(state.get("tokens", 0))
+        if state:
+            load_optimizer_tensors(self.opt, self.params, state_tensors, state.get("optimizer", {}))
+        m.frozen_below = lowest
+        m.grad_checkpoint = tc.grad_checkpoint
+        self.card = _card(net.base_card, cfg, tc, self.corpus, net.trained_from, net.scratch, m)
+        on_event(
+            "start",
+            {
+                "steps": tc.max_steps,
+                "step": self.step,
+                "sequences": len(self.corpus.sequences),
+                "val_sequences": len(self.corpus.val),
+                "trainable": sum(p.numel() for p in self.params.values()),
+                "lr": self.base_lr,
+                "memory_layers": layers,
+            },
+        )
+
+    def checkpoint(self, elapsed: float) -> None:
+        tensors, scalars = optimizer_tensors(self.opt, self.names)
+        st = {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "tokens": self.tokens,
+            "seconds": elapsed,
+            "train_config": asdict(self.tc),
+            "settings": self.cfg.memory_settings(),
+            "optimizer": scalars,
+            "losses": self.losses,
+            "evals": self.evals,
+        }
+        self.card["trained"]["steps"], self.card["trained"]["tokens"] = self.step, self.tokens
+        save_checkpoint(self.out, self.net.model, self.net.tokenizer, self.card, tensors, st)
+        self.on_event("save", {"step": self.step, "path": str(self.out)})
+
+    def evaluate(self) -> None:
+        self.net.model.eval()
+        ev = {"step": self.step, **evaluate(self.net.model, self.corpus.val, self.cfg, self.amp, self.corpus.val_names)}
+        self.evals.append(ev)
+        self.on_event("eval", ev)
+
+    def optimizer_step(self, elapsed_before: float) -> None:
+        """One optimizer step over `accum` sequences, each streamed segment by segment with a
+        fresh memory; every segment is backpropagated as soon as it has run."""
+        tc, net, corpus = self.tc, self.net.model, self.corpus
+        t0 = time.perf_counter()
+        net.train()
+        lr = lr_at(self.step, tc.max_steps, self.base_lr, tc.warmup, tc.min_lr_ratio)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        seqs = [
+            corpus.sequences[sequence_order(len(corpus.sequences), self.step * tc.accum + j, tc.seed)]
+            for j in range(tc.accum)
+        ]
+        n_tok = sum(len(s) - 1 for s in seqs)
+        self.opt.zero_grad(set_to_none=True)
+        ts = time.perf_counter()
+        total = 0.0
+        for ids in seqs:
+            total = self._sequence_loss(ids.to(self.dev), n_tok, total)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), tc.clip or float("inf")))
+        self.opt.step()
+        self.step += 1
+        self.tokens += n_tok
+        self.losses.append(total)
+        self.on_event(
+            "step",
+            {
+                "step": self.step,
+                "steps": tc.max_steps,
+                "loss": total,
+                "lr": lr,
+                "grad_norm": gnorm,
+                "tokens": self.tokens,
+                "tokens_per_s": n_tok / (time.perf_counter() - ts),
+                "seconds": elapsed_before + time.perf_counter() - t0,
+            },
+        )
+
+    def _sequence_loss(self, ids: torch.Tensor, n_tok: int, total: float) -> float:
+        """Backpropagate one sequence's loss (its share of the step's tokens); returns `total`
+        plus it."""
+        from memtx_cli.engine.stream import Streamer
+        from memtx_cli.model.llama import token_nll
+
+        net, cfg, amp = self.net.model, self.cfg, self.amp
+        streamer = Streamer(net, cfg)  # memory and cache reset: a new document
+        for s in range(0, len(ids), cfg.segment):
+            targets = ids[s + 1 : s + cfg.segment + 1]
+            with torch.autocast(self.dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                hidden = streamer.step(ids[s : s + cfg.segment])
+                if not targets.numel():
+                    continue
+                nll = token_nll(net, hidden[: targets.shape[0]], targets, rows=64)
+            loss = nll.sum() / n_tok
+            if loss.requires_grad:  # not before the memory fills, when only gates train
+                loss.backward()
+            total += float(loss.detach())
+        return total
 
 
 def resolve_training(
