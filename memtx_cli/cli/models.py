@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from memtx_cli.cli.display import handle_errors, print_json
-from memtx_cli.cli.options import JsonOpt, SettingsArgs, settings_options
+from memtx_cli.cli.options import SCORE, JsonOpt, SettingsArgs, settings_options
 
 config_app = typer.Typer(help="Settings: the merged values a run uses, and where each came from.", no_args_is_help=True)
 
@@ -53,9 +53,10 @@ def models(as_json: JsonOpt = False) -> None:
 
 @config_app.command("show")
 @handle_errors
-@settings_options("model")
+@settings_options(*SCORE)
 def config_show(as_json: JsonOpt = False, settings: SettingsArgs = None) -> None:  # type: ignore[assignment]
-    """Every setting a run would use: its value and where it came from (default, card, config, set, flag)."""
+    """Every setting a run would use (with the same flags, --set and --config as `memtx score`): its
+    value, where it came from (default, card, config, set, flag) and what it means."""
     from memtx_cli.config import FIELDS_HELP
     from memtx_cli.engine.session import resolve_settings
 
@@ -71,5 +72,6 @@ def config_show(as_json: JsonOpt = False, settings: SettingsArgs = None) -> None
     for col in ("setting", "value", "from", "meaning"):
         t.add_column(col)
     for k, v in values.items():
-        t.add_row(k.replace("_", "-"), str(v), sources[k], FIELDS_HELP[k])
+        text = str(v) if len(str(v)) <= 40 else str(v)[:37] + "..."  # --json prints it whole
+        t.add_row(k.replace("_", "-"), text, sources[k], FIELDS_HELP[k])
     Console(soft_wrap=True).print(t)

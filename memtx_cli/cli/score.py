@@ -43,45 +43,35 @@ def score(
     settings: SettingsArgs = None,  # type: ignore[assignment]
 ) -> None:
     """Perplexity of a document streamed segment by segment, with memory of its own past (and of a bank)."""
-    import time
+    from memtx_cli.engine.score import score_file
 
-    from memtx_cli.bank.reader import read_document
-    from memtx_cli.engine.session import load_for, open_bank, resolve_settings
-
-    doc = read_document(file)  # bad input fails before the model loads
-    for w in doc.warnings:
-        log(f"memtx: warning: {w}", quiet)
-    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
-    the_bank = open_bank(bank) if bank else None
-    from memtx_cli.engine.score import score_document
-
-    t0 = time.perf_counter()
-    lm = load_for(cfg, the_bank)
-    load_s = time.perf_counter() - t0
     enabled = show_progress(quiet)
-    results = score_document(
-        lm,
-        doc.text,
-        cfg,
-        the_bank,
+    got = score_file(
+        file,
+        settings.flags,
+        settings.sets,
+        settings.config_file,
+        bank,
         compare,
         lambda name: token_progress(f"scoring ({name})" if compare else "scoring", enabled),
+        warn=lambda w: log(f"memtx: warning: {w}", quiet),
     )
+    cfg, m, results = got.cfg, got.model, got.results
     base = {
-        "file": doc.name,
-        "model": lm.name,
-        "dtype": lm.describe()["dtype"],
-        "device": str(lm.device),
-        "segment": cfg.segment if cfg.context == "window" else lm.args.context_length,
+        "file": got.name,
+        "model": m["model"],
+        "dtype": m["dtype"],
+        "device": m["device"],
+        "segment": cfg.segment if cfg.context == "window" else m["context_length"],
         "xl_cache": cfg.xl_cache,
-        "load_seconds": load_s,
+        "load_seconds": got.load_seconds,
     }
     if curve:
         print_curve(results, base["segment"])
     if compare:
-        show_compare(doc.name, lm.name, base, results, as_json)
+        show_compare(got.name, m["model"], base, results, as_json)
     else:
-        show_score(doc.name, lm.name, base, results["main"], load_s, as_json)
+        show_score(got.name, m["model"], base, results["main"], got.load_seconds, as_json)
 
 
 def print_curve(results: dict[str, Any], seg: int) -> None:

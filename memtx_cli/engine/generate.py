@@ -158,3 +158,26 @@ def generate(
         decode_seconds=t2 - t1,
         retrieval_seconds=st.retrieval_seconds,
     )
+
+
+def generate_from(
+    prompt: str,
+    flags: dict[str, Any],
+    sets: list[str] | None,
+    config_file: str | None,
+    bank_path: str | None,
+    sampling: Sampling,
+    emit: Callable[[str], None],
+) -> Generation:
+    """`memtx generate` below the CLI: settings resolved, bank opened and checked, model loaded,
+    the prompt read as a document and continued."""
+    from memtx_cli.engine.session import load_for, open_bank, resolve_settings
+
+    if not prompt:
+        raise MemtxError("the prompt is empty")
+    cfg, _ = resolve_settings(flags, sets, config_file)
+    bank = open_bank(bank_path) if bank_path else None
+    lm = load_for(cfg, bank)
+    return generate(
+        lm, lm.tokenizer.encode(prompt), cfg, sampling, bank if cfg.memory else None, emit, stop_token_ids(lm)
+    )

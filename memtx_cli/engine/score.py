@@ -146,3 +146,48 @@ def score_document(
         with progress(name) if progress else contextlib.nullcontext(_noop) as cb:
             out[name] = score_ids(lm, ids, n_bytes, c, cb, bank)
     return out
+
+
+@dataclass
+class ScoredFile:
+    """`memtx score` below the CLI: the document's name, the model's description, the settings
+    used, the load time and one result per run ("main", or "memory" and "window")."""
+
+    name: str
+    model: dict[str, Any]
+    cfg: Config
+    load_seconds: float
+    results: dict[str, ScoreResult]
+
+
+def score_file(
+    path: str,
+    flags: dict[str, Any],
+    sets: list[str] | None = None,
+    config_file: str | None = None,
+    bank_path: str | None = None,
+    compare: bool = False,
+    progress: Callable[[str], Any] | None = None,
+    warn: Callable[[str], None] = lambda m: None,
+) -> ScoredFile:
+    """Read a document (or stdin for "-"), resolve the settings, open and check the bank, load
+    the model and score: each step fails before the costlier ones start."""
+    from memtx_cli.bank.reader import read_document
+    from memtx_cli.engine.session import load_for, open_bank, resolve_settings
+
+    doc = read_document(path)  # bad input fails before the model loads
+    for w in doc.warnings:
+        warn(w)
+    cfg, _ = resolve_settings(flags, sets, config_file)
+    bank = open_bank(bank_path) if bank_path else None
+    t0 = time.perf_counter()
+    lm = load_for(cfg, bank)
+    load_s = time.perf_counter() - t0
+    results = score_document(lm, doc.text, cfg, bank, compare, progress)
+    model = {
+        "model": lm.name,
+        "dtype": lm.describe()["dtype"],
+        "device": str(lm.device),
+        "context_length": lm.args.context_length,
+    }
+    return ScoredFile(doc.name, model, cfg, load_s, results)

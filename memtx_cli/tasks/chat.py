@@ -365,3 +365,29 @@ class Conversation:
                 f"{len(self.memory.pending)} exchange(s) were not remembered: bank {self.bank} stayed busy "
                 f"for {wait:.0f} s (another process is writing it)"
             )
+
+
+def ask_bank(
+    question: str,
+    flags: dict[str, Any],
+    sets: list[str] | None,
+    config_file: str | None,
+    bank_path: str | None,
+    sampling: Sampling,
+    sources: int,
+    evidence: int,
+    system: str | None,
+    emit: Callable[[str], None],
+) -> Answer:
+    """`memtx ask` below the CLI: counts checked, settings resolved, bank opened and checked,
+    model loaded, the question answered with its sources."""
+    from memtx_cli.engine.session import load_for, open_bank, resolve_settings
+
+    check_counts(sources, evidence)
+    if not question:
+        raise MemtxError("the question is empty")
+    cfg, _ = resolve_settings(flags, sets, config_file)
+    bank = open_bank(bank_path) if bank_path else None
+    lm = load_for(cfg, bank)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return answer(lm, messages, cfg, sampling, bank, sources, emit, evidence=evidence)
