@@ -1,8 +1,8 @@
-"""A/B timing of attn_kernel.c versions: each source compiled apart, calls interleaved in one
+"""A/B timing of versions of the attention kernel (kernels/attn.c): each source compiled apart, calls interleaved in one
 process (medians), the same inputs for all.
 
-    git show 726c912:memtx_cli/attn_kernel.c > /tmp/old.c
-    python benchmarks/kernel_ab.py /tmp/old.c memtx_cli/attn_kernel.c [--real 65536] [--reps 7]
+    git show 726c912:memtx_cli/kernels/attn.c > /tmp/old.c
+    python benchmarks/kernel_ab.py /tmp/old.c memtx_cli/kernels/attn.c [--real 65536] [--reps 7]
 
 Times, per source:
 - far reads of one head (attn_kernel.far_attention: 512 tokens, 32 memories each, 3 query heads)
@@ -112,7 +112,7 @@ def real_far_inputs(n: int) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("sources", nargs="+", help="attn_kernel.c versions")
+    ap.add_argument("sources", nargs="+", help="versions of kernels/attn.c")
     ap.add_argument("--real", type=int, default=0, help="far reads on the Lua run's keys at this many tokens")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()

@@ -16,8 +16,9 @@ from helpers import make_tiny, write_gguf
 from test_bank import build, make_corpus
 
 from memtx_cli.attention.memorizing import MemorizingAttention
-from memtx_cli.attention.reads import BlockRetrieval, MemoryRead
+from memtx_cli.attention.reads import MemoryRead
 from memtx_cli.bank.store import Bank
+from memtx_cli.memory.results import BlockRetrieval
 from memtx_cli.model.llama import ModelArgs, local_bias, rope_inv_freq, rotate_by
 from memtx_cli.model.loading import load_model
 from memtx_cli.tasks.chat import BankTrace, sources_from_mass

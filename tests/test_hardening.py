@@ -345,7 +345,7 @@ def test_ingest_skips_links_out_of_the_tree(tiny_lm, tiny_gguf, tmp_path):
 def test_checkpoint_save_leaves_the_users_directories_alone(tmp_path):
     import torch
 
-    from memtx_cli.tasks.train import save_checkpoint
+    from memtx_cli.tasks.checkpoint import save_checkpoint
 
     class Fake:
         args = None

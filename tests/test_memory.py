@@ -10,7 +10,7 @@ from test_model import naive_logits, nll_from_logits, window_mask
 
 from memtx_cli.attention.blocks import clamp_keys, query_runs
 from memtx_cli.attention.ops import merge_lse
-from memtx_cli.attention.reads import BlockRetrieval, MemoryRead
+from memtx_cli.attention.reads import MemoryRead
 from memtx_cli.config import Config
 from memtx_cli.engine import plan
 from memtx_cli.engine.stream import Streamer, run_stream, run_streams, stream_nll
@@ -18,6 +18,7 @@ from memtx_cli.errors import MemtxError
 from memtx_cli.memory.blocks import spread_forward
 from memtx_cli.memory.far import exact_top_k, top_rows
 from memtx_cli.memory.index import IndexSpec
+from memtx_cli.memory.results import BlockRetrieval
 from memtx_cli.memory.store import LayerMemory
 from memtx_cli.model.llama import rotate_by
 
@@ -546,6 +547,7 @@ BUDGET_KW = dict(retrieval="block", block_size=4, block_chunk=4, positions="clam
 def _layer0_memory_attention(model, ids, c):
     """The memory attention (out, lse) of layer 0 for every segment. Layer 0's inputs do not
     depend on memory, so two settings can be compared head by head."""
+    model.use_memory([0])  # layer 0 a memorizing layer now, so its read can be wrapped
     attn, got = model.layers[0].attn, []
     orig = attn.block_memory_attention
 
@@ -809,6 +811,7 @@ def test_far_top_k_decoding_token_by_token_equals_segments(tiny_model):
 def _far_attention_by_layer(model, ids, c, horizon, layer=0):
     """far_token_attention's (out, lse) in `layer` for every segment, with the trained context
     ending `horizon` tokens back. Layer 0's inputs do not depend on memory."""
+    model.use_memory([layer])  # a memorizing layer now, so its read can be wrapped
     attn, got = model.layers[layer].attn, []
     orig = attn.far_token_attention
 

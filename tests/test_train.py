@@ -22,7 +22,8 @@ from memtx_cli.engine.stream import Streamer
 from memtx_cli.errors import MemtxError
 from memtx_cli.model.llama import token_nll
 from memtx_cli.model.loading import build_model, load_model
-from memtx_cli.tasks.train import InitConfig, TrainConfig, lr_at, train
+from memtx_cli.tasks.train import lr_at, train
+from memtx_cli.tasks.train_setup import InitConfig, TrainConfig
 
 MEMTX = [sys.executable, "-m", "memtx_cli"]
 CODE = SAMPLE / "code"

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from memtx_cli.attention.ops import attention_with_lse, memory_bias
-from memtx_cli.attention.reads import BlockRetrieval, MemoryRead
+from memtx_cli.attention.reads import MemoryRead
+from memtx_cli.memory.results import BlockRetrieval
 from memtx_cli.model.llama import rotate_by
 
 

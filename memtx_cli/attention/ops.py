@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from memtx_cli.attention.reads import BlockRetrieval
 from memtx_cli.kernels import attn as attn_kernel
+from memtx_cli.memory.results import BlockRetrieval
 from memtx_cli.model.llama import local_bias
 
 

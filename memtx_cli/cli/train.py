@@ -56,8 +56,8 @@ def train(
     settings: SettingsArgs = None,  # type: ignore[assignment]
 ) -> None:
     """Train a model to use its memory (fine-tune), or a memorizing transformer from scratch (--init)."""
-    from memtx_cli.tasks.train import resolve_training
     from memtx_cli.tasks.train import train as run_train
+    from memtx_cli.tasks.train_setup import resolve_training
 
     train_flags = {
         "train": what,

@@ -5,7 +5,7 @@
 // (vdpbf16ps) is ~4x float32's. Both products (q.k and p.v) run on it with float32
 // accumulation; the softmax runs in float32, online over blocks of KB keys (flash style), and
 // the probabilities are rounded to bfloat16 for p.v as torch's kernel does. memtx compiles this
-// file on first use (attn_kernel.py) and falls back to torch's kernel when it cannot.
+// file on first use (kernels/attn.py) and falls back to torch's kernel when it cannot.
 //
 // Layout: K is repacked per call so that one 512-bit load holds one dimension pair of 16 keys
 // (the operand vdpbf16ps wants), V so that one load holds 16 dimensions of a key pair.
@@ -405,7 +405,7 @@ static inline float dot_fb(const float *q, const bf16 *k) {
 //  3. attention: for each g, scores scale * qa[g][i] . key - bias over those k keys in float32,
 //     softmax, weighted sum of their values: out (G, T, D) float32, lse (G, T); a query with no
 //     key (bound 0) gets out 0 and lse -inf. ids (T, k): the keys read (-1 past the count), or NULL.
-// No (T, k) gather of keys or values is written: the memory.py path it replaces gathered the
+// No (T, k) gather of keys or values is written: the torch path it replaces gathered the
 // shortlist's keys, the chosen keys and values, and ran ~30 small torch ops per chunk.
 int memtx_far_attention(const bf16 *keys, const bf16 *values, const float *qs, const bf16 *qa,
                         const int64_t *bound, int64_t T, int64_t G, int64_t k, int64_t m, float scale, float bias,
@@ -632,7 +632,7 @@ static void sort_top(uint64_t *a, int64_t n, int64_t k) {
 // elsewhere and on the lo entries before them; each entry then takes the largest rel of itself
 // and the `spread` entries before it; the best min(m, lo + nbn) entries, ties to the later
 // block, are written best first: pick (KV, C, m') = entry + first, score (KV, C, m') its rel.
-// near (C, nbn) uint8; voters (KV, C*Q, D) bf16, heads vs apart, Q <= 16. memory.py's torch
+// near (C, nbn) uint8; voters (KV, C*Q, D) bf16, heads vs apart, Q <= 16. the memory's torch
 // path computes the same (LayerMemory._exact_relevance, spread_forward, top_blocks). The work
 // runs on shares (log is monotonic: the spread's maxima and the order are the same) and one
 // vector of the Q voters per block; the log only for the entries written.

@@ -1,4 +1,4 @@
-"""bfloat16 attention on AVX512-BF16 CPUs: attn_kernel.c, compiled on first use.
+"""bfloat16 attention on AVX512-BF16 CPUs: attn.c, compiled on first use.
 
 torch's CPU flash kernel runs bfloat16 at its float32 speed; attn.c does both products on the
 CPU's bfloat16 dot-product unit (timings: docs/decisions.md, `benchmarks/attn_kernel_timing.py`).
@@ -59,7 +59,7 @@ def _cpu_ok() -> bool:
 
 
 def cache_dir() -> Path | None:
-    """Where compiled kernels are kept: the weights cache's root (runtime.py) + kernels/;
+    """Where compiled kernels are kept: the weights cache's root (model/loading.py) + kernels/;
     None with MEMTX_NO_CACHE=1 (then each process compiles into a temporary directory)."""
     if os.environ.get("MEMTX_NO_CACHE"):
         return None

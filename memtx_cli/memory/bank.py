@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from memtx_cli.attention.reads import BlockRetrieval, Retrieval
+from memtx_cli.memory.results import BlockRetrieval, Retrieval
 from memtx_cli.memory.store import LayerMemory
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from memtx_cli.attention.reads import BlockRetrieval
 from memtx_cli.kernels import attn as attn_kernel
 from memtx_cli.memory.entries import select_rows
+from memtx_cli.memory.results import BlockRetrieval
 
 
 class BlockSelection:

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import torch
 
-from memtx_cli.attention.reads import Retrieval
 from memtx_cli.errors import MemtxError
 from memtx_cli.kernels import attn as attn_kernel
 from memtx_cli.memory.index import HeadIndex, IndexSpec
+from memtx_cli.memory.results import Retrieval
 
 _HUGE = 2 << 20  # x86-64 transparent huge page
 

@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from memtx_cli.attention.reads import Retrieval
 from memtx_cli.kernels import attn as attn_kernel
 from memtx_cli.memory.entries import select_rows
+from memtx_cli.memory.results import Retrieval
 
 
 class FarSearch:

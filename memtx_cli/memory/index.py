@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memtx_cli.attention.reads import Retrieval
 from memtx_cli.errors import UsageError
+from memtx_cli.memory.results import Retrieval
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 

@@ -1,6 +1,6 @@
 """Weight loaders: a GGUF file (dequantized with `gguf`) or a Hugging Face directory.
 
-Both produce `ModelArgs`, a state dict in memtx's own names (see `model.py`), a tokenizer and
+Both produce `ModelArgs`, a state dict in memtx's own names (see `model/llama.py`), a tokenizer and
 a weights fingerprint (sha256 of the weight files) that banks record.
 
 GGUF from llama.cpp's converter stores Q/K of the `llama` architecture permuted so RoPE pairs
