@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from memtx_cli.config import MEMORY, RUNTIME, Config
+from memtx_cli.config import INPUT, MEMORY, RUNTIME, Config
 
 OUTPUT = "Output"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -99,6 +99,19 @@ _CONFIG = inspect.Parameter(
 )
 
 
+PANELS = (None, INPUT, MEMORY, OUTPUT, RUNTIME)  # None: a command's own options, first
+
+
+def _panel_rank(p: inspect.Parameter) -> int:
+    meta = getattr(p.annotation, "__metadata__", ())
+    panel = next((getattr(m, "rich_help_panel", None) for m in meta), None)
+    return PANELS.index(panel) if panel in PANELS else 0
+
+
+def _is_argument(p: inspect.Parameter) -> bool:
+    return any(type(m).__name__ == "ArgumentInfo" for m in getattr(p.annotation, "__metadata__", ()))
+
+
 def settings_options(*keys: str) -> Callable[[F], F]:
     """Give a command the settings `keys` as flags, plus --set and --config; the command receives
     them as one `settings: SettingsArgs` argument. A memory flag given as False (--no-memory)
@@ -121,9 +134,11 @@ def settings_options(*keys: str) -> Callable[[F], F]:
             return fn(*args, **kwargs)
 
         extra = [_setting_param(k) for k in keys] + [_SET, _CONFIG]
-        positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        positional = [p for p in own if _is_argument(p)]  # typer arguments keep their order, first
         keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in positional]
-        wrapper.__signature__ = sig.replace(parameters=positional + keyword + extra)  # type: ignore[attr-defined]
+        # --help shows panels in the order their first option appears: input, memory, output, runtime.
+        keyword = sorted(keyword + extra, key=_panel_rank)
+        wrapper.__signature__ = sig.replace(parameters=positional + keyword)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {}
         return wrapper  # type: ignore[return-value]
 
