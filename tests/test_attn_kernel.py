@@ -12,6 +12,7 @@ from test_memory import cfg
 from memtx_cli.attention.ops import attention_with_lse
 from memtx_cli.engine.stream import run_stream
 from memtx_cli.kernels import attn as attn_kernel
+from memtx_cli.kernels import build as kernel_build
 from memtx_cli.model.llama import grouped_attention, local_bias
 from memtx_cli.model.loading import build_model
 
@@ -259,8 +260,8 @@ def test_streaming_with_block_budgets_and_far_reads_matches_torchs_kernel(monkey
 
 def test_without_a_compiler_torchs_kernel_runs(monkeypatch, tmp_path):
     """No C compiler: load() gives None once, attention() None, and the model still attends."""
-    monkeypatch.setattr(attn_kernel, "_lib", None)
-    monkeypatch.setattr(attn_kernel, "_tried", False)
+    monkeypatch.setattr(kernel_build, "_lib", None)
+    monkeypatch.setattr(kernel_build, "_tried", False)
     monkeypatch.setenv("MEMTX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert attn_kernel.load() is None
@@ -282,8 +283,8 @@ def test_compiled_once_into_the_cache_or_a_temporary_directory(monkeypatch, tmp_
         monkeypatch.setenv("MEMTX_NO_CACHE", "1")
     q, k, v = inputs(2, 40, 70)
     want = attn_kernel.attention(q, k, v, None, 0.125)
-    monkeypatch.setattr(attn_kernel, "_lib", None)
-    monkeypatch.setattr(attn_kernel, "_tried", False)
+    monkeypatch.setattr(kernel_build, "_lib", None)
+    monkeypatch.setattr(kernel_build, "_tried", False)
     got = attn_kernel.attention(q, k, v, None, 0.125)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     built = sorted(p.name for p in tmp_path.rglob("*.so"))

@@ -27,6 +27,7 @@ from memtx_cli.bank.store import Bank
 from memtx_cli.cli.app import app
 from memtx_cli.errors import MemtxError
 from memtx_cli.kernels import attn as attn_kernel
+from memtx_cli.kernels import build as kernel_build
 from memtx_cli.model.loading import load_model
 
 runner = CliRunner()
@@ -190,7 +191,7 @@ def test_new_banks_are_private_and_info_says_who_can_read(small_bank, tmp_path):
 
 
 def _planted_library(path: Path, marker: Path, with_symbols: bool) -> None:
-    fns = "".join(f"int {n}(void) {{ return 0; }}\n" for n in attn_kernel.SIGNATURES) if with_symbols else ""
+    fns = "".join(f"int {n}(void) {{ return 0; }}\n" for n in kernel_build.SIGNATURES) if with_symbols else ""
     src = path.with_suffix(".c")
     src.write_text(
         "#include <stdio.h>\n"
@@ -202,19 +203,19 @@ def _planted_library(path: Path, marker: Path, with_symbols: bool) -> None:
 
 @pytest.fixture
 def kernel_state(monkeypatch):
-    monkeypatch.setattr(attn_kernel, "_lib", None)
-    monkeypatch.setattr(attn_kernel, "_tried", False)
-    monkeypatch.setattr(attn_kernel, "_cpu_ok", lambda: True)
+    monkeypatch.setattr(kernel_build, "_lib", None)
+    monkeypatch.setattr(kernel_build, "_tried", False)
+    monkeypatch.setattr(kernel_build, "_cpu_ok", lambda: True)
     monkeypatch.delenv("MEMTX_NO_CACHE", raising=False)
     yield
-    attn_kernel._lib, attn_kernel._tried = None, False
+    kernel_build._lib, kernel_build._tried = None, False
 
 
 def _kernel_name() -> str:
     import hashlib
 
-    src = attn_kernel.SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *attn_kernel.FLAGS]).encode()).hexdigest()[:16]
+    src = kernel_build.SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *kernel_build.FLAGS]).encode()).hexdigest()[:16]
     return f"attn_kernel-{tag}.so"
 
 

@@ -106,11 +106,10 @@ def bench_memory(
     settings: SettingsArgs = None,  # type: ignore[assignment]
 ) -> None:
     """Perplexity window-only vs memory vs full attention, and the cost of memory, on real text."""
-    from memtx_cli.engine.session import resolve_settings
     from memtx_cli.tasks.bench import run_memory_bench
 
     where = corpus_dir(corpus)
-    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
+    cfg, _ = settings.resolve()
     res = run_memory_bench(
         where, [int(x) for x in lengths.split(",")], genres.split(","), cfg, log=lambda m: log(m, quiet)
     )
@@ -162,11 +161,10 @@ def bench_recall(
     settings: SettingsArgs = None,  # type: ignore[assignment]
 ) -> None:
     """recall@k of approximate FAISS indexes against exact search, on real keys from the model."""
-    from memtx_cli.engine.session import resolve_settings
     from memtx_cli.tasks.recall import run_recall
 
     where = corpus_dir(corpus)
-    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
+    cfg, _ = settings.resolve()
     res = run_recall(where, tokens, genre, kinds.split(";"), cfg, k=k, log=lambda m: log(m, quiet))
     if as_json:
         print_json(res)
@@ -196,11 +194,11 @@ def bench_passkey(
     settings: SettingsArgs = None,  # type: ignore[assignment]
 ) -> None:
     """Passkey retrieval: a 5-digit key hidden in long filler text; accuracy with memory vs window."""
-    from memtx_cli.engine.session import load_for, resolve_settings
+    from memtx_cli.engine.session import load_for
     from memtx_cli.tasks.passkey import parse_depths, parse_lengths, run_passkey
 
     lens, deps = parse_lengths(lengths), parse_depths(depths)
-    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
+    cfg, _ = settings.resolve()
     lm = load_for(cfg)
     res = run_passkey(lm, cfg, lens, deps, trials, seed, window=not no_window, log=lambda m: log(m, quiet))
     if as_json:

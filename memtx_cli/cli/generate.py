@@ -125,14 +125,14 @@ def chat(
     from pathlib import Path
 
     from memtx_cli.engine.generate import Sampling
-    from memtx_cli.engine.session import load_for, open_bank, resolve_settings
+    from memtx_cli.engine.session import load_for, open_bank
     from memtx_cli.tasks.chat import Conversation, Remembered, check_counts
 
     check_counts(sources)
     if remember and not bank:
         raise MemtxError("--remember needs --memory BANK (the bank to append the conversation to)")
     sampling = Sampling(max_tokens, temperature, top_p, 0, seed)
-    cfg, _ = resolve_settings(settings.flags, settings.sets, settings.config_file)
+    cfg, _ = settings.resolve()
     if bank:  # fail fast on a bad bank, before the model loads
         open_bank(bank).close()
     lm = load_for(cfg)

@@ -58,9 +58,8 @@ def config_show(as_json: JsonOpt = False, settings: SettingsArgs = None) -> None
     """Every setting a run would use (with the same flags, --set and --config as `memtx score`): its
     value, where it came from (default, card, config, set, flag) and what it means."""
     from memtx_cli.config import FIELDS_HELP
-    from memtx_cli.engine.session import resolve_settings
 
-    cfg, sources = resolve_settings(settings.flags, settings.sets, settings.config_file)
+    cfg, sources = settings.resolve()
     values = cfg.to_dict()
     if as_json:
         print_json({k: {"value": v, "source": sources[k]} for k, v in values.items()})

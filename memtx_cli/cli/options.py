@@ -56,6 +56,13 @@ class SettingsArgs:
     sets: list[str] = field(default_factory=list)
     config_file: str | None = None
 
+    def resolve(self) -> tuple[Config, dict[str, str]]:
+        """The Config these settings give (default < card < config < --set < flag), and where
+        each value came from."""
+        from memtx_cli.engine.session import resolve_settings
+
+        return resolve_settings(self.flags, self.sets, self.config_file)
+
 
 def _setting_param(key: str) -> inspect.Parameter:
     f = FIELDS[key]

@@ -1,0 +1,151 @@
+"""Building and loading attn.c: compiled on first use with the system C compiler (`$CC`,
+else `cc`) into a per-user cache, loaded through ctypes only from a private file.
+
+`load()` returns None whenever the kernel cannot run here (no compiler, a CPU without
+AVX512-BF16, not Linux, MEMTX_KERNEL=0 via `enabled()`); callers then use torch's kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("attn.c")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64  # pointer, int64_t
+SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out of range)
+    "memtx_attention": [_P] * 4 + [_I] * 7 + [ctypes.c_float] + [_P] * 4 + [ctypes.c_int],
+    "memtx_block_max": [_P] * 2 + [_I] * 7 + [_P, ctypes.c_int],
+    "memtx_block_attention": [_P] * 6 + [_I] * 8 + [ctypes.c_float, _P, _P, _I, _P, _P, ctypes.c_int],
+    "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 3 + [ctypes.c_int],
+    "memtx_block_pick": [_P] * 3 + [_I] * 9 + [_P] * 2 + [ctypes.c_int],
+    "memtx_pack_rows": [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I, ctypes.c_int],
+}
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def enabled() -> bool:
+    """MEMTX_KERNEL=0 turns the kernel off (torch's kernel everywhere), e.g. for A/B timing."""
+    return os.environ.get("MEMTX_KERNEL", "1") != "0"
+
+
+def _cpu_ok() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to check the flags, so no kernel
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return CPU_FLAGS <= set(line.split(":", 1)[1].split())
+    return False
+
+
+def cache_dir() -> Path | None:
+    """Where compiled kernels are kept: the weights cache's root (model/loading.py) + kernels/;
+    None with MEMTX_NO_CACHE=1 (then each process compiles into a temporary directory)."""
+    if os.environ.get("MEMTX_NO_CACHE"):
+        return None
+    root = os.environ.get("MEMTX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "memtx")
+    return Path(root) / "kernels"
+
+
+def _private_dir(d: Path) -> bool:
+    """A directory only this user can write: owned by us, no group/other write, not a link."""
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _trusted_file(p: Path) -> bool:
+    """A compiled kernel we may load: a regular file (not a link) owned by us, writable by
+    nobody else, in a private directory."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022 and _private_dir(p.parent)
+
+
+def _compile(out: Path) -> None:
+    """Compile SOURCE into `out`: into a file beside it, then renamed (atomic)."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cc = os.environ.get("CC", "cc")
+        subprocess.run(
+            [cc, *FLAGS, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open() -> ctypes.CDLL:
+    """The compiled library for this source, compiler and flags (compiled now if not cached).
+    A cached file is loaded only if it is ours in a directory only we can write (it is code
+    this process runs); anything else there is never loaded: we compile privately instead."""
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *FLAGS]).encode()).hexdigest()[:16]
+    name = f"attn_kernel-{tag}.so"
+    where = cache_dir()
+    if where is not None:
+        try:
+            where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            pass
+        out = where / name
+        if _private_dir(where):
+            if not os.path.lexists(out):
+                _compile(out)
+            if _trusted_file(out):
+                return ctypes.CDLL(str(out))
+        log.warning("memtx: the kernel cache %s is not private to this user; compiling the kernel privately", where)
+    with tempfile.TemporaryDirectory() as tmp:  # a loaded library outlives its file on Linux
+        out = Path(tmp) / name
+        _compile(out)
+        return ctypes.CDLL(str(out))
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None when it cannot run here (tried once per process); a library
+    that does not load or lacks a function falls back to torch's kernel with one warning."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if not _cpu_ok():
+        log.debug("attn_kernel: CPU without AVX512-BF16 (or not Linux); using torch's kernel")
+        return None
+    try:
+        lib = _open()
+        for name, args in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctypes.c_int, args
+    except (FileNotFoundError, subprocess.SubprocessError) as e:  # no compiler, or it failed
+        detail = getattr(e, "stderr", b"") or b""
+        log.debug("attn_kernel: not built (%s %s); using torch's kernel", e, detail.decode(errors="replace")[:500])
+        return None
+    except (OSError, AttributeError) as e:
+        log.warning("memtx: the compiled attention kernel is unusable (%s); using torch's kernel", e)
+        return None
+    _lib = lib
+    return lib
