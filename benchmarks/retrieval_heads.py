@@ -115,7 +115,8 @@ def main() -> None:
     scores = {}
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for name, samples in (("passkey", passkey_samples(lm, a.tokens, rng)), ("text", text_samples(lm, a.tokens, rng))):
+        tasks = (("passkey", passkey_samples(lm, a.tokens, rng)), ("text", text_samples(lm, a.tokens, rng)))
+        for name, samples in tasks:
             total, steps = torch.zeros(args.n_layers, args.n_heads), 0
             for ids, copies in samples:
                 total += hits(model, ids, copies)
@@ -125,9 +126,7 @@ def main() -> None:
     q_score = (scores["passkey"] + scores["text"]) / 2  # (L, H)
     g = args.n_heads // args.n_kv_heads
     kv_score = q_score.view(args.n_layers, args.n_kv_heads, g).amax(-1)  # (L, KV)
-    order = sorted(
-        ((l_, h) for l_ in range(args.n_layers) for h in range(args.n_kv_heads)), key=lambda x: -kv_score[x]
-    )
+    order = sorted(((l_, h) for l_ in range(args.n_layers) for h in range(args.n_kv_heads)), key=lambda x: -kv_score[x])
     ranking = [f"{l_}.{h}" for l_, h in order]
     print(",".join(ranking))
     for l_, h in order[:16]:

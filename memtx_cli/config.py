@@ -67,6 +67,16 @@ class Config:
     far_bias: float = knob(0.0, "clamped, with far-blocks / far-top-k: a prior subtracted from their scores.")
     far_top_k: int = knob(0, "clamped block retrieval: each query's own top-k memories beyond the trained context.")
     far_heads: str = knob("all", "far-top-k: the KV heads that read the far past (layer.head pairs) or all.")
+    far_scope: str = knob(
+        "beyond",
+        "far-top-k reads among: beyond (memories older than the trained context) or all (every "
+        "memory, near ones too, at the fixed distance: recall of what the blocks miss).",
+    )
+    recall_heads: str = knob(
+        "",
+        "far-top-k: KV heads that retrieve and copy (layer.head pairs, the card's from "
+        "benchmarks/retrieval_heads.py); their own reads carry no far-bias.",
+    )
     mem_distance: int = knob(
         0, "fixed: distance memories sit at; clamped: the cap or where far memories sit. 0 = auto."
     )
@@ -112,6 +122,8 @@ class Config:
             raise UsageError("far-blocks must be >= -1 (-1 = shared budget) and far-bias >= 0")
         if self.far_top_k < 0:
             raise UsageError(f"far-top-k must be >= 0, got {self.far_top_k}")
+        if self.far_scope not in ("beyond", "all"):
+            raise UsageError(f"far-scope must be beyond or all, got {self.far_scope!r}")
         if self.far_top_k and (self.positions != "clamped" or self.retrieval != "block"):
             raise UsageError(
                 "far-top-k reads memories older than the trained context token by token: "

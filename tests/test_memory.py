@@ -861,6 +861,69 @@ def test_far_heads_outside_the_memory_heads_read_nothing_far(tiny_model):
             run_stream(tiny_model, torch.randint(0, 300, (20,)), dataclasses.replace(c, far_heads=bad))
 
 
+def test_far_scope_all_reads_every_memory_and_stays_causal(tiny_model):
+    """far-scope all: with the whole memory near (nothing past the horizon) each query still
+    reads its own top-k of every memory at the fixed distance, on top of the near blocks;
+    with k >= the memory and no near blocks that is the fixed scheme's token retrieval of
+    everything. Causal, and feeding token by token equals whole segments."""
+    torch.manual_seed(41)
+    ids = torch.randint(0, 300, (72,))
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2, far_blocks=0)
+    c = dataclasses.replace(c, far_top_k=3, far_bias=0.5, mem_distance=20, sink_positions="window")
+    beyond = _stream_with_horizon(tiny_model, ids, c, 10_000)
+    every = dataclasses.replace(c, far_scope="all")
+    a = _stream_with_horizon(tiny_model, ids, every, 10_000)
+    assert (a - beyond).abs().max() > 1e-3
+    changed = ids.clone()
+    changed[50:] = torch.randint(0, 300, (22,))
+    assert torch.equal(a[:49], _stream_with_horizon(tiny_model, changed, every, 10_000)[:49])
+
+    def run(pieces):
+        st = Streamer(tiny_model, every)
+        return _logits_in_pieces(tiny_model, st, ids, pieces)
+
+    torch.testing.assert_close(run(0), run(3), atol=1e-3, rtol=1e-4)
+    # horizon -1: no near block at all; far-scope all with k >= memory = fixed token retrieval
+    allk = dataclasses.replace(every, far_top_k=1000, far_bias=0.0, shared_search=True)
+    token = cfg(retrieval="token", positions="fixed", top_k=1000, mem_distance=20, sinks=2, shared_search=True)
+    token = dataclasses.replace(token, block_size=4, block_chunk=4, sink_positions="window")
+    torch.testing.assert_close(
+        _stream_with_horizon(tiny_model, ids, allk, -1),
+        _stream_with_horizon(tiny_model, ids, token, -1),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    with pytest.raises(MemtxError, match="far-scope"):
+        dataclasses.replace(c, far_scope="near")
+
+
+def test_recall_heads_read_without_the_prior(tiny_model):
+    """recall-heads: the listed far-reading heads read with no far-bias, the others with it:
+    every head listed equals far-bias 0, none listed equals the plain far-bias."""
+    torch.manual_seed(42)
+    ids = torch.randint(0, 300, (80,))
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2)
+    c = dataclasses.replace(c, far_blocks=0, far_top_k=3, far_bias=1.5)
+    every = "0.0,0.1,1.0,1.1,2.0,2.1"
+    zero = _stream_with_horizon(tiny_model, ids, dataclasses.replace(c, far_bias=0.0), 20)
+    torch.testing.assert_close(
+        _stream_with_horizon(tiny_model, ids, dataclasses.replace(c, recall_heads=every), 20),
+        zero,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    plain = _stream_with_horizon(tiny_model, ids, c, 20)
+    some = _stream_with_horizon(tiny_model, ids, dataclasses.replace(c, recall_heads="1.0"), 20)
+    assert (some - plain).abs().max() > 1e-4 and (some - zero).abs().max() > 1e-4
+    assert plan.far_bias_for(dataclasses.replace(c, recall_heads="1.0", far_heads="1.0,1.1"), 3, 2, 4) == {
+        0: [],
+        1: [0.0, 1.5],
+        2: [],
+    }
+    with pytest.raises(MemtxError, match="recall heads '1.7'"):
+        run_stream(tiny_model, ids, dataclasses.replace(c, recall_heads="1.7"))
+
+
 def test_far_top_k_from_an_earlier_layer_yields_to_other_positions():
     """The card's far-top-k is dropped when a later layer (YAML, flags) asks for positions or a
     retrieval it cannot work with; set in the same layer as them it is an error."""

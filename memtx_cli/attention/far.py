@@ -1,5 +1,6 @@
 """The far past token by token (clamped block retrieval): each query's own top-k among memories
-older than the trained context, at the fixed distance."""
+older than the trained context (far-scope beyond) or among all of them (far-scope all), at the
+fixed distance."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ def far_read(
     """Clamped block retrieval, the far past token by token: each query attends to its own
     top `far_top_k` memories among those older than the trained context (entries of the
     blocks its chunk cannot read at their real distance), placed at the fixed distance and
-    lowered by `far_bias`. Each token searches once per KV head, with its group's summed queries.
-    A chunk's block selector is up to `chunk` tokens stale; a copy from far back needs the
-    key its own last tokens ask for."""
+    lowered by `far_bias`; with far_scope "all", among every memory (a near one is then read
+    twice: in its block at the real distance, and here at the fixed one). Each token searches
+    once per KV head, with its group's summed queries. A chunk's block selector is up to
+    `chunk` tokens stale; a copy from far back needs the key its own last tokens ask for."""
     kv, g, t, d = qr.shape
     scale = 1.0 / math.sqrt(d)
     rows = mem.far_rows
@@ -37,8 +39,11 @@ def far_read(
     starts = mem.memory.block_starts().contiguous()  # (nb,)
     n_far = torch.searchsorted(starts, (chunk_of + 1) * mem.chunk - 1 - mem.horizon)  # (T,) far blocks
     bound = n_far * mem.memory.block_size  # (T,) far entries: ids 0..bound-1
+    if mem.far_scope == "all":  # every memory of the document's own past
+        bound = torch.full_like(bound, mem.memory.own_entries)
     # Search and attention in one kernel call per head where it runs (no gathers), else torch
-    got = mem.memory.far_attention(q_search, q_far, bound, mem.far_top_k, scale, mem.far_bias, rows)
+    bias = mem.far_bias if mem.far_row_bias is None else mem.far_row_bias  # float or (R,)
+    got = mem.memory.far_attention(q_search, q_far, bound, mem.far_top_k, scale, bias, rows)
     out, lse = got if got is not None else far_reads(q_search, q_far, bound, chunk_of, mem, scale, rows)
     if rows is None:
         return out, lse
@@ -68,7 +73,8 @@ def far_reads(
         if n <= 0:
             continue
         got = mem.memory.retrieve_far(q_search[:, idx], mem.far_top_k, n, rows)  # (R, n, k, ...)
-        s = pair_dot(q_far[:, :, idx], got.keys[:, None].to(q_far.dtype)).float() * scale - mem.far_bias
+        s = pair_dot(q_far[:, :, idx], got.keys[:, None].to(q_far.dtype)).float() * scale
+        s = s - (mem.far_bias if mem.far_row_bias is None else mem.far_row_bias.view(-1, 1, 1, 1))
         lc = torch.logsumexp(s, -1)  # (R, G, n)
         w = torch.exp(s - lc[..., None])
         out[:, :, idx] = pair_mix(w.to(q_far.dtype), got.values[:, None].to(q_far.dtype))

@@ -52,6 +52,11 @@ class MemoryRead:
     # far_top_k: the rows of `heads` (indices into the memory's KV heads) that read the far past
     # (None = all of them); the others read near blocks only (Config.far_heads)
     far_rows: list[int] | None = None
+    # far_top_k: "beyond" = among memories older than the trained context; "all" = among every
+    # memory of the document (near ones too, then also read at their real distance in blocks)
+    far_scope: str = "beyond"
+    # far_top_k: (R,) the prior of each far-reading row (0 for recall heads); None = far_bias
+    far_row_bias: torch.Tensor | None = None
     # (KVm, G) bool: the query heads of those KV heads that read memory (None = all of them); the
     # others attend locally only (--memory-heads topqN). Block retrieval skips their memory work.
     qmask: torch.Tensor | None = None

@@ -115,6 +115,27 @@ def far_rows_for(cfg: Config, n_layers: int, n_kv: int, n_heads: int = 0) -> dic
     return out
 
 
+def far_bias_for(cfg: Config, n_layers: int, n_kv: int, n_heads: int = 0) -> dict[int, list[float] | None]:
+    """Memory layer -> the prior of each of its far-reading rows (far_rows_for's order): 0 for
+    the recall heads, far-bias for the others; None where every row has far-bias."""
+    if not str(cfg.recall_heads).strip():
+        return {i: None for i in heads_for(cfg, n_layers, n_kv, n_heads)}
+    try:
+        recall = parse_heads(cfg.recall_heads, n_layers, n_kv)
+    except UsageError:
+        raise UsageError(
+            f"recall heads {cfg.recall_heads!r}: use layer.head pairs, e.g. 18.2,23.0 "
+            f"(the model has {n_layers} layers x {n_kv} KV heads)"
+        ) from None
+    heads = heads_for(cfg, n_layers, n_kv, n_heads)
+    out: dict[int, list[float] | None] = {}
+    for i, rows in far_rows_for(cfg, n_layers, n_kv, n_heads).items():
+        order = list(range(n_kv)) if heads[i] is None else heads[i]
+        rows = list(range(len(order))) if rows is None else rows
+        out[i] = [0.0 if order[r] in recall.get(i, set()) else cfg.far_bias for r in rows]
+    return out
+
+
 def parse_layers(spec: str, n_layers: int) -> list[int]:
     """ "all" | "8,16,24" | "10-19" | "4,20-29" -> sorted layer indices, each checked."""
     spec = str(spec).strip().lower()

@@ -116,6 +116,11 @@ class Streamer:
         # Memory layer -> the rows of its memory heads that read the far past token by token
         # (None = all, [] = none; far_layers x far_heads).
         self.far_rows = plan.far_rows_for(cfg, a.n_layers, a.n_kv_heads, a.n_heads)
+        # Memory layer -> the far reads' prior per far-reading row (0 for recall heads), or None
+        self.far_row_bias = {
+            i: None if b is None else torch.tensor(b, device=dev)
+            for i, b in plan.far_bias_for(cfg, a.n_layers, a.n_kv_heads, a.n_heads).items()
+        }
 
     def _make_memories(self, bank: Any, expected_tokens: int, keep_all: bool) -> dict[int, Any]:
         """One LayerMemory per memory layer, sized for the document; near-only readers keep a ring."""
@@ -213,6 +218,8 @@ class Streamer:
                 votes=self.cfg.block_votes,
                 far_top_k=self.cfg.far_top_k if self.far_rows[i] != [] else 0,
                 far_rows=self.far_rows[i],
+                far_scope=self.cfg.far_scope,
+                far_row_bias=self.far_row_bias[i],
                 qmask=self.qmasks[i],
                 exact_select=self.exact_select,
                 head_blocks=self.head_blocks[i],

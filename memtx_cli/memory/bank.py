@@ -77,6 +77,10 @@ class CompositeMemory:
         return len(self.own) + len(self.bank)
 
     @property
+    def own_entries(self) -> int:
+        return len(self.own)
+
+    @property
     def search_seconds(self) -> float:
         return self.own.search_seconds + self.bank.search_seconds
 

@@ -126,6 +126,11 @@ class EntryStore:
         return self.n
 
     @property
+    def own_entries(self) -> int:
+        """Entries of the document's own past (all of them: a bank is not part of this memory)."""
+        return self.n
+
+    @property
     def capacity(self) -> int:
         return self.values.shape[1]
 

@@ -54,7 +54,7 @@ class FarSearch:
         bound: torch.Tensor,  # (T,) token i reads among entries 0..bound[i]-1
         k: int,
         scale: float,
-        bias: float,
+        bias: float | torch.Tensor,  # one prior, or one per row (R,)
         rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:  # (R, G, T, D) in qa's dtype, (R, G, T) float32
         """`retrieve_far` and the attention over what it finds (scores scale * q.k - bias), fused
@@ -66,7 +66,8 @@ class FarSearch:
         outs, lses = [], []
         for i, h in enumerate(rows):
             keys, values = self.keys[h, : self.n], self.values[h, : self.n]
-            got = attn_kernel.far_attention(keys, values, q[i], qa[i], bound, k, scale, bias)
+            b = float(bias[i]) if isinstance(bias, torch.Tensor) else bias
+            got = attn_kernel.far_attention(keys, values, q[i], qa[i], bound, k, scale, b)
             if got is None:
                 return None
             outs.append(got[0])
