@@ -38,10 +38,9 @@ class Streamer:
     positions. With `sinks` > 0 the document's first tokens stay visible in every window
     (StreamingLLM) and are kept out of the memory, so nothing is attended twice.
 
-    expected_tokens: the document's length, if known (memory buffers sized once). Memories
-    only ever read within the trained context (`_near_only`) keep no raw keys, and for long
-    documents only their last entries (a ring); keep_all=True keeps everything everywhere (for
-    tools that inspect the buffers).
+    expected_tokens: the document's length, if known (memory buffers sized once). Memories only
+    read within the trained context (`_near_only`) keep no raw keys, and for long documents
+    only their last entries (a ring); keep_all=True keeps everything (tools that inspect them).
     """
 
     def __init__(
@@ -85,8 +84,7 @@ class Streamer:
         self.pos = 0  # absolute position of the next token
         self.cur: list[LayerKV] | None = None  # feed(): raw K/V of the unfinished segment
         self.cur_len = 0
-        # trace(block_ids, mass): attention mass on bank blocks, while set (see MemoryRead.trace)
-        self.trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self.trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # see MemoryRead.trace
 
     def _plan(self, dev: torch.device) -> None:
         """Which layers and heads read memory, and how much (engine/plan.py), as tensors on `dev`."""
@@ -117,10 +115,8 @@ class Streamer:
         # (None = all, [] = none; far_layers x far_heads).
         self.far_rows = plan.far_rows_for(cfg, a.n_layers, a.n_kv_heads, a.n_heads)
         # Memory layer -> the far reads' prior per far-reading row (0 for recall heads), or None
-        self.far_row_bias = {
-            i: None if b is None else torch.tensor(b, device=dev)
-            for i, b in plan.far_bias_for(cfg, a.n_layers, a.n_kv_heads, a.n_heads).items()
-        }
+        biases = plan.far_bias_for(cfg, a.n_layers, a.n_kv_heads, a.n_heads).items()
+        self.far_row_bias = {i: None if b is None else torch.tensor(b, device=dev) for i, b in biases}
 
     def _make_memories(self, bank: Any, expected_tokens: int, keep_all: bool) -> dict[int, Any]:
         """One LayerMemory per memory layer, sized for the document; near-only readers keep a ring."""
@@ -134,9 +130,7 @@ class Streamer:
         wdt = model.embed.weight.dtype
         bs = cfg.block_size if cfg.retrieval == "block" else 0
         self.exact_select = exact_block_select(cfg.memory_settings())  # Config.block_select
-        # Room for a document of `expected_tokens` at once: growing by doubling copied every
-        # entry again and paged in new buffers while the model waited (the doubling to 32K
-        # entries took 1.8 s in 23 layers, torch.profiler).
+        # Room for a document of `expected_tokens` at once: growing by doubling copies every entry.
         near_only = {i: bank is None and not keep_all and self._near_only(i) for i in self.heads}
         ring = a.context_length + max(cfg.segment, cfg.block_chunk) + 2 * max(cfg.block_size, 1)
         return {
