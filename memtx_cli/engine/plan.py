@@ -101,13 +101,7 @@ def far_rows_for(cfg: Config, n_layers: int, n_kv: int, n_heads: int = 0) -> dic
     far = set(parse_layers(cfg.far_layers, n_layers)) if heads else set()
     if str(cfg.far_heads).strip().lower() == "all":
         return {i: (None if i in far else []) for i in heads}
-    try:
-        wanted = parse_heads(cfg.far_heads, n_layers, n_kv)
-    except UsageError:
-        raise UsageError(
-            f"far heads {cfg.far_heads!r}: use all or layer.head pairs, e.g. 18.2,23.0 "
-            f"(the model has {n_layers} layers x {n_kv} KV heads)"
-        ) from None
+    wanted = _head_list(cfg.far_heads, "far heads", "all or layer.head pairs", n_layers, n_kv)
     out: dict[int, list[int] | None] = {}
     for i, hs in heads.items():
         order = list(range(n_kv)) if hs is None else hs
@@ -118,22 +112,26 @@ def far_rows_for(cfg: Config, n_layers: int, n_kv: int, n_heads: int = 0) -> dic
 def far_bias_for(cfg: Config, n_layers: int, n_kv: int, n_heads: int = 0) -> dict[int, list[float] | None]:
     """Memory layer -> the prior of each of its far-reading rows (far_rows_for's order): 0 for
     the recall heads, far-bias for the others; None where every row has far-bias."""
-    if not str(cfg.recall_heads).strip():
-        return {i: None for i in heads_for(cfg, n_layers, n_kv, n_heads)}
-    try:
-        recall = parse_heads(cfg.recall_heads, n_layers, n_kv)
-    except UsageError:
-        raise UsageError(
-            f"recall heads {cfg.recall_heads!r}: use layer.head pairs, e.g. 18.2,23.0 "
-            f"(the model has {n_layers} layers x {n_kv} KV heads)"
-        ) from None
     heads = heads_for(cfg, n_layers, n_kv, n_heads)
+    if not str(cfg.recall_heads).strip():
+        return {i: None for i in heads}
+    recall = _head_list(cfg.recall_heads, "recall heads", "layer.head pairs", n_layers, n_kv)
     out: dict[int, list[float] | None] = {}
     for i, rows in far_rows_for(cfg, n_layers, n_kv, n_heads).items():
         order = list(range(n_kv)) if heads[i] is None else heads[i]
         rows = list(range(len(order))) if rows is None else rows
         out[i] = [0.0 if order[r] in recall.get(i, set()) else cfg.far_bias for r in rows]
     return out
+
+
+def _head_list(spec: str, what: str, forms: str, n_layers: int, n_kv: int) -> dict[int, set[int]]:
+    """parse_heads with the setting's name and accepted forms in its one-line error."""
+    try:
+        return parse_heads(spec, n_layers, n_kv)
+    except UsageError:
+        raise UsageError(
+            f"{what} {spec!r}: use {forms}, e.g. 18.2,23.0 (the model has {n_layers} layers x {n_kv} KV heads)"
+        ) from None
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
