@@ -38,7 +38,7 @@ demo: setup
 	# A question answered from the bank, with its sources (documents and line numbers).
 	$(VENV)/bin/memtx ask "When was version 1.8 of the Debian constitution ratified?" --memory $(DEMO_BANK) --max-tokens 24
 	# Passkey retrieval at 4K tokens: memory vs window (docs/benchmarks.md).
-	$(VENV)/bin/memtx bench passkey --lengths 4k --depths 3 --trials 1 --config benchmarks/configs/passkey.yaml
+	$(VENV)/bin/memtx bench passkey --lengths 4k --depths 3 --trials 1
 
 lint: setup-dev
 	$(VENV)/bin/ruff check memtx_cli tests benchmarks

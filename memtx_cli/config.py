@@ -77,6 +77,22 @@ class Config:
         "far-top-k: KV heads that retrieve and copy (layer.head pairs, the card's from "
         "benchmarks/retrieval_heads.py); their own reads carry no far-bias.",
     )
+    far_pages: int = knob(
+        0,
+        "far-top-k and answer-top-k: search only the blocks whose score bound (per-channel key "
+        "min/max, Quest) is among some query's best N, exactly within them; 0 = every memory.",
+    )
+    answer_top_k: int = knob(
+        0,
+        "clamped block retrieval: answering tokens (a prompt's last few, each generated one) also read "
+        "their own top-k among every memory, in every memory head, at the fixed distance, no prior.",
+    )
+    answer_bank: bool = knob(
+        False, "answer-top-k: the answering tokens' own reads also search the bank (no prior), beside its blocks."
+    )
+    answer_tokens: int = knob(
+        0, "answer-top-k: how many of a prompt's last tokens read as answering tokens; 0 = all of them."
+    )
     mem_distance: int = knob(
         0, "fixed: distance memories sit at; clamped: the cap or where far memories sit. 0 = auto."
     )
@@ -122,6 +138,8 @@ class Config:
             raise UsageError("far-blocks must be >= -1 (-1 = shared budget) and far-bias >= 0")
         if self.far_top_k < 0:
             raise UsageError(f"far-top-k must be >= 0, got {self.far_top_k}")
+        if self.answer_top_k < 0 or self.answer_tokens < 0 or self.far_pages < 0:
+            raise UsageError("answer-top-k, answer-tokens and far-pages must be >= 0")
         if self.far_scope not in ("beyond", "all"):
             raise UsageError(f"far-scope must be beyond or all, got {self.far_scope!r}")
         if self.far_top_k and (self.positions != "clamped" or self.retrieval != "block"):

@@ -164,6 +164,43 @@ def _stream_bank(lm, ids, cfg, bank, horizon):
     return lm.model.logits(torch.cat(hs)[None])[0], st
 
 
+def test_bank_tokens_are_each_querys_exact_top_k(tiny_lm, tiny_gguf, tmp_path):
+    """answer-bank: a query's own top k of a bank's entries, searched within its best pages (all
+    of them here: the exact top k over every valid entry), beside its own past's top k; an
+    answering streamer with answer-bank reads them, one without does not."""
+    from memtx_cli.engine.stream import Streamer
+    from memtx_cli.memory.bank import CompositeMemory
+
+    corpus = make_corpus(tmp_path / "c", n_docs=2)
+    build(tiny_lm, tiny_gguf, corpus, tmp_path / "b.idx")
+    with Bank.open(tmp_path / "b.idx") as b:
+        layer = b.geo.layers[-1]
+        mem = BankLayerMemory(b, layer, torch.float32, heads=[1])
+        q = torch.randn(1, 5, b.geo.head_dim)
+        got = mem.retrieve_tokens(q, 6, pages=mem.n_blocks)
+        live = [(blk, n) for blk, n in ((int(i), int(b.blocks[i, 1])) for i in b.live_blocks)]
+        slots = torch.tensor([blk * b.geo.block_size + j for blk, n in live for j in range(n)])
+        keys = torch.from_numpy(b.keys(layer)[slots.numpy(), 1].astype("float32"))
+        best = (q[0] @ keys.t()).topk(6, dim=-1).values
+        torch.testing.assert_close((q[0, :, None] * got.keys[0]).sum(-1).sort(-1, descending=True).values, best)
+        assert bool(got.valid.all()) and got.keys.shape == (1, 5, 6, b.geo.head_dim)
+        own = LayerMemory(1, b.geo.head_dim, IndexSpec("flat"), block_size=b.geo.block_size)
+        own.add(torch.randn(1, 40, b.geo.head_dim), torch.randn(1, 40, b.geo.head_dim), torch.arange(40))
+        both = CompositeMemory(own, mem, 4).retrieve_every(q, 6, 40, pages=mem.n_blocks)
+        assert both.keys.shape[2] == 12 and torch.equal(both.keys[:, :, 6:], got.keys)
+        ids = torch.tensor(tiny_lm.tokenizer.encode("document 0 the bank")[:12])
+        cfg = tiny_cfg(tiny_gguf, positions="clamped", answer_top_k=4)
+
+        def answer(c):
+            st = Streamer(tiny_lm.model, c, b, keep_all=True)
+            st.answering = True
+            with torch.no_grad():
+                return tiny_lm.model.logits(st.feed(ids)[None])[0]
+
+        plain, with_bank = answer(cfg), answer(dataclasses.replace(cfg, answer_bank=True))
+        assert torch.isfinite(with_bank).all() and (with_bank - plain).abs().max() > 1e-4
+
+
 def test_bank_with_clamped_positions_and_memory_heads(tiny_lm, tiny_gguf, tmp_path):
     """A bank read with --positions clamped: its blocks are far memories, so with everything
     past the horizon (one-token chunks) clamped equals fixed, bank included; with memory heads

@@ -924,6 +924,32 @@ def test_recall_heads_read_without_the_prior(tiny_model):
         run_stream(tiny_model, ids, dataclasses.replace(c, recall_heads="1.7"))
 
 
+def test_answering_tokens_read_every_memory_in_every_memory_head(tiny_model):
+    """answer-top-k: a streamer answering (generation's prompt and new tokens) reads as
+    far-top-k would with far-scope all, every memory head and no prior; scoring is unchanged,
+    and generation keeps the raw keys those reads need."""
+    torch.manual_seed(43)
+    ids = torch.randint(0, 300, (72,))
+    c = cfg(retrieval="block", block_size=4, blocks=2, block_chunk=4, positions="clamped", sinks=2, far_blocks=0)
+    c = dataclasses.replace(c, far_top_k=2, far_heads="1.0", far_bias=1.5, mem_distance=20, memory_heads="all")
+    asked = dataclasses.replace(c, answer_top_k=3)
+    every = dataclasses.replace(c, far_top_k=3, far_heads="all", far_scope="all", far_bias=0.0)
+
+    def stream(conf, answering, pieces=0):
+        st = Streamer(tiny_model, conf, keep_all=True)
+        st.horizon = 20
+        st.answering = answering
+        return _logits_in_pieces(tiny_model, st, ids, pieces)
+
+    torch.testing.assert_close(stream(asked, True), stream(every, False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stream(asked, False), stream(c, False), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stream(asked, True, 3), stream(asked, True), atol=1e-3, rtol=1e-4)
+    token = dataclasses.replace(asked, retrieval="token", positions="fixed", far_top_k=0)
+    torch.testing.assert_close(stream(token, True), stream(token, False), atol=0, rtol=0)
+    with pytest.raises(MemtxError, match="answer-top-k"):
+        dataclasses.replace(c, answer_top_k=-1)
+
+
 def test_far_top_k_from_an_earlier_layer_yields_to_other_positions():
     """The card's far-top-k is dropped when a later layer (YAML, flags) asks for positions or a
     retrieval it cannot work with; set in the same layer as them it is an error."""
@@ -952,6 +978,30 @@ def test_far_search_in_bfloat16_finds_the_exact_top_k():
     values = mem.values[[2, 0]].float()[torch.arange(2)[:, None, None], exact.sort(-1).values]
     order = got.positions.sort(-1).indices
     torch.testing.assert_close(got.values.float().gather(2, order[..., None].expand(-1, -1, -1, 64)), values)
+
+
+def test_paged_far_search_keeps_the_best_keys():
+    """far-pages: the search runs within the blocks a query's score bound (per-channel key
+    min/max) ranks best. A bound is never below a block's best score, so a query's single best
+    key is always found; on clustered keys (blocks of one topic, as text's are) most of the
+    exact top-k is; with every block a page it is the exact search."""
+    torch.manual_seed(44)
+    b, nb = 32, 160
+    topics = torch.randn(nb, 1, 64) * 2.0
+    keys = (topics + torch.randn(nb, b, 64)).reshape(1, nb * b, 64)
+    n = nb * b
+    mem = LayerMemory(1, 64, IndexSpec("flat"), block_size=b)
+    mem.add(keys, torch.randn(1, n, 64), torch.arange(n))
+    q = torch.randn(1, 24, 64) + keys[:, torch.randint(0, n, (24,))]  # near some stored keys
+    bound = n - 7  # a partial last block
+    exact = (q[0] @ keys[0, :bound].t()).topk(32, dim=-1).indices
+    got = mem.retrieve_far(q, 32, bound, pages=16).positions[0]
+    assert bool((got < bound).all())
+    assert bool((got == exact[:, :1]).any(-1).all())  # each query's best key
+    recall = sum(len(set(g.tolist()) & set(e.tolist())) for g, e in zip(got, exact, strict=True)) / exact.numel()
+    assert recall > 0.9
+    whole = mem.retrieve_far(q, 32, bound, pages=nb).positions[0]  # no block skipped: exact
+    assert torch.equal(whole.sort(-1).values, exact.sort(-1).values)
 
 
 @pytest.mark.parametrize(("n", "k"), [(1000, 7), (1003, 32), (40, 32), (5, 5)])

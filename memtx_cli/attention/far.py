@@ -43,7 +43,11 @@ def far_read(
         bound = torch.full_like(bound, mem.memory.own_entries)
     # Search and attention in one kernel call per head where it runs (no gathers), else torch
     bias = mem.far_bias if mem.far_row_bias is None else mem.far_row_bias  # float or (R,)
-    got = mem.memory.far_attention(q_search, q_far, bound, mem.far_top_k, scale, bias, rows)
+    # The kernel searches the own past exactly; far_pages (skipping blocks) and a bank's tokens
+    # (far_bank) take the torch search
+    every = getattr(mem.memory, "retrieve_every", None) if mem.far_bank else None
+    kernel = not mem.far_pages and every is None
+    got = mem.memory.far_attention(q_search, q_far, bound, mem.far_top_k, scale, bias, rows) if kernel else None
     out, lse = got if got is not None else far_reads(q_search, q_far, bound, chunk_of, mem, scale, rows)
     if rows is None:
         return out, lse
@@ -70,11 +74,16 @@ def far_reads(
     for c in torch.unique(chunk_of).tolist():
         idx = (chunk_of == c).nonzero().squeeze(1)
         n = int(bound[idx[0]])
-        if n <= 0:
+        every = getattr(mem.memory, "retrieve_every", None) if mem.far_bank else None
+        if n <= 0 and every is None:
             continue
-        got = mem.memory.retrieve_far(q_search[:, idx], mem.far_top_k, n, rows)  # (R, n, k, ...)
+        search = every or mem.memory.retrieve_far
+        got = search(q_search[:, idx], mem.far_top_k, n, rows, mem.far_pages)  # (R, n, k, ...)
+        if got is None:  # nothing to read
+            continue
         s = pair_dot(q_far[:, :, idx], got.keys[:, None].to(q_far.dtype)).float() * scale
         s = s - (mem.far_bias if mem.far_row_bias is None else mem.far_row_bias.view(-1, 1, 1, 1))
+        s = s.masked_fill(~got.valid[:, None], float("-inf"))  # a bank with fewer entries than asked
         lc = torch.logsumexp(s, -1)  # (R, G, n)
         w = torch.exp(s - lc[..., None])
         out[:, :, idx] = pair_mix(w.to(q_far.dtype), got.values[:, None].to(q_far.dtype))

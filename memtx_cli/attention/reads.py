@@ -57,6 +57,11 @@ class MemoryRead:
     far_scope: str = "beyond"
     # far_top_k: (R,) the prior of each far-reading row (0 for recall heads); None = far_bias
     far_row_bias: torch.Tensor | None = None
+    # far_top_k: search the union of each chunk's queries' best `far_pages` blocks by their score
+    # bound (FarSearch._paged_top_k), 0 = every memory
+    far_pages: int = 0
+    # far_top_k with far_scope "all": also each query's own top-k of a bank (Config.answer_bank)
+    far_bank: bool = False
     # (KVm, G) bool: the query heads of those KV heads that read memory (None = all of them); the
     # others attend locally only (--memory-heads topqN). Block retrieval skips their memory work.
     qmask: torch.Tensor | None = None

@@ -189,6 +189,9 @@ def bench_passkey(
     trials: Annotated[int, typer.Option(help="Trials (random keys) per length and depth.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed of the keys.")] = 0,
     no_window: Annotated[bool, typer.Option("--no-window", help="Skip the window-only runs.")] = False,
+    bank: Annotated[
+        bool, typer.Option("--bank", help="Ingest the haystack into a bank; the prompt is the question alone.")
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     settings: SettingsArgs = None,  # type: ignore[assignment]
@@ -200,7 +203,7 @@ def bench_passkey(
     lens, deps = parse_lengths(lengths), parse_depths(depths)
     cfg, _ = settings.resolve()
     lm = load_for(cfg)
-    res = run_passkey(lm, cfg, lens, deps, trials, seed, window=not no_window, log=lambda m: log(m, quiet))
+    res = run_passkey(lm, cfg, lens, deps, trials, seed, not no_window, lambda m: log(m, quiet), bank)
     if as_json:
         print_json(res)
         return
@@ -217,8 +220,8 @@ def bench_passkey(
         for r in res["rows"]
     ]
     print_grid(
-        f"passkey retrieval ({res['dtype']}): layers {st['memory_layers']}, {describe_retrieval(st)}, "
-        f"{st['positions']} positions; window {res['window_tokens']} tokens",
+        f"passkey retrieval from a {res['mode']} ({res['dtype']}): layers {st['memory_layers']}, "
+        f"{describe_retrieval(st)}, {st['positions']} positions; window {res['window_tokens']} tokens",
         ["tokens", "trials", "accuracy memory", "accuracy window", "s/trial memory", "s/trial window"],
         rows,
     )

@@ -113,11 +113,18 @@ def generate(
     gen = None
     if s.seed is not None:
         gen = torch.Generator(device="cpu").manual_seed(s.seed)
-    st = Streamer(lm.model, cfg, bank)
+    # Answering tokens read every memory's raw keys (Config.answer_top_k): keep them all.
+    st = Streamer(lm.model, cfg, bank, keep_all=cfg.answer_top_k > 0)
     t0 = time.perf_counter()
     x = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
-    if len(prompt_ids) > 1:
-        st.feed(x[:-1])
+    # A prompt's tokens are never scored, so their own queries may choose what they read:
+    # they answer (Config.answer_tokens: the last n, 0 = all); the last one predicts the first.
+    n_ask = min(cfg.answer_tokens or len(prompt_ids), len(prompt_ids)) if cfg.answer_top_k else 1
+    if len(prompt_ids) > n_ask:
+        st.feed(x[:-n_ask])
+    st.answering = True
+    if n_ask > 1:
+        st.feed(x[-n_ask:-1])
     st.trace = trace
     h = st.feed(x[-1:])
     t1 = time.perf_counter()

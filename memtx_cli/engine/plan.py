@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from memtx_cli.config import Config
+from memtx_cli.config import Config, exact_block_select
 from memtx_cli.errors import UsageError
 
 
@@ -122,6 +122,19 @@ def far_bias_for(cfg: Config, n_layers: int, n_kv: int, n_heads: int = 0) -> dic
         rows = list(range(len(order))) if rows is None else rows
         out[i] = [0.0 if order[r] in recall.get(i, set()) else cfg.far_bias for r in rows]
     return out
+
+
+def near_blocks_only(cfg: Config, far_blocks: int) -> bool:
+    """Whether a memory layer with this far-block budget reads memory as blocks within the
+    trained context only, through their rotated keys: clamped blocks, near ones only, selected
+    exactly by voters."""
+    return (
+        cfg.retrieval == "block"
+        and cfg.positions == "clamped"
+        and exact_block_select(cfg.memory_settings())
+        and cfg.block_votes > 0
+        and far_blocks == 0
+    )
 
 
 def _head_list(spec: str, what: str, forms: str, n_layers: int, n_kv: int) -> dict[int, set[int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -85,6 +86,9 @@ class Streamer:
         self.cur: list[LayerKV] | None = None  # feed(): raw K/V of the unfinished segment
         self.cur_len = 0
         self.trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # see MemoryRead.trace
+        # Set by generation for the tokens that answer (a prompt's last, each new one): they also
+        # read their own top answer-top-k among every memory (`answer_read`); needs keep_all.
+        self.answering = False
 
     def _plan(self, dev: torch.device) -> None:
         """Which layers and heads read memory, and how much (engine/plan.py), as tensors on `dev`."""
@@ -190,7 +194,7 @@ class Streamer:
 
     def _reads(self, q_pos: torch.Tensor) -> dict[int, MemoryRead]:
         rope = rope_cos_sin(self.model.inv_freq.to(q_pos.device), q_pos) if self.memories else None
-        return {
+        reads = {
             i: MemoryRead(
                 m,
                 self.cfg.top_k,
@@ -214,6 +218,7 @@ class Streamer:
                 far_rows=self.far_rows[i],
                 far_scope=self.cfg.far_scope,
                 far_row_bias=self.far_row_bias[i],
+                far_pages=self.cfg.far_pages,
                 qmask=self.qmasks[i],
                 exact_select=self.exact_select,
                 head_blocks=self.head_blocks[i],
@@ -221,37 +226,31 @@ class Streamer:
             )
             for i, m in self.memories.items()
         }
+        if self.answering:
+            return {i: answer_read(r, self.cfg, self.model.args.n_kv_heads) for i, r in reads.items()}
+        return reads
 
     def _far_blocks(self, i: int) -> int:
         """Layer i's far-block budget (clamped): the setting in far layers without far token reads."""
         return self.cfg.far_blocks if i in self.far_layers and not self.cfg.far_top_k else 0
 
-    def _near_blocks_only(self, i: int) -> bool:
-        """Whether layer i reads memory as blocks within the trained context only, through their
-        rotated keys: clamped blocks, near ones only, selected exactly by voters."""
-        c = self.cfg
-        return (
-            c.retrieval == "block"
-            and c.positions == "clamped"
-            and self.exact_select
-            and c.block_votes > 0
-            and self._far_blocks(i) == 0
-        )
-
     def _reads_near_in_place(self, i: int, dev: torch.device) -> bool:
         """Whether layer i's blocks are read by attn_kernel.block_attention where they are stored
-        (LayerMemory packed): `_near_blocks_only`, on a CPU where the kernel runs (far token
+        (LayerMemory packed): `plan.near_blocks_only`, on a CPU where the kernel runs (far token
         reads allowed: they read the raw keys)."""
         return (
-            self._near_blocks_only(i) and dev.type == "cpu" and attn_kernel.enabled() and attn_kernel.load() is not None
+            plan.near_blocks_only(self.cfg, self._far_blocks(i))
+            and dev.type == "cpu"
+            and attn_kernel.enabled()
+            and attn_kernel.load() is not None
         )
 
     def _near_only(self, i: int) -> bool:
         """Whether layer i's memory is only ever read within the trained context through its
-        rotated keys (LayerMemory near_only): `_near_blocks_only` and no far reads token by
+        rotated keys (LayerMemory near_only): `plan.near_blocks_only` and no far reads token by
         token (a bank's memory is decided by the caller)."""
         far_tokens = self.cfg.far_top_k > 0 and self.far_rows[i] != []
-        return self._near_blocks_only(i) and not far_tokens
+        return plan.near_blocks_only(self.cfg, self._far_blocks(i)) and not far_tokens
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One whole segment: ids (T,) -> hidden (T, C). (Not to be mixed with `feed`.)"""
@@ -329,6 +328,19 @@ class Streamer:
             k, v = leaving[i].k[0, hs, skip:], leaving[i].v[0, hs, skip:]  # (KVm, n, D): heads with memory
             rk = apply_rope(k, *rope) if mem.rkeys is not None else None
             mem.add(k, v, pos, rk, index_rotated=self.cfg.positions == "true")
+
+
+def answer_read(read: MemoryRead, cfg: Config, n_kv: int) -> MemoryRead:
+    """An answering token's read (Config.answer_top_k): besides its chunk's blocks, each memory
+    head attends to the token's own top-k among every memory at the fixed distance, with no
+    prior. A token that answers has no later token its own query could leak to, and what it
+    asks for (a key, a name, a number) may sit in a block its chunk's selectors never chose."""
+    if not cfg.answer_top_k or cfg.retrieval != "block" or cfg.positions != "clamped":
+        return read
+    rows = len(read.heads) if read.heads is not None else n_kv
+    no_prior = torch.zeros(rows, device=read.q_pos.device)
+    every = {"far_scope": "all", "far_row_bias": no_prior, "far_bank": cfg.answer_bank}
+    return replace(read, far_top_k=cfg.answer_top_k, far_rows=None, **every)
 
 
 def check_bank_settings(bank: Any, cfg: Config, layers: list[int]) -> None:

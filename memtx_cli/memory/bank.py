@@ -61,6 +61,46 @@ class BankLayerMemory:
 
         return t(keys), t(values), torch.from_numpy(valid).to(self.device).view(kv, nc, m * b)
 
+    def retrieve_tokens(self, q: torch.Tensor, k: int, rows: list[int] | None = None, pages: int = 16) -> Retrieval:
+        """Each query's own top k bank entries: its `pages` best blocks by the bank's index of
+        block means, then exact inner products within them. q (R, Q, D) search vectors of the
+        read heads `rows` (indices into `heads`; None: all). Returns (R, Q, k', ...) tensors,
+        k' = min(k, pages x block size), `valid` False where the bank has fewer entries."""
+        t0 = time.perf_counter()
+        rows = list(range(self.n_kv)) if rows is None else rows
+        r, nq, d = q.shape
+        b, m = self.block_size, max(1, min(pages, self.n_blocks))
+        qn = q.detach().float().cpu().numpy()
+        ids = np.stack(
+            [
+                self.bank.indexes[(self.layer, self.heads[h])].search(np.ascontiguousarray(qn[i]), m)[1]
+                for i, h in enumerate(rows)
+            ]
+        )  # (R, Q, m) block ids, -1 = none
+        ent = (np.maximum(ids, 0)[..., None] * b + np.arange(b)).reshape(r, nq, m * b)  # entry slots
+        heads = np.asarray([self.heads[h] for h in rows]).reshape(r, 1, 1)
+        n_valid = self.bank.blocks[np.maximum(ids, 0), 1]  # (R, Q, m)
+        valid = ((np.arange(b) < n_valid[..., None]) & (ids[..., None] >= 0)).reshape(r, nq, m * b)
+        keys = torch.from_numpy(np.ascontiguousarray(self.bank.keys(self.layer)[ent, heads])).float()
+        s = torch.einsum("rqd,rqcd->rqc", q.float().cpu(), keys).masked_fill(~torch.from_numpy(valid), float("-inf"))
+        top = s.topk(min(k, m * b), dim=-1).indices  # (R, Q, k')
+        picked = np.take_along_axis(ent, top.numpy(), -1)
+        values = self.bank.values(self.layer)[picked, heads]  # (R, Q, k', D)
+
+        def t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+            x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+            return x.to(self.device)
+
+        got = Retrieval(
+            keys=t(keys.gather(2, top[..., None].expand(-1, -1, -1, d))).to(self.dtype),
+            rkeys=None,
+            values=t(values).to(self.dtype),
+            positions=torch.full(top.shape, -(2**40), dtype=torch.long, device=self.device),  # far: other documents
+            valid=t(np.take_along_axis(valid, top.numpy(), -1)),
+        )
+        self.search_seconds += time.perf_counter() - t0
+        return got
+
 
 class CompositeMemory:
     """A document's own memory plus a bank. Each keeps its own budget of blocks: the own
@@ -94,8 +134,34 @@ class CompositeMemory:
     def add(self, *args, **kwargs) -> None:  # the document's own past; the bank is read-only
         self.own.add(*args, **kwargs)
 
-    def retrieve_far(self, q: torch.Tensor, k: int, bound: int, rows: list[int] | None = None) -> Retrieval:
-        return self.own.retrieve_far(q, k, bound, rows)  # the own past only
+    def retrieve_far(
+        self, q: torch.Tensor, k: int, bound: int, rows: list[int] | None = None, pages: int = 0
+    ) -> Retrieval:
+        return self.own.retrieve_far(q, k, bound, rows, pages)  # the own past only
+
+    def retrieve_every(
+        self, q: torch.Tensor, k: int, bound: int, rows: list[int] | None = None, pages: int = 0
+    ) -> Retrieval | None:
+        """Each query's own top k of the own past (entries 0..bound-1) and its own top k of the
+        bank, side by side (R, Q, k_own + k_bank, ...): one softmax weighs them, so the bank
+        competes on relevance (far-scope all: every memory). None when both are empty."""
+        own = self.own.retrieve_far(q, k, bound, rows, pages) if bound > 0 else None
+        if self.bank.n_blocks == 0:
+            return own
+        bank = self.bank.retrieve_tokens(q, k, rows, pages or 16)
+        if own is None:
+            return bank
+
+        def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a, b.to(a.dtype)], 2)
+
+        return Retrieval(
+            keys=cat(own.keys, bank.keys),
+            rkeys=None,
+            values=cat(own.values, bank.values),
+            positions=cat(own.positions, bank.positions),
+            valid=cat(own.valid, bank.valid),
+        )
 
     def far_attention(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.own.far_attention(*args, **kwargs)  # the own past only

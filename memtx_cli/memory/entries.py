@@ -111,6 +111,10 @@ class EntryStore:
         means = block_size and not near_only
         self.reps = torch.empty(n_kv, nb, head_dim, device=self.device) if means else None
         self.rreps = torch.empty(n_kv, nb, head_dim, device=self.device) if means and rotated else None
+        # Per-channel minimum and maximum of each block's raw keys: q . k <= sum over channels of
+        # max(q_c min_c, q_c max_c) bounds a block's best score (Quest; FarSearch's pages).
+        self.kmin = torch.empty(n_kv, nb, head_dim, device=self.device) if means else None
+        self.kmax = torch.empty(n_kv, nb, head_dim, device=self.device) if means else None
         self.pk = self.pv = None
         if packed and rotated and block_size and block_size % 32 == 0 and dtype == torch.bfloat16:
             pcap = min(-(-packed // 1024) * 1024, cap)
@@ -174,7 +178,7 @@ class EntryStore:
             buf[:, : self.n] = old[:, : self.n]
             setattr(self, name, buf)
         nb = -(-self.n // max(1, self.block_size))
-        for name in ("reps", "rreps"):
+        for name in ("reps", "rreps", "kmin", "kmax"):
             old = getattr(self, name)
             if old is not None:
                 reps = torch.empty(self.n_kv, new // self.block_size, self.head_dim, device=self.device)
@@ -258,6 +262,13 @@ class EntryStore:
                 reps[:, first:full_end] = x.mean(2)
             if last > full_end:  # a partial block at the end
                 reps[:, full_end] = src[:, full_end * b : self.n].float().mean(1)
+        if self.kmin is not None:  # the keys' bounds, as the means (the partial block's own entries)
+            if full_end > first:
+                x = self.keys[:, first * b : full_end * b].float().view(self.n_kv, full_end - first, b, -1)
+                self.kmin[:, first:full_end], self.kmax[:, first:full_end] = x.amin(2), x.amax(2)
+            if last > full_end:
+                x = self.keys[:, full_end * b : self.n].float()
+                self.kmin[:, full_end], self.kmax[:, full_end] = x.amin(1), x.amax(1)
 
     @property
     def n_blocks(self) -> int:

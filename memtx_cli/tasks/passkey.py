@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import random
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from memtx_cli.config import Config
@@ -60,17 +62,22 @@ def parse_depths(spec: str) -> list[float]:
     return depths
 
 
-def build_prompt(lm: LoadedModel, length: int, depth: float, key: int) -> tuple[list[int], int]:
-    """Token ids of a prompt of about `length` tokens with the key at `depth` (0 = start, 1 =
-    just before the question), and the token position where the key's sentence starts."""
+def build_text(lm: LoadedModel, length: int, depth: float, key: int) -> tuple[str, str]:
+    """A prompt of about `length` tokens with the key at `depth` (0 = start, 1 = just before
+    the question), as its text and the text before the key's sentence."""
     tok = lm.tokenizer
     per_filler = len(tok.encode(FILLER * 16)) / 16
     fixed = len(tok.encode(INTRO + NEEDLE.format(key=key) + QUESTION))
     n = max(1, int((length - fixed) / per_filler))
     before = round(depth * n)
     head = INTRO + FILLER * before
-    text = head + NEEDLE.format(key=key) + FILLER * (n - before) + QUESTION
-    return tok.encode(text), len(tok.encode(head))
+    return head + NEEDLE.format(key=key) + FILLER * (n - before) + QUESTION, head
+
+
+def build_prompt(lm: LoadedModel, length: int, depth: float, key: int) -> tuple[list[int], int]:
+    """Token ids of build_text's prompt, and the token position where the key's sentence starts."""
+    text, head = build_text(lm, length, depth, key)
+    return lm.tokenizer.encode(text), len(lm.tokenizer.encode(head))
 
 
 def answer_is(text: str, key: int) -> bool:
@@ -88,17 +95,17 @@ def run_passkey(
     seed: int = 0,
     window: bool = True,
     log: Callable[[str], None] = lambda m: None,
+    bank: bool = False,
 ) -> dict[str, Any]:
     """Accuracy with memory (cfg as given) and window-only (memory off, same segments), per
-    length and depth. Keys come from `seed`: the same seed asks the same questions."""
+    length and depth. Keys come from `seed`: the same seed asks the same questions. bank=True:
+    the haystack (all but the question) is ingested into a bank and only the question is the
+    prompt, answered with the bank as memory; window-only then sees the question alone."""
     if trials < 1:
         raise MemtxError(f"--trials must be >= 1, got {trials}")
     if not cfg.memory:
         raise MemtxError("bench passkey compares memory with the window; drop --no-memory")
     cfg.validate_for(lm.args.context_length)
-    win_cfg = replace(cfg, memory=False)
-    sampling = Sampling(max_tokens=8, temperature=0)
-    stops = stop_token_ids(lm)
     rng = random.Random(seed)
     window_span = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
     rows = []
@@ -106,56 +113,96 @@ def run_passkey(
         trials_out = []
         for depth in depths:
             for trial in range(trials):
-                key = rng.randint(10000, 99999)
-                ids, at = build_prompt(lm, length, depth, key)
-                out: dict[str, Any] = {
-                    "depth": depth,
-                    "trial": trial,
-                    "key": key,
-                    "tokens": len(ids),
-                    "key_position": at,
-                    "key_in_window": len(ids) - at <= window_span,  # the window alone can see it
-                }
-                modes = [("memory", cfg)] + ([("window", win_cfg)] if window else [])
-                for name, c in modes:
-                    t0 = time.perf_counter()
-                    g = generate(lm, ids, c, sampling, stop_ids=stops)
-                    out[f"answer_{name}"] = g.text
-                    out[f"correct_{name}"] = answer_is(g.text, key)
-                    out[f"seconds_{name}"] = time.perf_counter() - t0
+                out = one_trial(lm, cfg, length, depth, rng.randint(10000, 99999), window, bank)
+                out["trial"] = trial
                 trials_out.append(out)
                 log(
-                    f"passkey {length:>6} tokens, depth {depth:.2f}, trial {trial}: key {key} | memory "
+                    f"passkey {length:>6} tokens, depth {depth:.2f}, trial {trial}: key {out['key']} | memory "
                     f"{out['answer_memory'].strip()[:12]!r} {'ok' if out['correct_memory'] else 'WRONG'}"
                     + (f" | window {'ok' if out['correct_window'] else 'wrong'}" if window else "")
                     + f" ({out['seconds_memory']:.1f} s)"
                 )
-        n = len(trials_out)
-        row: dict[str, Any] = {
-            "length": length,
-            "tokens": round(sum(t["tokens"] for t in trials_out) / n),
-            "trials": n,
-            "accuracy_memory": sum(t["correct_memory"] for t in trials_out) / n,
-            "seconds_per_trial": sum(t["seconds_memory"] for t in trials_out) / n,
-            "by_depth": {
-                str(d): sum(t["correct_memory"] for t in trials_out if t["depth"] == d) / trials for d in depths
-            },
-            "details": trials_out,
-        }
-        if window:
-            row["accuracy_window"] = sum(t["correct_window"] for t in trials_out) / n
-            row["seconds_per_trial_window"] = sum(t["seconds_window"] for t in trials_out) / n
-            out_of_window = [t for t in trials_out if not t["key_in_window"]]
-            row["accuracy_window_key_outside"] = (
-                sum(t["correct_window"] for t in out_of_window) / len(out_of_window) if out_of_window else None
-            )
-        rows.append(row)
+        rows.append(summary_row(length, depths, trials, trials_out, window))
     return {
         "model": lm.name,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "settings": cfg.memory_settings(),
+        "mode": "bank" if bank else "document",
         "depths": depths,
         "seed": seed,
         "window_tokens": window_span,
         "rows": rows,
     }
+
+
+def one_trial(
+    lm: LoadedModel, cfg: Config, length: int, depth: float, key: int, window: bool, bank: bool
+) -> dict[str, Any]:
+    """One key at one depth, answered greedily with memory and (window) with memory off."""
+    text, head = build_text(lm, length, depth, key)
+    ids = lm.tokenizer.encode(text)
+    at = len(lm.tokenizer.encode(head))
+    window_span = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
+    out: dict[str, Any] = {"depth": depth, "key": key, "tokens": len(ids), "key_position": at}
+    # the window alone can see the key (never with a bank: the prompt is the question alone)
+    out["key_in_window"] = not bank and len(ids) - at <= window_span
+    sampling = Sampling(max_tokens=8, temperature=0)
+    stops = stop_token_ids(lm)
+    modes = [("memory", cfg)] + ([("window", replace(cfg, memory=False))] if window else [])
+    with tempfile.TemporaryDirectory(prefix="memtx-passkey-") as tmp:
+        memory = None
+        if bank:  # the haystack as a bank; the prompt is the question alone
+            t0 = time.perf_counter()
+            memory = haystack_bank(lm, cfg, Path(tmp) / "haystack.idx", text.removesuffix(QUESTION))
+            out["seconds_ingest"] = time.perf_counter() - t0
+            ids = lm.tokenizer.encode(QUESTION.strip())
+        try:
+            for name, c in modes:
+                t0 = time.perf_counter()
+                g = generate(lm, ids, c, sampling, memory if name == "memory" else None, stop_ids=stops)
+                out[f"answer_{name}"] = g.text
+                out[f"correct_{name}"] = answer_is(g.text, key)
+                out[f"seconds_{name}"] = time.perf_counter() - t0
+        finally:
+            if memory is not None:
+                memory.close()
+    return out
+
+
+def haystack_bank(lm: LoadedModel, cfg: Config, path: Path, text: str) -> Any:
+    """A new bank at `path` holding `text` (as `memtx ingest` would), opened for reading."""
+    from memtx_cli.bank.ingest import open_or_create_bank, remember_text
+    from memtx_cli.bank.store import Bank
+
+    w = open_or_create_bank(path, lm, cfg, 0, "fifo")
+    try:
+        remember_text(lm, w, "haystack.txt", text, cfg)
+    finally:
+        w.close()
+    return Bank.open(path, writer=False, verify=False)
+
+
+def summary_row(
+    length: int, depths: list[float], trials: int, trials_out: list[dict[str, Any]], window: bool
+) -> dict[str, Any]:
+    """A length's accuracy and seconds per trial, overall and per depth."""
+    n = len(trials_out)
+    row: dict[str, Any] = {
+        "length": length,
+        "tokens": round(sum(t["tokens"] for t in trials_out) / n),
+        "trials": n,
+        "accuracy_memory": sum(t["correct_memory"] for t in trials_out) / n,
+        "seconds_per_trial": sum(t["seconds_memory"] for t in trials_out) / n,
+        "by_depth": {str(d): sum(t["correct_memory"] for t in trials_out if t["depth"] == d) / trials for d in depths},
+        "details": trials_out,
+    }
+    if "seconds_ingest" in trials_out[0]:
+        row["seconds_ingest_per_trial"] = sum(t["seconds_ingest"] for t in trials_out) / n
+    if window:
+        row["accuracy_window"] = sum(t["correct_window"] for t in trials_out) / n
+        row["seconds_per_trial_window"] = sum(t["seconds_window"] for t in trials_out) / n
+        out_of_window = [t for t in trials_out if not t["key_in_window"]]
+        row["accuracy_window_key_outside"] = (
+            sum(t["correct_window"] for t in out_of_window) / len(out_of_window) if out_of_window else None
+        )
+    return row
