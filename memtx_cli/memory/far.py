@@ -66,11 +66,16 @@ class FarSearch:
         nb = -(-bound // b)
         qf = q.float()
         ub = qf.clamp(min=0) @ self.kmax[h, :nb].t() + qf.clamp(max=0) @ self.kmin[h, :nb].t()  # (Q, nb)
-        picked = ub.topk(pages, dim=-1, sorted=False).indices.unique()  # (U,) blocks, ascending
-        cand = (picked[:, None] * b + torch.arange(b, device=q.device)).reshape(-1)
-        cand = cand[cand < bound]
-        s = qf @ select_rows(self.keys[h], cand).float().t()  # (Q, C)
-        return cand[exact_top_k(s, k)]
+        best = ub.topk(pages, dim=-1, sorted=False).indices  # (Q, pages)
+        out = []
+        # Queries in groups of 16: the union of a group's pages stays a small part of the memory
+        for g in range(0, qf.shape[0], 16):
+            picked = best[g : g + 16].unique()  # (U,) blocks, ascending
+            cand = (picked[:, None] * b + torch.arange(b, device=q.device)).reshape(-1)
+            cand = cand[cand < bound]
+            s = qf[g : g + 16] @ select_rows(self.keys[h], cand).float().t()  # (16, C)
+            out.append(cand[exact_top_k(s, k)])
+        return torch.cat(out)
 
     def far_attention(
         self,
