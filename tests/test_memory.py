@@ -990,7 +990,7 @@ def test_paged_far_search_keeps_the_best_keys():
     topics = torch.randn(nb, 1, 64) * 2.0
     keys = (topics + torch.randn(nb, b, 64)).reshape(1, nb * b, 64)
     n = nb * b
-    mem = LayerMemory(1, 64, IndexSpec("flat"), block_size=b)
+    mem = LayerMemory(1, 64, IndexSpec("flat"), block_size=b, bounds=True)
     mem.add(keys, torch.randn(1, n, 64), torch.arange(n))
     q = torch.randn(1, 24, 64) + keys[:, torch.randint(0, n, (24,))]  # near some stored keys
     bound = n - 7  # a partial last block

@@ -71,13 +71,13 @@ def far_reads(
     r, g, t, d = q_far.shape
     out = torch.zeros(r, g, t, d, dtype=q_far.dtype, device=q_far.device)
     lse = torch.full((r, g, t), float("-inf"), device=q_far.device)
+    every = getattr(mem.memory, "retrieve_every", None) if mem.far_bank else None  # a bank's tokens too
+    search = every or mem.memory.retrieve_far
     for c in torch.unique(chunk_of).tolist():
         idx = (chunk_of == c).nonzero().squeeze(1)
         n = int(bound[idx[0]])
-        every = getattr(mem.memory, "retrieve_every", None) if mem.far_bank else None
         if n <= 0 and every is None:
             continue
-        search = every or mem.memory.retrieve_far
         got = search(q_search[:, idx], mem.far_top_k, n, rows, mem.far_pages)  # (R, n, k, ...)
         if got is None:  # nothing to read
             continue

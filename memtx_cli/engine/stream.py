@@ -153,6 +153,7 @@ class Streamer:
                 ring=ring if near_only[i] and ring < expected_tokens else 0,
                 # blocks read in place by the kernel are kept packed too (the same horizon)
                 packed=ring if bank is None and self._reads_near_in_place(i, dev) else 0,
+                bounds=cfg.far_pages > 0,  # FarSearch's paged search reads them
             )
             for i, h in self.heads.items()
         }

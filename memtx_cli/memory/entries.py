@@ -61,6 +61,7 @@ class EntryStore:
         near_only: bool = False,
         ring: int = 0,
         packed: int = 0,
+        bounds: bool = False,
     ) -> None:
         """capacity: entries to make room for at once (the caller's estimate, e.g. a document's
         length; the buffers grow by doubling past it). The room is touched (zeroed) at once.
@@ -75,7 +76,9 @@ class EntryStore:
         `packed` entries' rotated keys and values (rounded up to 1024) packed per block in
         attn_kernel's layout (`pk`, `pv`: (KV, blocks, block x D), block i in slot i % blocks),
         so that block_attention reads blocks without packing them on every call (7-18% of its
-        time, scratch A/B). For readers of near blocks only; others fall back to packing."""
+        time, scratch A/B). For readers of near blocks only; others fall back to packing.
+        bounds (block memory with raw keys): also keep each block's per-channel key minimum and
+        maximum (`kmin`, `kmax`) for FarSearch's paged search (Config.far_pages)."""
         self.n_kv, self.head_dim, self.spec = n_kv, head_dim, spec
         # block_size > 0: block retrieval. Entries are grouped in blocks of consecutive ids, each
         # represented by the mean of its (searched) keys; no per-token index is kept.
@@ -113,8 +116,8 @@ class EntryStore:
         self.rreps = torch.empty(n_kv, nb, head_dim, device=self.device) if means and rotated else None
         # Per-channel minimum and maximum of each block's raw keys: q . k <= sum over channels of
         # max(q_c min_c, q_c max_c) bounds a block's best score (Quest; FarSearch's pages).
-        self.kmin = torch.empty(n_kv, nb, head_dim, device=self.device) if means else None
-        self.kmax = torch.empty(n_kv, nb, head_dim, device=self.device) if means else None
+        self.kmin = torch.empty(n_kv, nb, head_dim, device=self.device) if means and bounds else None
+        self.kmax = torch.empty(n_kv, nb, head_dim, device=self.device) if means and bounds else None
         self.pk = self.pv = None
         if packed and rotated and block_size and block_size % 32 == 0 and dtype == torch.bfloat16:
             pcap = min(-(-packed // 1024) * 1024, cap)

@@ -107,7 +107,6 @@ def run_passkey(
         raise MemtxError("bench passkey compares memory with the window; drop --no-memory")
     cfg.validate_for(lm.args.context_length)
     rng = random.Random(seed)
-    window_span = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
     rows = []
     for length in lengths:
         trials_out = []
@@ -130,7 +129,7 @@ def run_passkey(
         "mode": "bank" if bank else "document",
         "depths": depths,
         "seed": seed,
-        "window_tokens": window_span,
+        "window_tokens": window_tokens(cfg),
         "rows": rows,
     }
 
@@ -142,10 +141,9 @@ def one_trial(
     text, head = build_text(lm, length, depth, key)
     ids = lm.tokenizer.encode(text)
     at = len(lm.tokenizer.encode(head))
-    window_span = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
     out: dict[str, Any] = {"depth": depth, "key": key, "tokens": len(ids), "key_position": at}
     # the window alone can see the key (never with a bank: the prompt is the question alone)
-    out["key_in_window"] = not bank and len(ids) - at <= window_span
+    out["key_in_window"] = not bank and len(ids) - at <= window_tokens(cfg)
     sampling = Sampling(max_tokens=8, temperature=0)
     stops = stop_token_ids(lm)
     modes = [("memory", cfg)] + ([("window", replace(cfg, memory=False))] if window else [])
@@ -167,6 +165,11 @@ def one_trial(
             if memory is not None:
                 memory.close()
     return out
+
+
+def window_tokens(cfg: Config) -> int:
+    """Tokens the window alone sees: the sinks, the XL cache and the segment."""
+    return cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
 
 
 def haystack_bank(lm: LoadedModel, cfg: Config, path: Path, text: str) -> Any:
