@@ -287,3 +287,100 @@ def test_ask_real_model_answers_with_the_right_source(real_lm, tmp_path):
     assert top.path == str(docs[1]) and top.lines[0] <= 4 <= top.lines[1]
     line4 = docs[1].read_text().splitlines()[3]
     assert line4 in top.text and "January 28th, 2022" in line4
+
+
+# ----------------------------------------------------------------------------------------------
+# bench ask: the question set and its grading
+
+
+ASK_SET = REPO / "benchmarks/ask_set.yaml"
+CORPUS = REPO.parent / "shared/corpus"
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="needs the benchmark corpus beside the checkout")
+def test_the_question_set_has_its_answers_in_its_gold_lines(tmp_path):
+    from memtx_cli.tasks.ask_bench import load_set, write_documents
+
+    s = load_set(ASK_SET)
+    assert len(s.questions) >= 30 and len(s.documents) >= 6 and len({d.kind for d in s.documents.values()}) >= 5
+    assert min(len(s.only(sp).questions) for sp in ("tune", "held-out")) >= 15
+    paths = write_documents(s, CORPUS, tmp_path)  # raises if an answer is not where the set says
+    for doc in s.documents.values():
+        assert paths[doc.name].read_text(encoding="utf-8").count("\n") == doc.last - doc.first + 1
+    # every question asks about one document: the set names each document in its questions
+    assert {q.doc for q in s.questions} == set(s.documents)
+
+
+def test_answers_match_whole_words_and_gold_lines_shift_into_the_document():
+    from memtx_cli.tasks.ask_bench import Document, Question, contains_answer, grade
+    from memtx_cli.tasks.chat import Source
+
+    assert contains_answer("Text is an alias of str.", ("str",)) and not contains_answer("a string", ("str",))
+    assert contains_answer("with a 3:1\n majority", ("3:1 majority",)) and contains_answer("FALSE", ("False",))
+    assert not contains_answer("13:1", ("3:1",))
+    doc = Document("d.txt", "book", "books/x.txt", 101, 200)
+    q = Question("d.txt", "?", 150, 152, ("x",), "tune")
+
+    def src(path, lines):
+        return Source(path, 0, 1.0, (0, 1), lines)
+
+    g = grade(q, doc, "the x", [src("/tmp/a/other.txt", (50, 52)), src("/tmp/a/d.txt", (52, 60))])
+    assert g == {"doc_first": False, "gold_lines": True, "answer_right": True}
+    g = grade(q, doc, "no", [src("/w/d.txt", (1, 49)), src("/w/d.txt", (53, 60)), src("/w/d.txt", None)])
+    assert g == {"doc_first": True, "gold_lines": False, "answer_right": False}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("documents: []\nquestions: []\n", "needs `documents` and `questions`"),
+        ("documents: [{name: a, kind: k, source: s, lines: [1, 9]}]\n"
+         "questions: [{doc: b, question: q, lines: [1, 1], answers: [x], split: tune}]\n", "must name one"),
+        ("documents: [{name: a, kind: k, source: s, lines: [5, 9]}]\n"
+         "questions: [{doc: a, question: q, lines: [2, 3], answers: [x], split: tune}]\n", "outside"),
+        ("documents: [{name: a, kind: k, source: s, lines: [1, 9]}]\n"
+         "questions: [{doc: a, question: q, lines: [2, 3], answers: [x], split: test}]\n", "split must be"),
+        ("documents: [{name: a/b, kind: k, source: s, lines: [1, 9]}]\nquestions: [1]\n", "holds a '/'"),
+        ("documents: [\n", "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_bad_question_sets_are_refused_with_one_line(tmp_path, bad, message):
+    from memtx_cli.errors import MemtxError
+    from memtx_cli.tasks.ask_bench import load_set
+
+    p = tmp_path / "set.yaml"
+    p.write_text(bad)
+    with pytest.raises(MemtxError, match=message):
+        load_set(p)
+
+
+def test_bench_ask_runs_the_set_and_reuses_its_bank(tiny_gguf, bank_dir, tmp_path):
+    _, _, cfg = bank_dir
+    corpus = tmp_path / "corpus"
+    (corpus / "books").mkdir(parents=True)
+    lines = [f"Line {i}: the number of the day is {1000 + i}.\n" for i in range(1, 61)]
+    (corpus / "books/days.txt").write_text("".join(lines))
+    (tmp_path / "set.yaml").write_text(
+        "documents: [{name: days.txt, kind: book, source: books/days.txt, lines: [11, 60]}]\n"
+        "questions:\n"
+        "  - {doc: days.txt, question: 'Number of day 20?', lines: [20, 20], answers: ['1020'], split: tune}\n"
+        "  - {doc: days.txt, question: 'And of day 41?', lines: [41, 41], answers: ['1041'], split: held-out}\n"
+    )
+    common = ["bench", "ask", "--model", str(tiny_gguf), "--config", str(cfg), "--corpus", str(corpus),
+              "--questions", str(tmp_path / "set.yaml"), "--workdir", str(tmp_path / "w"),
+              "--max-tokens", "4"]  # fmt: skip
+    r = memtx(*common, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert [x["questions"] for x in res["summary"].values()] == [2, 1, 1] and "ingested 1 documents" in r.stderr
+    assert all(set(row) >= {"doc_first", "gold_lines", "answer_right", "sources", "answer"} for row in res["rows"])
+    assert res["rows"][0]["sources"] and all("days.txt" in s for s in res["rows"][0]["sources"])
+    r = memtx(*common, "--split", "held-out")  # the kept bank is reused: nothing ingested again
+    assert r.returncode == 0, r.stderr
+    assert "ingested" not in r.stderr and "held-out" in r.stdout and "questions with sources" in r.stdout
+    (tmp_path / "set.yaml").write_text(
+        "documents: [{name: days.txt, kind: book, source: books/days.txt, lines: [11, 60]}]\n"
+        "questions: [{doc: days.txt, question: q, lines: [20, 20], answers: ['1021'], split: tune}]\n"
+    )
+    r = memtx(*common)
+    assert r.returncode == 1 and "no accepted answer" in r.stderr and "Traceback" not in r.stderr

@@ -62,3 +62,14 @@ def write_segment(tiny_gguf: Path) -> Path:
 def test_generate_with_missing_or_foreign_bank(tiny_gguf, tmp_path):
     r = memtx("generate", "hi", "--model", str(tiny_gguf), "--memory", str(tmp_path / "nope.idx"))
     assert r.returncode == 1 and "no such bank" in r.stderr
+
+
+def test_a_generation_that_loops_is_recognised():
+    from memtx_cli.engine.generate import looping
+
+    assert looping("The answer is: 11\n\nThe answer is: 11\n", [1] * 3)
+    assert not looping("The answer is: 11\n\nThe answer is: 11", [1] * 3)  # the line is not complete yet
+    assert not looping("a\n\nb\n\nc\n", [1, 2, 3])  # blank lines do not count
+    assert looping("x", [5, 7] * 8) and not looping("x", [5, 7] * 7)  # a 2-token pattern over 16 tokens
+    assert looping("x", [1, 2, 3, 4, 5, 6, 7, 8] * 3) and not looping("x", [1, 2, 3, 4, 5, 6, 7, 8, 9] * 3)
+    assert not looping("x", list(range(40)))

@@ -1,4 +1,5 @@
-"""memtx bench: throughput, memory quality and cost, index recall, passkey retrieval."""
+"""memtx bench: throughput, memory quality and cost, index recall, passkey retrieval, questions
+with sources."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from memtx_cli.cli.display import describe_retrieval, handle_errors, log, print_
 from memtx_cli.cli.options import MEMORY_FLAGS, RUN, JsonOpt, ModelOnlyOpt, QuietOpt, SettingsArgs, settings_options
 from memtx_cli.errors import UsageError
 
-bench_app = typer.Typer(help="Benchmarks: throughput, memory, recall, passkey.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: throughput, memory, recall, passkey, ask.", no_args_is_help=True)
 
 CorpusOpt = Annotated[
     str | None,
@@ -223,5 +224,67 @@ def bench_passkey(
         f"passkey retrieval from a {res['mode']} ({res['dtype']}): layers {st['memory_layers']}, "
         f"{describe_retrieval(st)}, {st['positions']} positions; window {res['window_tokens']} tokens",
         ["tokens", "trials", "accuracy memory", "accuracy window", "s/trial memory", "s/trial window"],
+        rows,
+    )
+
+
+@bench_app.command("ask")
+@handle_errors
+@settings_options(*RUN, *MEMORY_FLAGS, "segment")
+def bench_ask(
+    questions: Annotated[
+        str, typer.Option(help="The question set (YAML: documents, questions, gold lines, answers).")
+    ] = "benchmarks/ask_set.yaml",
+    corpus: CorpusOpt = None,
+    workdir: Annotated[
+        str | None,
+        typer.Option(help="Keep the documents and their bank here and reuse them (default: a temporary directory)."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Questions to ask: all, tune or held-out.")] = "all",
+    sources: Annotated[int, typer.Option(help="Sources listed per answer (as memtx ask --sources).")] = 3,
+    evidence: Annotated[int, typer.Option(help="Recalled excerpts quoted (as memtx ask --evidence).")] = 2,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most (as memtx ask).")] = 128,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    settings: SettingsArgs = None,  # type: ignore[assignment]
+) -> None:
+    """Questions with sources: facts stated once in long documents, asked as memtx ask asks them
+    over one bank of every document; right document first, gold lines among the sources, answer."""
+    import tempfile
+
+    from memtx_cli.engine.generate import Sampling
+    from memtx_cli.engine.session import load_for
+    from memtx_cli.tasks.ask_bench import load_set, prepare_bank, run_ask_bench
+
+    where = corpus_dir(corpus)
+    s = load_set(Path(questions)).only(split)
+    cfg, _ = settings.resolve()
+    sampling = Sampling(max_tokens=max_tokens, temperature=0.0, stop_loops=True)  # as memtx ask
+    lm = load_for(cfg)
+    with tempfile.TemporaryDirectory(prefix="memtx-ask-") as tmp:
+        bank = prepare_bank(lm, cfg, s, where, Path(workdir) if workdir else Path(tmp), lambda m: log(m, quiet))
+        try:
+            res = run_ask_bench(lm, cfg, s, bank, sampling, sources, evidence, lambda m: log(m, quiet))
+        finally:
+            bank.close()
+    if as_json:
+        print_json(res)
+        return
+    rows = [
+        [
+            name,
+            str(x["questions"]),
+            f"{100 * x['doc_first']:.0f}%",
+            f"{100 * x['gold_lines']:.0f}%",
+            f"{100 * x['answer_right']:.0f}%",
+            f"{x['seconds_per_question']:.1f}",
+        ]
+        for name, x in res["summary"].items()
+        if x["questions"]
+    ]
+    print_grid(
+        f"questions with sources over {len(res['documents'])} documents ({', '.join(res['kinds'])}); "
+        f"{sources} sources, {evidence} quoted",
+        ["questions", "n", "right document first", "gold lines in sources", "answer right", "s/question"],
         rows,
     )

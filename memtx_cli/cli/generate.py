@@ -90,7 +90,7 @@ def ask(
     from memtx_cli.tasks.chat import ask_bank
 
     text = read_document("-").text.strip() if question == "-" else question.strip()
-    sampling = Sampling(max_tokens, temperature, top_p, 0, seed)
+    sampling = Sampling(max_tokens, temperature, top_p, 0, seed, stop_loops=True)
     f = settings
     res = ask_bank(text, f.flags, f.sets, f.config_file, bank, sampling, sources, evidence, system, text_sink(as_json))
     if as_json:
@@ -131,7 +131,7 @@ def chat(
     check_counts(sources)
     if remember and not bank:
         raise MemtxError("--remember needs --memory BANK (the bank to append the conversation to)")
-    sampling = Sampling(max_tokens, temperature, top_p, 0, seed)
+    sampling = Sampling(max_tokens, temperature, top_p, 0, seed, stop_loops=True)
     cfg, _ = settings.resolve()
     if bank:  # fail fast on a bad bank, before the model loads
         open_bank(bank).close()

@@ -26,6 +26,7 @@ class Sampling:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_loops: bool = False  # stop once the text repeats itself (see `looping`)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -45,7 +46,7 @@ class Generation:
     text: str
     tokens: int
     prompt_tokens: int
-    stop_reason: str  # "length" | "eos" | "stop"
+    stop_reason: str  # "length" | "eos" | "stop" | "loop"
     prefill_seconds: float
     decode_seconds: float
     retrieval_seconds: float
@@ -81,6 +82,22 @@ def sample_next(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) 
         keep = sp.cumsum(0) - sp < s.top_p  # the smallest set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def looping(text: str, ids: list[int], min_span: int = 16) -> bool:
+    """Whether a generation has started to loop: its last complete line repeats an earlier
+    non-empty line, or its last `min_span` or more tokens are one short pattern (at most 8
+    tokens) repeated. Greedy decoding with a small model falls into such loops ("The answer
+    is: X\n\nThe answer is: X ..."); nothing new follows them."""
+    lines = [ln.strip() for ln in text.split("\n")[:-1]]
+    done = [ln for ln in lines if ln]
+    if len(done) >= 2 and lines[-1] and lines[-1] in done[:-1]:
+        return True
+    for p in range(1, 9):
+        span = max(min_span, 3 * p)
+        if len(ids) >= span and all(ids[-i] == ids[-i - p] for i in range(1, span - p + 1)):
+            return True
+    return False
 
 
 def stop_token_ids(lm: LoadedModel) -> set[int]:
@@ -144,10 +161,12 @@ def generate(
         if hit is not None:
             text = text[: text.index(hit)]
             reason = "stop"
+        elif s.stop_loops and looping(text, out):
+            reason = "loop"
         if not text.endswith("\ufffd") and len(text) > len(shown):
             on_text(text[len(shown) :])
             shown = text
-        if reason == "stop":
+        if reason in ("stop", "loop"):
             break
         h = st.feed(torch.tensor([tok], device=lm.device))
     t2 = time.perf_counter()

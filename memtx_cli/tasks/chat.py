@@ -239,9 +239,11 @@ def answer(
     evidence = 0: the answer is decoded with the bank as memory only; the sources are the bank
     blocks its tokens attended to most. evidence = N > 0 (recall, then read): the question is
     first read with the bank as memory, the N sources it attended to most are quoted into the
-    prompt (when their text is still on disk), then the answer is decoded, still with the bank
-    as memory; the sources listed are the ones recalled. A 135M model rarely reproduces a fact
-    from memory attention alone, but does from a quoted excerpt."""
+    prompt (when their text is still on disk), then the answer is decoded from them (the bank
+    is quoted, not attended again: on the questions benchmark's tune split attending to it
+    while decoding answered no better and took twice as long, docs/decisions.md); the sources
+    listed are the ones recalled. A 135M model rarely reproduces a fact from memory attention
+    alone, but does from a quoted excerpt."""
     check_counts(n_sources, evidence)
     stop = stop_token_ids(lm)
     if bank is None:
@@ -254,7 +256,8 @@ def answer(
         excerpts = [s for s in recalled if s.text][:evidence]
         if excerpts:
             messages = [*messages[:-1], {"role": "user", "content": with_evidence(question, excerpts, evidence_chars)}]
-        gen = generate(lm, lm.tokenizer.encode(render_chat(lm, messages)), cfg, sampling, bank, on_text, stop)
+        memory = None if excerpts else bank
+        gen = generate(lm, lm.tokenizer.encode(render_chat(lm, messages)), cfg, sampling, memory, on_text, stop)
         return Answer(gen, recalled[:n_sources], excerpts)
     trace = BankTrace()
     ids = lm.tokenizer.encode(render_chat(lm, messages))
