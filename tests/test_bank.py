@@ -325,7 +325,11 @@ def test_damaged_files_are_named_and_refused(good_bank, tiny_gguf, tmp_path, pat
     shutil.copytree(good_bank, bank)
     (target,) = list(bank.glob(pattern))
     data = bytearray(target.read_bytes())
-    if how == "flip":
+    data_file = target.parent == bank and target.name != "manifest.yaml"
+    if how == "flip" and data_file:  # every block: whichever a reader reads first is damaged
+        for i in range(0, len(data), 128):
+            data[i] ^= 0x5A
+    elif how == "flip":
         i = len(data) // 2 if target.suffix != ".yaml" else data.index(b"entries:") + 9
         data[i] ^= 0x5A
     else:
@@ -336,9 +340,14 @@ def test_damaged_files_are_named_and_refused(good_bank, tiny_gguf, tmp_path, pat
     r = runner.invoke(app, ["bank", "verify", str(bank)])
     assert r.exit_code == 1 and target.name in r.stdout
     doc = good_bank.parent / "c" / "doc0.txt"
-    score = ["score", str(doc), "--memory", str(bank), "--model", str(tiny_gguf), "--segment", "64"]
-    r = runner.invoke(app, score)
-    assert r.exit_code == 1 and "damaged" in r.stderr and target.name in r.stderr
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("segment: 64\nblock-size: 8\nblocks: 4\nblock-chunk: 16\n")
+    common = ["--memory", str(bank), "--model", str(tiny_gguf), "--config", str(cfg)]
+    # Opening checks the structure and state; a block's crc is checked when it is first read
+    # (score reads keys and values, ask also the provenance of its sources).
+    cmd = ["ask", "hello", *common, "--max-tokens", "2"] if target.name == "provenance.bin" else ["score", str(doc)]
+    r = runner.invoke(app, [*cmd, *common] if cmd[0] == "score" else cmd)
+    assert r.exit_code == 1 and "damaged" in r.stderr and target.name in r.stderr, r.stderr
     assert "Traceback" not in r.output
 
 
@@ -596,3 +605,24 @@ def test_ingest_keeps_the_layers_with_memory_heads(tiny_lm, tiny_gguf, tmp_path)
         assert b.geo.layers == [last] and b.geo.n_kv == tiny_lm.args.n_kv_heads
     with pytest.raises(MemtxError, match="fixed or clamped"):
         build(tiny_lm, tiny_gguf, corpus, tmp_path / "t.idx", positions="true")
+
+
+def test_a_reader_checks_each_block_when_it_first_reads_it(good_bank, tmp_path):
+    bank = tmp_path / "bank.idx"
+    shutil.copytree(good_bank, bank)
+    with Bank.open(bank, verify=False) as b:
+        live, rb = b.live_blocks, b._block_bytes("L2.keys")
+    bad, good = int(live[-1]), int(live[0])
+    data = bytearray((bank / "L2.keys").read_bytes())
+    data[bad * rb + 5] ^= 0x5A
+    (bank / "L2.keys").write_bytes(bytes(data))
+    with Bank.open(bank, verify=False) as b:  # opening reads no block
+        mem = BankLayerMemory(b, 2, torch.float32)
+        keys, _, valid = mem.gather_blocks(torch.tensor([[[good]]]).expand(b.geo.n_kv, 1, 1))
+        assert valid.any() and b._verified[good].sum() == 2 and not b._verified[bad].any()
+        with pytest.raises(MemtxError, match=rf"L2.keys is damaged \(checksum mismatch in block {bad}\)"):
+            mem.gather_blocks(torch.tensor([[[good, bad]]]).expand(b.geo.n_kv, 1, 2))
+        k2, _, _ = mem.gather_blocks(torch.tensor([[[good]]]).expand(b.geo.n_kv, 1, 1))  # checked once, still read
+        assert torch.equal(keys, k2)
+    with pytest.raises(MemtxError, match="L2.keys is damaged"):
+        Bank.open(bank, verify=True)

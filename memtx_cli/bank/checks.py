@@ -14,6 +14,7 @@ from memtx_cli.bank.format import (
     B_VALID,
     _faiss,
 )
+from memtx_cli.errors import MemtxError
 
 
 class BankChecks:
@@ -37,6 +38,41 @@ class BankChecks:
                 f.seek(b * rb)
                 out[b] = zlib.crc32(f.read(rb))
         return out
+
+    def verify_read(self, blocks: np.ndarray, names: list[str]) -> None:
+        """Verify the crc32 of `blocks` (-1 = none) in the data files `names`, each the first
+        time it is read: a reader opened without the full check (`Bank.open(verify=False)`)
+        checks what it reads, so opening costs nothing per block and damage is still never
+        read. A writer reads nothing through here."""
+        if self.writer:
+            return
+        if self._verified.shape != self.crc.shape:
+            self._verified = np.zeros(self.crc.shape, dtype=bool)
+        ids = np.unique(np.asarray(blocks).reshape(-1))
+        ids = ids[(ids >= 0) & (ids < self.capacity_blocks)]
+        for name in names:
+            fi = self.data_files.index(name)
+            todo = ids[~self._verified[ids, fi]]
+            if not len(todo):
+                continue
+            raw, rb = self._raw(name), self._block_bytes(name)
+            for b in todo.tolist():
+                if zlib.crc32(raw[b * rb : (b + 1) * rb]) != int(self.crc[b, fi]):
+                    raise MemtxError(
+                        f"bank {self.path}: {name} is damaged (checksum mismatch in block {b}); "
+                        f"run `memtx bank verify {self.path}`"
+                    )
+            self._verified[todo, fi] = True
+
+    def _raw(self, name: str) -> np.memmap:
+        """A data file's bytes, memory-mapped read-only (what `verify_read` checksums)."""
+        key = f"{name}:raw"
+        n = self.capacity_blocks * self._block_bytes(name)
+        mm = self._mm.get(key)
+        if mm is None or mm.shape[0] != n:
+            mm = np.memmap(self.path / name, dtype=np.uint8, mode="r", shape=(n,))
+            self._mm[key] = mm
+        return mm
 
     def check(self, full: bool = True) -> list[str]:
         """Problems found (empty = healthy): file sizes, id alignment, docs vs blocks, indexes
@@ -73,6 +109,7 @@ class BankChecks:
             if not np.array_equal(ids, np.sort(live)):
                 problems.append(f"state/L{layer}_H{h}.faiss holds {idx.ntotal} blocks, the bank has {len(live)}")
         if full:
+            self._verified = np.ones(self.crc.shape, dtype=bool)  # reset below if anything is wrong
             for fi, name in enumerate(self.data_files):
                 got = self.file_crcs(name, live)
                 bad = [int(b) for b in live if got[int(b)] != self.crc[b, fi]]

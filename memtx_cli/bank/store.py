@@ -82,6 +82,7 @@ class Bank(BankWriter, BankChecks):
         self.crc = np.zeros((0, self.n_files), dtype=np.uint32)
         self.indexes: dict[tuple[int, int], Any] = {}
         self._mm: dict[str, np.memmap] = {}
+        self._verified = np.zeros((0, self.n_files), dtype=bool)  # (block, file) crc checked (verify_read)
         self._state_bytes = 0  # size of the last committed state: what the reserve holds back
         self.frees_space = False  # set by removals and compaction: see commit()
 
@@ -161,8 +162,9 @@ class Bank(BankWriter, BankChecks):
         on_wait: Callable[[str], None] | None = None,
     ) -> Bank:
         """Open a bank: checks the tree (no links, no special files), the manifest, the state
-        files' sha256 and sizes, and (verify=True) the crc32 of every live block. Any damage is
-        a MemtxError naming the file. A writer waits up to `wait` s for another writer."""
+        files' sha256 and sizes, and (verify=True) the crc32 of every live block; otherwise a
+        reader checks each block's crc32 the first time it reads it (`verify_read`). Any damage is a
+        MemtxError naming the file. A writer waits up to `wait` s for another writer."""
         path = Path(path)
         if not path.exists():
             raise MemtxError(f"no such bank: {path}")

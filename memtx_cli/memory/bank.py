@@ -26,6 +26,7 @@ class BankLayerMemory:
         self.n_kv = len(self.heads)
         self.search_seconds = 0.0
         self.n_blocks = len(bank.live_blocks)  # the bank is read-only: counted once
+        self.files = [f"L{layer}.keys", f"L{layer}.values"]  # what its reads checksum on first touch
         self.entries = bank.entries
 
     def __len__(self) -> int:
@@ -49,6 +50,7 @@ class BankLayerMemory:
         b = self.block_size
         kv, nc, m = ids.shape
         idn = ids.cpu().numpy()
+        self.bank.verify_read(idn, self.files)
         rows = np.maximum(idn, 0)[..., None] * b + np.arange(b)  # (KV, C, m, b) entry ids
         heads = np.asarray(self.heads).reshape(kv, 1, 1, 1)
         keys = self.bank.keys(self.layer)[rows, heads]  # (KV, C, m, b, D) float16
@@ -77,6 +79,7 @@ class BankLayerMemory:
                 for i, h in enumerate(rows)
             ]
         )  # (R, Q, m) block ids, -1 = none
+        self.bank.verify_read(ids, self.files)
         ent = (np.maximum(ids, 0)[..., None] * b + np.arange(b)).reshape(r, nq, m * b)  # entry slots
         heads = np.asarray([self.heads[h] for h in rows]).reshape(r, 1, 1)
         n_valid = self.bank.blocks[np.maximum(ids, 0), 1]  # (R, Q, m)

@@ -124,6 +124,7 @@ def sources_from_mass(bank: Any, mass: dict[int, float], n: int) -> list[Source]
     if total <= 0 or n < 1:
         return []
     bs = bank.geo.block_size
+    bank.verify_read(np.fromiter(mass, dtype=np.int64, count=len(mass)), ["provenance.bin"])
     prov = bank.provenance()
     spans = []  # (doc id, first token, token after the last, char start, char end, weight)
     for b, w in mass.items():
