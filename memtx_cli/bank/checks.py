@@ -109,7 +109,7 @@ class BankChecks:
             if not np.array_equal(ids, np.sort(live)):
                 problems.append(f"state/L{layer}_H{h}.faiss holds {idx.ntotal} blocks, the bank has {len(live)}")
         if full:
-            self._verified = np.ones(self.crc.shape, dtype=bool)  # reset below if anything is wrong
+            self._verified = np.ones(self.crc.shape, dtype=bool)  # a bank with any problem is refused whole
             for fi, name in enumerate(self.data_files):
                 got = self.file_crcs(name, live)
                 bad = [int(b) for b in live if got[int(b)] != self.crc[b, fi]]
