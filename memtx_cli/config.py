@@ -110,6 +110,11 @@ class Config:
     )
     bank_blocks: int = knob(16, "Blocks read from a bank per query chunk, besides the document's own.")
     bank_bias: float = knob(2.0, "Subtracted from bank memories' attention scores (a prior).")
+    bank_words: int = knob(
+        4,
+        "Bank blocks a generation's prompt pins by its words (BM25 over the bank's words): every chunk "
+        "reads them beside the blocks it searches; 0 = none.",
+    )
     sinks: int = knob(4, "First tokens of the document kept visible in every window (StreamingLLM).")
     sink_positions: str = knob("auto", "Where sinks sit: window, real (their distance, capped) or auto.")
 
@@ -162,7 +167,7 @@ class Config:
                 "exact attention: it needs --retrieval block --positions clamped, --block-votes > 0 "
                 "and --far-blocks >= 0 or --far-top-k > 0 (use --block-select means or auto otherwise)"
             )
-        if self.bank_blocks < 1 or self.bank_bias < 0:
+        if self.bank_blocks < 1 or self.bank_bias < 0 or self.bank_words < 0:
             raise UsageError("bank-blocks must be >= 1 and bank-bias >= 0")
         if self.sink_positions not in ("auto", "window", "real"):
             raise UsageError(f"sink-positions must be auto, window or real, got {self.sink_positions!r}")

@@ -150,6 +150,7 @@ class BankChecks:
             "kv_heads": self.geo.n_kv,
             "head_dim": self.geo.head_dim,
             "dtype": self.precision,
+            "words": self.has_words,
             "eviction": self.manifest.get("eviction"),
             "settings": self.manifest["config"],
             "generation": self.generation,

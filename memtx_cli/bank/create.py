@@ -25,6 +25,7 @@ def create_bank(
     config: dict[str, Any],
     evict: dict,
     precision: str = "float16",
+    words: bool = True,
 ) -> Any:
     """A new, empty, committed bank at `path`, open for writing. It is built in a private
     directory beside `path` and renamed into place, so `path` is a whole bank or nothing."""
@@ -49,6 +50,7 @@ def create_bank(
         "position_scheme": config.get("positions", "fixed"),
         "segment": config.get("segment"),
         "faiss_factory": "IDMap2,Flat",
+        "words": words,
         "eviction": evict,
         "config": config,
         "generation": 0,
@@ -90,7 +92,9 @@ def _remove_unfinished(path: Path) -> None:
     whose creator is gone (their lock is free)."""
     import fcntl
 
-    bank_names = re.compile(r"^(manifest\.yaml|lock|reserve|state|provenance\.bin|L\d+\.(keys|values)|\..*\.tmp)$")
+    bank_names = re.compile(
+        r"^(manifest\.yaml|lock|reserve|state|provenance\.bin|words\.bin|L\d+\.(keys|values)|\..*\.tmp)$"
+    )
     for d in path.parent.glob(f".{path.name}.*.memtx-new"):
         try:
             st = os.lstat(d)

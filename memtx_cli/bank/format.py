@@ -87,6 +87,8 @@ def validate_manifest(m: Any, where: Path) -> Geometry:
             raise bad(f"{key} is not a count")
     if m.get("dtype", "float16") not in PRECISIONS:
         raise bad(f"dtype {m.get('dtype')!r}")
+    if m.get("words", False) not in (True, False):
+        raise bad("words")
     sf = m.get("state_files")
     if not isinstance(sf, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sf.items()):
         raise bad("state_files")

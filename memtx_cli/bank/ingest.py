@@ -25,6 +25,7 @@ import torch
 from memtx_cli.bank.format import DocRecord, Geometry, check_model, now
 from memtx_cli.bank.reader import decode_text, read_bytes
 from memtx_cli.bank.store import Bank
+from memtx_cli.bank.words import token_words
 from memtx_cli.config import Config
 from memtx_cli.engine import plan
 from memtx_cli.engine.stream import Streamer
@@ -123,6 +124,7 @@ def stream_into_bank(
     offsets: list[tuple[int, int]],
     cfg: Config,
     progress: Callable[[int, int], None] = lambda d, t: None,
+    words: np.ndarray | None = None,
 ) -> tuple[list[int], list[int]]:
     """Stream one document, writing its K/V into free blocks; returns (blocks, valid counts).
     Nothing is committed here."""
@@ -152,7 +154,7 @@ def stream_into_bank(
                 [np.full(take, doc_id), np.arange(start, start + take), char_off[start : start + take]], 1
             ).astype(np.int64)
             (b,) = bank.allocate(1, set(blocks))
-            bank.write_block(b, doc_id, kv, prov)
+            bank.write_block(b, doc_id, kv, prov, None if words is None else words[start : start + take])
             blocks.append(b)
             valid.append(take)
             start += take
@@ -185,16 +187,17 @@ def add_document(
     key: str,
     sha: str,
     size: int,
-    chars: int,
+    text: str,
     ids: list[int],
     offsets: list[tuple[int, int]],
     cfg: Config,
     progress: Callable[[int, int], None] = lambda d, t: None,
 ) -> int:
-    """Stream one tokenized document into the bank, record it, evict to capacity and commit;
-    returns the number of blocks evicted."""
+    """Stream one tokenized document into the bank with its words, record it, evict to capacity
+    and commit; returns the number of blocks evicted."""
     doc_id = int(bank.manifest["next_doc_id"])
-    blocks, valid = stream_into_bank(lm, bank, doc_id, ids, offsets, cfg, progress)
+    words = token_words(text, offsets) if bank.has_words else None
+    blocks, valid = stream_into_bank(lm, bank, doc_id, ids, offsets, cfg, progress, words)
     bank.attach_blocks(doc_id, blocks, valid)
     bank.add_document(
         DocRecord(
@@ -203,7 +206,7 @@ def add_document(
             sha256=sha,
             size=size,
             tokens=len(ids),
-            chars=chars,
+            chars=len(text),
             entries=sum(valid),
             blocks=blocks,
             ingested_at=now(),
@@ -220,7 +223,7 @@ def remember_text(lm: LoadedModel, bank: Bank, key: str, text: str, cfg: Config)
     if not ids:
         return 0
     data = text.encode("utf-8")
-    add_document(lm, bank, key, hashlib.sha256(data).hexdigest(), len(data), len(text), ids, offsets, cfg)
+    add_document(lm, bank, key, hashlib.sha256(data).hexdigest(), len(data), text, ids, offsets, cfg)
     return len(ids)
 
 
@@ -281,7 +284,7 @@ def ingest(
         def prog(done: int, total: int, i: int = i, key: str = key) -> None:
             progress({"doc": i, "docs": len(files), "path": key, "done": done, "total": total})
 
-        rep.evicted_blocks += add_document(lm, bank, key, sha, len(data), len(text), ids, offsets, cfg, prog)
+        rep.evicted_blocks += add_document(lm, bank, key, sha, len(data), text, ids, offsets, cfg, prog)
         rep.added.append(key)
         rep.tokens += len(ids)
     bank.trim()

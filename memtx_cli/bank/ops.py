@@ -135,7 +135,13 @@ def merge_banks(sources: list[Path], out: Path) -> dict[str, Any]:
             if b.precision != first.precision:
                 raise MemtxError(f"bank {b.path} stores {b.precision}, {first.path} {first.precision}: cannot merge")
         dst = Bank.create(
-            out, first.manifest["model"], first.geo, first.manifest["config"], {"capacity": 0}, first.precision
+            out,
+            first.manifest["model"],
+            first.geo,
+            first.manifest["config"],
+            {"capacity": 0},
+            first.precision,
+            words=all(b.has_words for b in opened),
         )
         try:
             for src in opened:
@@ -166,8 +172,9 @@ def _copy_document(src: Bank, rec: DocRecord, dst: Bank) -> None:
         kv = {ly: (np.asarray(src.keys(ly)[rows]), np.asarray(src.values(ly)[rows])) for ly in src.geo.layers}
         prov = np.array(src.provenance()[b * bs : b * bs + n])
         prov[:, 0] = doc_id
+        words = src.words_array()
         (nb,) = dst.allocate(1, set(new_blocks))
-        dst.write_block(nb, doc_id, kv, prov)
+        dst.write_block(nb, doc_id, kv, prov, None if words is None else np.array(words[rows]))
         new_blocks.append(nb)
         valid.append(n)
     dst.attach_blocks(doc_id, new_blocks, valid)

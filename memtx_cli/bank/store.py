@@ -15,6 +15,8 @@ A bank is a directory (the user names it, e.g. `repo.idx`), private to its owner
     L<l>.keys, L<l>.values   (slots, KV, D) raw keys (no RoPE) and values, memory-mapped:
                              float16, or int8 rows with a float16 absmax scale (D + 2 bytes)
     provenance.bin           (slots, 3) int64: document id, token offset, character offset
+    words.bin                (slots,) uint32: hash of the word starting in each token, 0 if none
+                             (the lexical index, bank/words.py; banks made before it lack it)
     lock                     flock'd by the one writer
     reserve                  space held back so that a commit (e.g. `bank rm`) can still be
                              written on a full disk
@@ -92,11 +94,16 @@ class Bank(BankWriter, BankChecks):
         out = []
         for layer in self.geo.layers:
             out += [f"L{layer}.keys", f"L{layer}.values"]
-        return out + ["provenance.bin"]
+        return out + ["provenance.bin"] + (["words.bin"] if self.has_words else [])
 
     @property
     def n_files(self) -> int:
-        return 2 * len(self.geo.layers) + 1
+        return 2 * len(self.geo.layers) + 1 + self.has_words
+
+    @property
+    def has_words(self) -> bool:
+        """Whether the bank keeps its words (a lexical index for recall)."""
+        return self.manifest.get("words") is True
 
     @property
     def precision(self) -> str:
@@ -105,6 +112,8 @@ class Bank(BankWriter, BankChecks):
     def _row_bytes(self, name: str) -> int:
         if name == "provenance.bin":
             return 24
+        if name == "words.bin":
+            return 4
         if self.precision == "int8":
             return self.geo.n_kv * (self.geo.head_dim + 2)
         return self.geo.row_bytes
@@ -141,12 +150,13 @@ class Bank(BankWriter, BankChecks):
         config: dict[str, Any],
         evict: dict,
         precision: str = "float16",
+        words: bool = True,
     ) -> Bank:
         """A new, empty, committed bank at `path`, open for writing. It is built in a private
         directory beside `path` and renamed into place, so `path` is a whole bank or nothing."""
         from memtx_cli.bank.create import create_bank
 
-        return create_bank(cls, path, model, geo, config, evict, precision)
+        return create_bank(cls, path, model, geo, config, evict, precision, words)
 
     @classmethod
     def is_bank(cls, path: Path) -> bool:
@@ -310,6 +320,8 @@ class Bank(BankWriter, BankChecks):
             return None
         if name == "provenance.bin":
             shape, dt = (slots, 3), np.int64
+        elif name == "words.bin":
+            shape, dt = (slots,), np.uint32
         elif self.precision == "int8":
             shape, dt = (slots, self.geo.n_kv, self.geo.head_dim + 2), np.uint8
         else:
@@ -317,6 +329,10 @@ class Bank(BankWriter, BankChecks):
         mm = np.memmap(self.path / name, dtype=dt, mode="r", shape=shape)
         self._mm[name] = mm
         return mm
+
+    def words_array(self) -> np.memmap | None:
+        """(slots,) uint32 word hashes, or None for a bank without words."""
+        return self._array("words.bin") if self.has_words else None
 
     def keys(self, layer: int) -> Stored:
         return Stored(self._array(f"L{layer}.keys"), self.precision, self.geo.head_dim)

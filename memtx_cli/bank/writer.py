@@ -90,6 +90,7 @@ class BankWriter:
         doc_id: int,
         kv: dict[int, tuple[np.ndarray, np.ndarray]],  # layer -> keys, values (n, KV, D) float16
         prov: np.ndarray,  # (n, 3) int64
+        words: np.ndarray | None = None,  # (n,) uint32 word hashes (bank/words.py); None = none known
     ) -> None:
         """Write one block's data into free block b (not yet committed)."""
         bs = self.geo.block_size
@@ -105,6 +106,11 @@ class BankWriter:
         full = np.full((bs, 3), -1, np.int64)
         full[:n] = prov
         self._put(fi, "provenance.bin", b, full)
+        if self.has_words:
+            row = np.zeros(bs, np.uint32)
+            if words is not None:
+                row[:n] = words
+            self._put(fi + 1, "words.bin", b, row)
 
     def flush(self) -> None:
         for fd in self._fds.values():

@@ -120,10 +120,15 @@ def generate(
     on_text: Callable[[str], None] = lambda t: None,
     stop_ids: set[int] | None = None,
     trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    query: str | None = None,
 ) -> Generation:
     """Stream the prompt, then decode; `on_text` receives each new piece of text as soon as it
     is complete UTF-8. `trace` (see MemoryRead.trace) receives the attention mass on bank
-    blocks of every token that predicts an answer token: the prompt's last and each new one."""
+    blocks of every token that predicts an answer token: the prompt's last and each new one.
+
+    With a bank, the words of `query` (the user's text; None = the whole prompt) pin the
+    `cfg.bank_words` bank blocks that BM25 ranks best: every chunk reads them beside the blocks
+    its queries find. Nothing of the prompt is scored, so its words may choose what it reads."""
     if not prompt_ids:
         raise MemtxError("the prompt is empty")
     cfg.validate_for(lm.args.context_length)
@@ -133,6 +138,11 @@ def generate(
     # Answering tokens read every memory's raw keys (Config.answer_top_k): keep them all.
     st = Streamer(lm.model, cfg, bank, keep_all=cfg.answer_top_k > 0)
     t0 = time.perf_counter()
+    if bank is not None and cfg.bank_words:
+        from memtx_cli.bank.words import bm25_blocks
+
+        words = query if query is not None else lm.tokenizer.decode(prompt_ids)
+        st.pin_bank_blocks(list(bm25_blocks(bank, words, cfg.bank_words)))
     x = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
     # A prompt's tokens are never scored, so their own queries may choose what they read:
     # they answer (Config.answer_tokens: the last n, 0 = all); the last one predicts the first.

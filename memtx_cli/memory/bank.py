@@ -115,6 +115,7 @@ class CompositeMemory:
         self.own, self.bank = own, bank
         self.block_size = own.block_size
         self.bank_blocks, self.bank_bias = bank_blocks, bank_bias
+        self.pinned: torch.Tensor | None = None  # bank blocks every chunk reads (a prompt's words chose them)
 
     def __len__(self) -> int:
         return len(self.own) + len(self.bank)
@@ -193,6 +194,11 @@ class CompositeMemory:
         # The bank's FAISS index takes one vector per chunk: voters (KV, C, Q, D) search summed.
         summed = sel.sum(2) if sel.dim() == 4 else sel
         _, bank_ids = self.bank.search(summed[..., :d].float(), m_b)  # (KV, C, m_b)
+        if self.pinned is not None and len(self.pinned):  # pinned first, searched ones not repeated
+            pin = self.pinned.to(bank_ids.device).view(1, 1, -1).expand(kv, nc, -1)
+            dup = (bank_ids[..., :, None] == pin[..., None, :]).any(-1)
+            bank_ids = torch.cat([pin, bank_ids.masked_fill(dup, -1)], -1)
+            m_b = bank_ids.shape[-1]
         bk, bv, bvalid = self.bank.gather_blocks(bank_ids)
         b = self.block_size
         bk, bv, bvalid = bk.view(kv * nc, m_b * b, -1), bv.view(kv * nc, m_b * b, -1), bvalid.view(kv * nc, m_b * b)
