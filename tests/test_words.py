@@ -53,7 +53,7 @@ def test_each_word_is_kept_once_at_the_token_it_starts_in(tiny_lm):
 
 def _reference_bm25(bank: Bank, question: str, window: int = 2) -> dict[int, float]:
     """BM25 straight from the documents' text: each block's words are those starting between
-    its first token's character and the next block's, counted over `window` blocks each side."""
+    its first token's character and the next block's, counted over `window` blocks each side and its own once more."""
     bs = bank.geo.block_size
     prov = bank.provenance()
     block_words, order = {}, []
@@ -66,9 +66,8 @@ def _reference_bm25(bank: Bank, question: str, window: int = 2) -> dict[int, flo
     windows = {}
     for blocks in order:
         for i, b in enumerate(blocks):
-            windows[b] = [
-                w for j in range(max(0, i - window), min(len(blocks), i + window + 1)) for w in block_words[blocks[j]]
-            ]
+            near = range(max(0, i - window), min(len(blocks), i + window + 1))
+            windows[b] = [w for j in near for w in block_words[blocks[j]]] + block_words[b]  # its own twice
     n, avg = len(windows), sum(len(w) for w in windows.values()) / len(windows)
     q = {w.lower() for w in WORD.findall(question)}
     df = {t: sum(t in w for w in windows.values()) for t in q}

@@ -13,7 +13,8 @@ from typing import Any
 
 from memtx_cli.bank import fs as bankfs
 from memtx_cli.bank import lock as banklock
-from memtx_cli.bank.format import FORMAT, PRECISIONS, VERSION, Geometry
+from memtx_cli.bank.codec import CODECS
+from memtx_cli.bank.format import FORMAT, VERSION, Geometry
 from memtx_cli.errors import MemtxError
 
 
@@ -29,8 +30,8 @@ def create_bank(
 ) -> Any:
     """A new, empty, committed bank at `path`, open for writing. It is built in a private
     directory beside `path` and renamed into place, so `path` is a whole bank or nothing."""
-    if precision not in PRECISIONS:
-        raise MemtxError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in CODECS:
+        raise MemtxError(f"precision must be one of {', '.join(CODECS)}, got {precision!r}")
     path = Path(path)
     _check_target(path)
     try:

@@ -24,7 +24,6 @@ from memtx_cli.errors import MemtxError
 
 FORMAT = "memtx-bank"
 VERSION = 1
-PRECISIONS = ("float16", "int8")
 MANIFEST_LIMIT = 4 << 20
 DOCS_LIMIT = 1 << 30
 MAX_COUNT = 1 << 52  # counters (generation, entries, sequence numbers) stay exact in JSON and int64
@@ -85,7 +84,9 @@ def validate_manifest(m: Any, where: Path) -> Geometry:
     for key in ("generation", "entries", "documents", "next_doc_id", "next_seq", "clock"):
         if not _int(m.get(key)):
             raise bad(f"{key} is not a count")
-    if m.get("dtype", "float16") not in PRECISIONS:
+    from memtx_cli.bank.codec import CODECS
+
+    if m.get("dtype", "float16") not in CODECS:
         raise bad(f"dtype {m.get('dtype')!r}")
     if m.get("words", False) not in (True, False):
         raise bad("words")
@@ -223,32 +224,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-class Stored:
-    """A keys/values file seen as (slots, KV, D) float16 whatever its precision: indexing
-    decodes (int8 rows carry their float16 absmax scale in their last two bytes)."""
-
-    def __init__(self, mm: np.memmap, precision: str, d: int) -> None:
-        self.mm, self.precision, self.d = mm, precision, d
-
-    def __getitem__(self, idx: Any) -> np.ndarray:
-        raw = self.mm[idx]
-        if self.precision == "float16":
-            return raw
-        q = raw[..., : self.d].view(np.int8).astype(np.float32)
-        scale = np.ascontiguousarray(raw[..., self.d :]).view(np.float16).astype(np.float32)
-        return (q * scale).astype(np.float16)
-
-    @staticmethod
-    def encode(x: np.ndarray, precision: str) -> np.ndarray:
-        if precision == "float16":
-            return x.astype(np.float16)
-        xf = x.astype(np.float32)
-        scale = (np.abs(xf).max(-1, keepdims=True) / 127.0).astype(np.float16)  # (..., 1)
-        safe = np.where(scale == 0, 1, scale.astype(np.float32))
-        q = np.clip(np.rint(xf / safe), -127, 127).astype(np.int8)
-        return np.concatenate([q.view(np.uint8), scale.view(np.uint8)], -1)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memtx_cli.bank.codec import TRAIN_ROWS
 from memtx_cli.bank.format import DocRecord, Geometry, check_model, now
 from memtx_cli.bank.reader import decode_text, read_bytes
 from memtx_cli.bank.store import Bank
@@ -142,6 +143,10 @@ def stream_into_bank(
 
     def flush(final: bool) -> None:
         nonlocal pend_n, start
+        if bank.needs_training:  # a new bank's codec learns from its first TRAIN_ROWS tokens
+            if pend_n < TRAIN_ROWS and not final or pend_n == 0:
+                return
+            bank.train_codec({i: tuple(np.concatenate(x) for x in zip(*pending[i], strict=True)) for i in layers})
         while pend_n >= bs or (final and pend_n > 0):
             take = min(bs, pend_n)
             kv = {}

@@ -143,6 +143,9 @@ def merge_banks(sources: list[Path], out: Path) -> dict[str, Any]:
             first.precision,
             words=all(b.has_words for b in opened),
         )
+        if first.codec_params is not None:  # one trained codec: the first bank's; others re-encode
+            dst.codec_params, dst._codecs = first.codec_params, None
+            dst.manifest["codec_trained"] = True
         try:
             for src in opened:
                 for rec in sorted(src.docs.values(), key=lambda d: d.id):

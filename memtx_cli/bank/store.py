@@ -12,8 +12,10 @@ A bank is a directory (the user names it, e.g. `repo.idx`), private to its owner
     state/<gen>/L<l>_H<h>.faiss  per (memory layer, KV head): IDMap2 inner-product index of the
                              block representatives (mean key), ids = block ids
     state/<gen>/readers      flock'd (shared) by every reader of that generation
-    L<l>.keys, L<l>.values   (slots, KV, D) raw keys (no RoPE) and values, memory-mapped:
-                             float16, or int8 rows with a float16 absmax scale (D + 2 bytes)
+    L<l>.keys, L<l>.values   (slots, KV, code) raw keys (no RoPE) and values, memory-mapped, in
+                             the bank's codec (bank/codec.py): float16, a FAISS scalar
+                             quantizer (sq8, sq6, sq4), or legacy absmax int8
+    state/<gen>/codec.npy    a trained codec's parameters (layers x 2 x KV, 2 x D) float32
     provenance.bin           (slots, 3) int64: document id, token offset, character offset
     words.bin                (slots,) uint32: hash of the word starting in each token, 0 if none
                              (the lexical index, bank/words.py; banks made before it lack it)
@@ -44,15 +46,16 @@ from typing import Any
 
 import numpy as np
 
+from memtx_cli.bank import codec as bankcodec
 from memtx_cli.bank import fs as bankfs
 from memtx_cli.bank import lock as banklock
 from memtx_cli.bank.checks import BankChecks
+from memtx_cli.bank.codec import Stored
 from memtx_cli.bank.format import (
     B_DOC,
     B_VALID,
     DocRecord,
     Geometry,
-    Stored,
     _faiss,
     _manifest_bytes,
     _parse_manifest,
@@ -86,6 +89,8 @@ class Bank(BankWriter, BankChecks):
         self._mm: dict[str, np.memmap] = {}
         self._verified = np.zeros((0, self.n_files), dtype=bool)  # (block, file) crc checked (verify_read)
         self._state_bytes = 0  # size of the last committed state: what the reserve holds back
+        self.codec_params: np.ndarray | None = None  # a trained codec's parameters (codec.npy)
+        self._codecs: list[bankcodec.Codec] | None = None
         self.frees_space = False  # set by removals and compaction: see commit()
 
     # ------------------------------------------------------------------ files and geometry
@@ -114,9 +119,7 @@ class Bank(BankWriter, BankChecks):
             return 24
         if name == "words.bin":
             return 4
-        if self.precision == "int8":
-            return self.geo.n_kv * (self.geo.head_dim + 2)
-        return self.geo.row_bytes
+        return self.geo.n_kv * bankcodec.code_size(self.precision, self.geo.head_dim)
 
     def _block_bytes(self, name: str) -> int:
         return self._row_bytes(name) * self.geo.block_size
@@ -253,7 +256,7 @@ class Bank(BankWriter, BankChecks):
         self.close()
 
     def _state_files(self) -> list[str]:
-        names = ["docs.json", "blocks.npy", "crc.npy"]
+        names = ["docs.json", "blocks.npy", "crc.npy"] + (["codec.npy"] if self.manifest.get("codec_trained") else [])
         return names + [f"L{layer}_H{h}.faiss" for layer in self.geo.layers for h in range(self.geo.n_kv)]
 
     def _max_capacity(self) -> int:
@@ -273,7 +276,11 @@ class Bank(BankWriter, BankChecks):
         sd = self.state_dir()
         recorded = self.manifest.get("state_files") or {}
         cap = self._max_capacity()
-        limits = {"blocks.npy": 4096 + 32 * cap, "crc.npy": 4096 + 4 * self.n_files * cap}
+        limits = {
+            "blocks.npy": 4096 + 32 * cap,
+            "crc.npy": 4096 + 4 * self.n_files * cap,
+            "codec.npy": 4096 + 8 * self.geo.head_dim * self.codec_rows,
+        }
         data: dict[str, bytes] = {}
         for name in self._state_files():
             p = sd / name
@@ -294,6 +301,14 @@ class Bank(BankWriter, BankChecks):
         crc = parse_npy(data["crc.npy"], "state/crc.npy", self.path, np.uint32, self.n_files)
         self.blocks, self.crc = blocks, crc
         self.docs = parse_docs(data["docs.json"], self.path, max(1, len(blocks)))
+        if "codec.npy" in data:
+            self.codec_params = parse_npy(
+                data["codec.npy"], "state/codec.npy", self.path, np.float32, 2 * self.geo.head_dim
+            )
+            if len(self.codec_params) != self.codec_rows:
+                raise MemtxError(f"bank {self.path}: state/codec.npy is damaged (rows)")
+        elif bankcodec.trained(self.precision) and (blocks[:, B_DOC] >= 0).any():
+            raise MemtxError(f"bank {self.path}: state/codec.npy is missing")
         n_live = int((blocks[:, B_DOC] >= 0).sum()) if len(blocks) else 0
         for layer in self.geo.layers:
             for h in range(self.geo.n_kv):
@@ -322,10 +337,10 @@ class Bank(BankWriter, BankChecks):
             shape, dt = (slots, 3), np.int64
         elif name == "words.bin":
             shape, dt = (slots,), np.uint32
-        elif self.precision == "int8":
-            shape, dt = (slots, self.geo.n_kv, self.geo.head_dim + 2), np.uint8
-        else:
+        elif self.precision == "float16":
             shape, dt = (slots, self.geo.n_kv, self.geo.head_dim), np.float16
+        else:
+            shape, dt = (slots, self.geo.n_kv, bankcodec.code_size(self.precision, self.geo.head_dim)), np.uint8
         mm = np.memmap(self.path / name, dtype=dt, mode="r", shape=shape)
         self._mm[name] = mm
         return mm
@@ -334,11 +349,27 @@ class Bank(BankWriter, BankChecks):
         """(slots,) uint32 word hashes, or None for a bank without words."""
         return self._array("words.bin") if self.has_words else None
 
+    @property
+    def codec_rows(self) -> int:  # one codec per (memory layer, keys or values, KV head)
+        return len(self.geo.layers) * 2 * self.geo.n_kv
+
+    def codecs(self, layer: int, kind: int) -> list[bankcodec.Codec]:
+        """The KV heads' codecs of layer `layer`'s keys (kind 0) or values (kind 1)."""
+        if self._codecs is None:
+            self._codecs = bankcodec.make_codecs(self.precision, self.geo.head_dim, self.codec_params, self.codec_rows)
+        i = (self.geo.layers.index(layer) * 2 + kind) * self.geo.n_kv
+        return self._codecs[i : i + self.geo.n_kv]
+
+    @property
+    def needs_training(self) -> bool:
+        """A trained codec without parameters yet: the first rows written train it."""
+        return bankcodec.trained(self.precision) and self.codec_params is None
+
     def keys(self, layer: int) -> Stored:
-        return Stored(self._array(f"L{layer}.keys"), self.precision, self.geo.head_dim)
+        return Stored(self._array(f"L{layer}.keys"), self.codecs(layer, 0), self.geo.head_dim)
 
     def values(self, layer: int) -> Stored:
-        return Stored(self._array(f"L{layer}.values"), self.precision, self.geo.head_dim)
+        return Stored(self._array(f"L{layer}.values"), self.codecs(layer, 1), self.geo.head_dim)
 
     # ------------------------------------------------------------------ checks
     # ------------------------------------------------------------------ writing

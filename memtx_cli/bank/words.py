@@ -8,7 +8,8 @@ and rare words (a name, a defined term, a number) tell the lines.
 
 Blocks are scored with BM25 (Robertson and Zaragoza 2009; k1 = 1.2, b = 0.75) over a window of
 neighbouring blocks of the same document (a block is 32 tokens, about one sentence; a fact and
-the words that ask for it are often a sentence apart). The scores are hashed-word counts, so a
+the words that ask for it are often a sentence apart), the block's own words counted twice so
+that the blocks of one window rank by what each holds. The scores are hashed-word counts, so a
 search reads 4 bytes per stored token and no text."""
 
 from __future__ import annotations
@@ -87,12 +88,14 @@ def bm25_blocks(bank: Any, question: str, top: int, window: int = WINDOW) -> dic
     rows = words.reshape(-1, bs)[order]  # (blocks in document order, block_size)
     keep = np.arange(bs)[None, :] < valid[:, None]
     present = (rows != 0) & keep
-    length = _window_sum(present.sum(1).astype(np.float64), lo, hi, window)
+    # the block's own words count twice: blocks sharing a window rank by what they hold themselves
+    own_len = present.sum(1).astype(np.float64)
+    length = _window_sum(own_len, lo, hi, window) + own_len
     tf = np.stack([((rows == h) & keep).sum(1) for h in q], 1).astype(np.float64)  # (blocks, words)
     hit = tf.any(1)
     if not hit.any():
         return {}
-    tf = _window_sum(tf, lo, hi, window)
+    tf = _window_sum(tf, lo, hi, window) + tf
     n = len(order)
     df = (tf > 0).sum(0)
     idf = np.log1p((n - df + 0.5) / (df + 0.5))

@@ -10,6 +10,7 @@ import numpy as np
 
 from memtx_cli.bank import fs as bankfs
 from memtx_cli.bank import lock as banklock
+from memtx_cli.bank.codec import FaissSQ, Stored
 from memtx_cli.bank.format import (
     B_DOC,
     B_SEQ,
@@ -18,13 +19,13 @@ from memtx_cli.bank.format import (
     FREE_ROW,
     RESERVE_SLACK,
     DocRecord,
-    Stored,
     docs_bytes,
     index_bytes,
     manifest_checksum,
     now,
     npy_bytes,
 )
+from memtx_cli.errors import MemtxError
 
 
 class BankWriter:
@@ -97,8 +98,8 @@ class BankWriter:
         n = prov.shape[0]
         fi = 0
         for layer in self.geo.layers:
-            for arr in kv[layer]:
-                enc = Stored.encode(arr, self.precision)
+            for kind, arr in enumerate(kv[layer]):
+                enc = Stored.encode(arr, self.codecs(layer, kind))
                 full = np.zeros((bs, *enc.shape[1:]), enc.dtype)
                 full[:n] = enc
                 self._put(fi, self.data_files[fi], b, full)
@@ -111,6 +112,20 @@ class BankWriter:
             if words is not None:
                 row[:n] = words
             self._put(fi + 1, "words.bin", b, row)
+
+    def train_codec(self, kv: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Train the bank's codec on its first rows (layer -> keys, values (n, KV, D)): one FAISS
+        scalar quantizer per layer, keys or values, and KV head. Its parameters are committed
+        with the state; only a bank that holds nothing yet is trained."""
+        if len(self.live_blocks):
+            raise MemtxError(f"bank {self.path}: its codec is trained once, before it holds anything")
+        rows = []
+        for layer in self.geo.layers:
+            for arr in kv[layer]:
+                rows += [FaissSQ.train(self.precision, arr[:, h].astype(np.float32)) for h in range(self.geo.n_kv)]
+        self.codec_params = np.stack(rows).astype(np.float32)
+        self._codecs = None
+        self.manifest["codec_trained"] = True
 
     def flush(self) -> None:
         for fd in self._fds.values():
@@ -202,6 +217,8 @@ class BankWriter:
             "blocks.npy": npy_bytes(self.blocks),
             "crc.npy": npy_bytes(self.crc),
         }
+        if self.codec_params is not None:
+            payload["codec.npy"] = npy_bytes(self.codec_params)
         for (layer, h), idx in self.indexes.items():
             payload[f"L{layer}_H{h}.faiss"] = index_bytes(idx)
         try:

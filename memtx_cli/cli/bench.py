@@ -244,6 +244,9 @@ def bench_ask(
     sources: Annotated[int, typer.Option(help="Sources listed per answer (as memtx ask --sources).")] = 3,
     evidence: Annotated[int, typer.Option(help="Recalled excerpts quoted (as memtx ask --evidence).")] = 2,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most (as memtx ask).")] = 128,
+    precision: Annotated[
+        str, typer.Option(help="Key/value codec of the bank (as memtx ingest --precision).")
+    ] = "float16",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     settings: SettingsArgs = None,  # type: ignore[assignment]
@@ -262,7 +265,8 @@ def bench_ask(
     sampling = Sampling(max_tokens=max_tokens, temperature=0.0, stop_loops=True)  # as memtx ask
     lm = load_for(cfg)
     with tempfile.TemporaryDirectory(prefix="memtx-ask-") as tmp:
-        bank = prepare_bank(lm, cfg, s, where, Path(workdir) if workdir else Path(tmp), lambda m: log(m, quiet))
+        work = Path(workdir) if workdir else Path(tmp)
+        bank = prepare_bank(lm, cfg, s, where, work, lambda m: log(m, quiet), precision)
         try:
             res = run_ask_bench(lm, cfg, s, bank, sampling, sources, evidence, lambda m: log(m, quiet))
         finally:

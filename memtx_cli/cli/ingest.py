@@ -38,7 +38,11 @@ def ingest(
     capacity: Annotated[int, typer.Option(help="Keep at most N entries (tokens); 0 = no limit.")] = 0,
     evict: Annotated[str, typer.Option(help="Eviction when over capacity: fifo, lru or reservoir.")] = "fifo",
     precision: Annotated[
-        str | None, typer.Option(help="Key/value storage of a new bank: float16 (default) or int8 (half the bytes).")
+        str | None,
+        typer.Option(
+            help="Key/value codec of a new bank: float16 (default); sq8, sq6 or sq4 (FAISS scalar quantizers "
+            "trained on its first document: 1/2, 3/8 or 1/4 of the bytes); int8 (legacy absmax)."
+        ),
     ] = None,
     max_tokens: Annotated[
         int | None, typer.Option(help="Ingest only the first N tokens of each document.", rich_help_panel=INPUT)

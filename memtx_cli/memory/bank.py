@@ -52,9 +52,8 @@ class BankLayerMemory:
         idn = ids.cpu().numpy()
         self.bank.verify_read(idn, self.files)
         rows = np.maximum(idn, 0)[..., None] * b + np.arange(b)  # (KV, C, m, b) entry ids
-        heads = np.asarray(self.heads).reshape(kv, 1, 1, 1)
-        keys = self.bank.keys(self.layer)[rows, heads]  # (KV, C, m, b, D) float16
-        values = self.bank.values(self.layer)[rows, heads]
+        keys = self.bank.keys(self.layer).gather(rows, self.heads)  # (KV, C, m, b, D) float16
+        values = self.bank.values(self.layer).gather(rows, self.heads)
         n_valid = self.bank.blocks[np.maximum(idn, 0), 1]  # (KV, C, m)
         valid = (np.arange(b) < n_valid[..., None]) & (idn[..., None] >= 0)
 
@@ -63,9 +62,16 @@ class BankLayerMemory:
 
         return t(keys), t(values), torch.from_numpy(valid).to(self.device).view(kv, nc, m * b)
 
-    def retrieve_tokens(self, q: torch.Tensor, k: int, rows: list[int] | None = None, pages: int = 16) -> Retrieval:
+    def retrieve_tokens(
+        self,
+        q: torch.Tensor,
+        k: int,
+        rows: list[int] | None = None,
+        pages: int = 16,
+        pinned: torch.Tensor | None = None,
+    ) -> Retrieval:
         """Each query's own top k bank entries: its `pages` best blocks by the bank's index of
-        block means, then exact inner products within them. q (R, Q, D) search vectors of the
+        block means (and the `pinned` blocks), then exact inner products within them. q (R, Q, D) search vectors of the
         read heads `rows` (indices into `heads`; None: all). Returns (R, Q, k', ...) tensors,
         k' = min(k, pages x block size), `valid` False where the bank has fewer entries."""
         t0 = time.perf_counter()
@@ -79,16 +85,20 @@ class BankLayerMemory:
                 for i, h in enumerate(rows)
             ]
         )  # (R, Q, m) block ids, -1 = none
+        if pinned is not None and len(pinned):
+            pin = np.broadcast_to(pinned.cpu().numpy().astype(ids.dtype), (r, nq, len(pinned)))
+            ids = np.concatenate([pin, np.where((ids[..., :, None] == pin[..., None, :]).any(-1), -1, ids)], -1)
+            m = ids.shape[-1]
         self.bank.verify_read(ids, self.files)
         ent = (np.maximum(ids, 0)[..., None] * b + np.arange(b)).reshape(r, nq, m * b)  # entry slots
-        heads = np.asarray([self.heads[h] for h in rows]).reshape(r, 1, 1)
+        heads = [self.heads[h] for h in rows]
         n_valid = self.bank.blocks[np.maximum(ids, 0), 1]  # (R, Q, m)
         valid = ((np.arange(b) < n_valid[..., None]) & (ids[..., None] >= 0)).reshape(r, nq, m * b)
-        keys = torch.from_numpy(np.ascontiguousarray(self.bank.keys(self.layer)[ent, heads])).float()
+        keys = torch.from_numpy(np.ascontiguousarray(self.bank.keys(self.layer).gather(ent, heads))).float()
         s = torch.einsum("rqd,rqcd->rqc", q.float().cpu(), keys).masked_fill(~torch.from_numpy(valid), float("-inf"))
         top = s.topk(min(k, m * b), dim=-1).indices  # (R, Q, k')
         picked = np.take_along_axis(ent, top.numpy(), -1)
-        values = self.bank.values(self.layer)[picked, heads]  # (R, Q, k', D)
+        values = self.bank.values(self.layer).gather(picked, heads)  # (R, Q, k', D)
 
         def t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
             x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
@@ -152,7 +162,7 @@ class CompositeMemory:
         own = self.own.retrieve_far(q, k, bound, rows, pages) if bound > 0 else None
         if self.bank.n_blocks == 0:
             return own
-        bank = self.bank.retrieve_tokens(q, k, rows, pages or 16)
+        bank = self.bank.retrieve_tokens(q, k, rows, pages or 16, self.pinned)
         if own is None:
             return bank
 
@@ -194,11 +204,12 @@ class CompositeMemory:
         # The bank's FAISS index takes one vector per chunk: voters (KV, C, Q, D) search summed.
         summed = sel.sum(2) if sel.dim() == 4 else sel
         _, bank_ids = self.bank.search(summed[..., :d].float(), m_b)  # (KV, C, m_b)
+        n_pin = 0
         if self.pinned is not None and len(self.pinned):  # pinned first, searched ones not repeated
             pin = self.pinned.to(bank_ids.device).view(1, 1, -1).expand(kv, nc, -1)
             dup = (bank_ids[..., :, None] == pin[..., None, :]).any(-1)
             bank_ids = torch.cat([pin, bank_ids.masked_fill(dup, -1)], -1)
-            m_b = bank_ids.shape[-1]
+            m_b, n_pin = bank_ids.shape[-1], pin.shape[-1]
         bk, bv, bvalid = self.bank.gather_blocks(bank_ids)
         b = self.block_size
         bk, bv, bvalid = bk.view(kv * nc, m_b * b, -1), bv.view(kv * nc, m_b * b, -1), bvalid.view(kv * nc, m_b * b)
@@ -221,7 +232,7 @@ class CompositeMemory:
         bias = None
         if self.bank_bias or (own is not None and own.bias is not None):
             bias = torch.zeros(bvalid.shape[0], n_own + bvalid.shape[1], device=bvalid.device)
-            bias[:, n_own:] = -self.bank_bias
+            bias[:, n_own + n_pin * b :] = -self.bank_bias  # the prior: not on blocks the prompt's words chose
             if own is not None and own.bias is not None:
                 bias[:, :n_own] = own.bias
         self.bank.search_seconds += time.perf_counter() - t0

@@ -157,6 +157,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for k in ("doc_first", "gold_lines", "answer_right"):
         out[k] = sum(r[k] for r in rows) / n if n else 0.0
     out["seconds_per_question"] = sum(r["seconds"] for r in rows) / n if n else 0.0
+    spans = [x for r in rows for x in r.get("source_lines", []) if x]
+    # long sources hold gold lines more easily: their length is part of the result
+    out["lines_per_source"] = sum(spans) / len(spans) if spans else 0.0
     return out
 
 
@@ -184,6 +187,7 @@ def run_ask_bench(
             "question": q.question,
             "answer": res.generation.text.strip(),
             "sources": [src.label() for src in res.sources],
+            "source_lines": [src.lines[1] - src.lines[0] + 1 if src.lines else None for src in res.sources],
             **grade(q, s.documents[q.doc], res.generation.text, res.sources),
             "seconds": time.perf_counter() - t0,
         }
@@ -198,13 +202,20 @@ def run_ask_bench(
         "sources": sources,
         "evidence": evidence,
         "max_tokens": sampling.max_tokens,
+        "precision": bank.precision,
         "summary": summary,
         "rows": rows,
     }
 
 
 def prepare_bank(
-    lm: LoadedModel, cfg: Config, s: AskSet, corpus: Path, workdir: Path, log: Callable[[str], None] = lambda m: None
+    lm: LoadedModel,
+    cfg: Config,
+    s: AskSet,
+    corpus: Path,
+    workdir: Path,
+    log: Callable[[str], None] = lambda m: None,
+    precision: str = "float16",
 ) -> Any:
     """The set's documents written to `workdir/docs` and ingested (as `memtx ingest` does) into
     the bank `workdir/bank`, which is opened for reading. Documents already in the bank and
@@ -215,7 +226,7 @@ def prepare_bank(
     docs_dir = workdir / "docs"
     docs_dir.mkdir(parents=True, exist_ok=True)
     paths = write_documents(s, corpus, docs_dir)
-    w = open_or_create_bank(workdir / "bank", lm, cfg, 0, "fifo")
+    w = open_or_create_bank(workdir / "bank", lm, cfg, 0, "fifo", precision=precision)
     try:
         rep = ingest(lm, w, list(paths.values()), cfg)
     finally:
