@@ -110,6 +110,17 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
+def pin_bank_blocks(st: Streamer, bank: Any, text: str, n: int) -> None:
+    """The `n` bank blocks BM25 ranks best for `text`: every chunk of every memory layer of `st`
+    reads them from now on (CompositeMemory.pinned)."""
+    from memtx_cli.bank.words import bm25_blocks
+
+    blocks = list(bm25_blocks(bank, text, n))
+    for mem in st.memories.values():
+        if hasattr(mem, "pinned"):
+            mem.pinned = torch.tensor(blocks, dtype=torch.long) if blocks else None
+
+
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
@@ -139,10 +150,7 @@ def generate(
     st = Streamer(lm.model, cfg, bank, keep_all=cfg.answer_top_k > 0)
     t0 = time.perf_counter()
     if bank is not None and cfg.bank_words:
-        from memtx_cli.bank.words import bm25_blocks
-
-        words = query if query is not None else lm.tokenizer.decode(prompt_ids)
-        st.pin_bank_blocks(list(bm25_blocks(bank, words, cfg.bank_words)))
+        pin_bank_blocks(st, bank, query if query is not None else lm.tokenizer.decode(prompt_ids), cfg.bank_words)
     x = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
     # A prompt's tokens are never scored, so their own queries may choose what they read:
     # they answer (Config.answer_tokens: the last n, 0 = all); the last one predicts the first.

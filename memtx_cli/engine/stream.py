@@ -253,12 +253,6 @@ class Streamer:
         far_tokens = self.cfg.far_top_k > 0 and self.far_rows[i] != []
         return plan.near_blocks_only(self.cfg, self._far_blocks(i)) and not far_tokens
 
-    def pin_bank_blocks(self, blocks: list[int]) -> None:
-        """Bank blocks every chunk of every memory layer reads from now on (CompositeMemory.pinned)."""
-        for mem in self.memories.values():
-            if hasattr(mem, "pinned"):
-                mem.pinned = torch.tensor(blocks, dtype=torch.long) if blocks else None
-
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One whole segment: ids (T,) -> hidden (T, C). (Not to be mixed with `feed`.)"""
         t = ids.shape[0]
