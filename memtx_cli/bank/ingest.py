@@ -313,6 +313,8 @@ def ingest_files(
     precision: str | None = None,
     max_tokens: int | None = None,
     progress: Callable[[list[Path]], Any] | None = None,
+    ray: str | None = None,
+    workers: int = 2,
 ) -> tuple[IngestReport, dict[str, Any]]:
     """`memtx ingest` below the CLI: paths checked and selected, settings resolved, the model
     loaded, the bank opened or created and filled. Returns the report (its `skipped` lists the
@@ -332,6 +334,30 @@ def ingest_files(
     sel = select_files(paths, include, exclude, out, follow_symlinks)  # bad paths fail before anything is written
     cfg, _ = resolve_settings(flags, sets, config_file)
     lm = load_for(cfg)
+    if ray:  # workers of a Ray cluster ingest, this process merges (bank/ray_ingest.py)
+        from memtx_cli.bank.ray_ingest import ingest_on_ray
+
+        got = ingest_on_ray(
+            ray,
+            sel.files,
+            out,
+            flags,
+            sets,
+            config_file,
+            workers,
+            lambda: open_or_create_bank(out, lm, cfg, capacity, evict, precision=precision),
+            precision,
+            max_tokens or 0,
+        )
+        rep = IngestReport(
+            added=got["added"],
+            unchanged=got["unchanged"],
+            skipped=sel.skipped + got["skipped"],
+            warnings=got["warnings"],
+            tokens=got["tokens"],
+            seconds=got["seconds"],
+        )
+        return rep, got["info"]
     bank = open_or_create_bank(out, lm, cfg, capacity, evict, precision=precision)
     try:
         with progress(sel.files) if progress else contextlib.nullcontext(lambda e: None) as cb:

@@ -149,7 +149,7 @@ def merge_banks(sources: list[Path], out: Path) -> dict[str, Any]:
         try:
             for src in opened:
                 for rec in sorted(src.docs.values(), key=lambda d: d.id):
-                    _copy_document(src, rec, dst)
+                    copy_document(src, rec, dst)
             return {"documents": len(dst.docs), "entries": dst.entries}
         finally:
             dst.close()
@@ -158,7 +158,8 @@ def merge_banks(sources: list[Path], out: Path) -> dict[str, Any]:
             b.close()
 
 
-def _copy_document(src: Bank, rec: DocRecord, dst: Bank) -> None:
+def copy_document(src: Bank, rec: DocRecord, dst: Bank) -> None:
+    """Copy document `rec` of `src` into `dst` (decoded, encoded in dst's codec) and commit."""
     same = next((d for d in dst.docs.values() if d.sha256 == rec.sha256), None)
     if same is not None:
         for p in [rec.path, *rec.aliases]:

@@ -47,6 +47,14 @@ def ingest(
     max_tokens: Annotated[
         int | None, typer.Option(help="Ingest only the first N tokens of each document.", rich_help_panel=INPUT)
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Spread the documents over Ray workers: local (a cluster on this machine), auto (the one "
+            "`ray start` made) or a cluster ADDRESS. Needs pip install 'memtx[ray]'."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="--ray: worker actors (each loads the model once).")] = 2,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List skipped files and why.")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -72,6 +80,8 @@ def ingest(
         precision=precision,
         max_tokens=max_tokens,
         progress=lambda files: ingest_progress(show_progress(quiet), files),
+        ray=ray,
+        workers=workers,
     )
     for w in rep.warnings:
         log(f"memtx: warning: {w}", quiet)
