@@ -1,4 +1,4 @@
-"""Ingest on a local Ray cluster (two worker actors on this machine): the bank equals a
+"""Ingest on a local Ray cluster (two worker actors on the local host): the bank equals a
 single-process ingest's, and a worker killed mid-run loses and doubles nothing."""
 
 from __future__ import annotations

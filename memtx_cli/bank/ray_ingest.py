@@ -66,7 +66,7 @@ class ShardWorker:
 
 
 def connect(address: str, workers: int) -> Any:
-    """Ray, initialised: `local` starts a cluster on this machine, `auto` joins the one `ray start`
+    """Ray, initialised: `local` starts a cluster on the local host, `auto` joins the one `ray start`
     made here, anything else is a cluster address."""
     try:
         import ray

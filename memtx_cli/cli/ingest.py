@@ -13,6 +13,22 @@ from memtx_cli.cli.display import handle_errors, log, print_json, print_table, p
 from memtx_cli.cli.options import INGEST, JsonOpt, QuietOpt, SettingsArgs, settings_options
 from memtx_cli.config import INPUT
 
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Key/value codec of a new bank: float16 (default); sq8, sq6 or sq4 (FAISS scalar quantizers "
+        "trained on its first document: 1/2, 3/8 or 1/4 of the bytes); int8 (legacy absmax)."
+    ),
+]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Spread the documents over Ray workers: local (a cluster on the local host), auto (the one "
+        "`ray start` made here) or a cluster ADDRESS. Needs pip install 'memtx[ray]'."
+    ),
+]
+WorkersOpt = Annotated[int, typer.Option(help="--ray: worker actors (each loads the model once).")]
+
 
 @handle_errors
 @settings_options(*INGEST)
@@ -37,24 +53,12 @@ def ingest(
     ] = False,
     capacity: Annotated[int, typer.Option(help="Keep at most N entries (tokens); 0 = no limit.")] = 0,
     evict: Annotated[str, typer.Option(help="Eviction when over capacity: fifo, lru or reservoir.")] = "fifo",
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            help="Key/value codec of a new bank: float16 (default); sq8, sq6 or sq4 (FAISS scalar quantizers "
-            "trained on its first document: 1/2, 3/8 or 1/4 of the bytes); int8 (legacy absmax)."
-        ),
-    ] = None,
+    precision: PrecisionOpt = None,
     max_tokens: Annotated[
         int | None, typer.Option(help="Ingest only the first N tokens of each document.", rich_help_panel=INPUT)
     ] = None,
-    ray: Annotated[
-        str | None,
-        typer.Option(
-            help="Spread the documents over Ray workers: local (a cluster on this machine), auto (the one "
-            "`ray start` made) or a cluster ADDRESS. Needs pip install 'memtx[ray]'."
-        ),
-    ] = None,
-    workers: Annotated[int, typer.Option(help="--ray: worker actors (each loads the model once).")] = 2,
+    ray: RayOpt = None,
+    workers: WorkersOpt = 2,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List skipped files and why.")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
