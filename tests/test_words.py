@@ -38,15 +38,18 @@ def bank_dir(tiny_lm, tiny_gguf, tmp_path_factory):
 
 
 def test_each_word_is_kept_once_at_the_token_it_starts_in(tiny_lm):
-    text = "Walter Elliot, born March 1, 1760, married (July 15) luaH_getint's key.\n  x=y"
+    text = "Walter Elliot, born March 1, 1760, married (July 15) luaH_getint's key.\n  x=y café 東京 naïve 🙂 end"
     ids, offsets = tiny_lm.tokenizer.encode_with_offsets(text)
     got = token_words(text, offsets)
     assert got.shape == (len(ids),) and got.dtype == np.uint32
     want = collections.Counter(word_hash(w) for w in WORD.findall(text))
     assert collections.Counter(got[got != 0].tolist()) == want
     starts = {m.start(): m.group() for m in WORD.finditer(text)}
+    claimed = set()
     for (s, e), h in zip(offsets, got.tolist(), strict=True):
-        first = min((p for p in starts if s <= p < max(e, s + 1)), default=None)
+        first = min((p for p in starts if s <= p < max(e, s + 1) and p not in claimed), default=None)
+        if first is not None and h:
+            claimed.add(first)
         assert h == (0 if first is None else word_hash(starts[first]))
     assert word_hash("Pass") == word_hash("pass") != 0
 

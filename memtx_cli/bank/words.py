@@ -45,6 +45,9 @@ def token_words(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
     i = np.searchsorted(starts, spans[:, 0], side="left")
     ok = i < len(starts)
     ok[ok] = starts[i[ok]] < np.maximum(spans[ok, 1], spans[ok, 0] + 1)
+    # tokens sharing characters (byte pieces of one character) claim a word once, the first
+    claim = np.nonzero(ok)[0]
+    ok[claim[1:][i[claim[1:]] == i[claim[:-1]]]] = False
     out[ok] = hashes[i[ok]]
     return out
 
