@@ -73,3 +73,11 @@ def _cache_typer_command() -> None:
 
 
 _cache_typer_command()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_gguf):
+    """The tiny model loaded in float32 (one per test module, as its GGUF is)."""
+    from memtx_cli.model.loading import load_model
+
+    return load_model(str(tiny_gguf), device="cpu", dtype="float32")

@@ -21,7 +21,6 @@ from memtx_cli.attention.reads import MemoryRead
 from memtx_cli.bank.store import Bank
 from memtx_cli.memory.results import BlockRetrieval
 from memtx_cli.model.llama import ModelArgs, local_bias, rope_inv_freq, rotate_by
-from memtx_cli.model.loading import load_model
 from memtx_cli.tasks.chat import BankTrace, sources_from_mass
 from memtx_cli.tasks.passkey import answer_is, build_prompt, parse_depths, parse_lengths
 
@@ -33,11 +32,6 @@ def memtx(*args, stdin=None):
     return subprocess.run(
         [sys.executable, "-m", "memtx_cli", *args], input=stdin, capture_output=True, text=True, env=ENV
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_gguf):
-    return load_model(str(tiny_gguf), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

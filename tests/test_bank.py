@@ -30,16 +30,10 @@ from memtx_cli.errors import MemtxError
 from memtx_cli.memory.bank import BankLayerMemory
 from memtx_cli.memory.index import IndexSpec
 from memtx_cli.memory.store import LayerMemory
-from memtx_cli.model.loading import load_model
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
 WORDS = "the of and to in memory bank token layer key value block index query".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_gguf):
-    return load_model(str(tiny_gguf), device="cpu", dtype="float32")
 
 
 def make_corpus(root: Path, n_docs: int = 4, words: int = 300, seed: int = 0) -> Path:

@@ -17,12 +17,6 @@ from memtx_cli.bank.ops import merge_banks, verify_bank
 from memtx_cli.bank.store import Bank
 from memtx_cli.cli.app import app
 from memtx_cli.errors import MemtxError
-from memtx_cli.model.loading import load_model
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_gguf):
-    return load_model(str(tiny_gguf), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

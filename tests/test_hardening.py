@@ -28,16 +28,10 @@ from memtx_cli.cli.app import app
 from memtx_cli.errors import MemtxError
 from memtx_cli.kernels import attn as attn_kernel
 from memtx_cli.kernels import build as kernel_build
-from memtx_cli.model.loading import load_model
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_gguf):
-    return load_model(str(tiny_gguf), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

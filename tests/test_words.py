@@ -16,14 +16,8 @@ from memtx_cli.bank.ops import compact, merge_banks, remove_documents
 from memtx_cli.bank.store import Bank
 from memtx_cli.bank.words import WORD, bm25_blocks, fuse_ranks, token_words, word_hash
 from memtx_cli.errors import MemtxError
-from memtx_cli.model.loading import load_model
 
 NEEDLE = "The zanzibar quorum number is 73104."
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_gguf):
-    return load_model(str(tiny_gguf), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
