@@ -1,5 +1,8 @@
 """Test helpers: tiny models written as real GGUF files."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +112,13 @@ def signal_after_documents(proc, bank: Path, docs: int, sig: int, timeout: float
                 return True
         time.sleep(0.005)
     return False
+
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+MEMTX = [sys.executable, "-m", "memtx_cli"]
+
+
+def memtx(*args, stdin=None, env=None):
+    """`memtx ARGS` as a real subprocess, with this checkout on its path."""
+    return subprocess.run([*MEMTX, *args], input=stdin, capture_output=True, text=True, env=env or ENV)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tiny, write_gguf
+from helpers import REPO, make_tiny, memtx, write_gguf
 from test_bank import build, make_corpus
 
 from memtx_cli.attention.memorizing import MemorizingAttention
@@ -23,15 +20,6 @@ from memtx_cli.memory.results import BlockRetrieval
 from memtx_cli.model.llama import ModelArgs, local_bias, rope_inv_freq, rotate_by
 from memtx_cli.tasks.chat import BankTrace, sources_from_mass
 from memtx_cli.tasks.passkey import answer_is, build_prompt, parse_depths, parse_lengths
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def memtx(*args, stdin=None):
-    return subprocess.run(
-        [sys.executable, "-m", "memtx_cli", *args], input=stdin, capture_output=True, text=True, env=ENV
-    )
 
 
 @pytest.fixture(scope="module")

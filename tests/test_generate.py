@@ -1,24 +1,15 @@
 """memtx generate: sampling, determinism, stdin, JSON, closed pipes, bad banks (tiny GGUF model)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ENV, memtx
 
 from memtx_cli.engine.generate import Sampling, sample_next
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def memtx(*args, stdin=None):
-    return subprocess.run(
-        [sys.executable, "-m", "memtx_cli", *args], input=stdin, capture_output=True, text=True, env=ENV
-    )
 
 
 def test_sampling_rules():

@@ -5,27 +5,16 @@ error, 2 usage, 130 interrupted). The tiny random-weight GGUF keeps it fast."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import make_tiny, signal_after_documents, write_gguf
+from helpers import ENV, MEMTX, make_tiny, memtx, signal_after_documents, write_gguf
 from test_bank import build, make_corpus
 
 from memtx_cli.bank.ops import verify_bank
 from memtx_cli.bank.store import Bank
 from memtx_cli.model.loading import load_model
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-MEMTX = [sys.executable, "-m", "memtx_cli"]
-
-
-def memtx(*args, stdin=None, env=None):
-    return subprocess.run([*MEMTX, *args], input=stdin, capture_output=True, text=True, env=env or ENV)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from typing import Any
@@ -22,6 +23,29 @@ class BankChecks:
 
     def provenance(self) -> np.memmap:
         return self._array("provenance.bin")
+
+    def block_provenance(self, b: int) -> np.ndarray:
+        """(valid entries, 3) document id, token offset, character offset of block `b`'s
+        entries, checked (crc32) before they are read."""
+        self.verify_read(np.asarray([b]), ["provenance.bin"])
+        bs = self.geo.block_size
+        return np.asarray(self.provenance()[b * bs : b * bs + int(self.blocks[b, B_VALID])])
+
+    def document_text(self, doc: int) -> str | None:
+        """Document `doc`'s text when the file it was read from is still the one ingested (a
+        regular file of the recorded size and sha256); None otherwise, or for a conversation."""
+        rec = self.docs[doc]
+        if rec.path.startswith("chat:"):
+            return None
+        from memtx_cli.bank.reader import read_bytes
+
+        try:
+            data = read_bytes(rec.path, limit=rec.size)
+        except MemtxError:
+            return None
+        if hashlib.sha256(data).hexdigest() != rec.sha256:
+            return None
+        return data.decode("utf-8", errors="replace")
 
     def block_crc(self, name: str, b: int) -> int:
         rb = self._block_bytes(name)

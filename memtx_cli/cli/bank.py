@@ -16,8 +16,13 @@ bank_app = typer.Typer(help="Inspect and manage memory banks.", no_args_is_help=
 @handle_errors
 def bank_info(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Documents, entries, bytes on disk, bytes per token, model and settings of a bank."""
+    from memtx_cli.bank.shards import ShardedBank, is_shard_set, shard_set_info
     from memtx_cli.bank.store import Bank
 
+    if is_shard_set(bank):
+        with ShardedBank.open(bank) as sb:
+            _print_shard_set(bank, shard_set_info(sb), as_json)
+        return
     with Bank.open(bank, verify=False) as b:
         info = b.info()
         docs = [
@@ -114,3 +119,49 @@ def bank_merge(
 
     rep = merge_banks([Path(b) for b in banks], Path(out))
     print(f"merged {len(banks)} banks into {out}: {rep['documents']} documents, {rep['entries']:,} entries")
+
+
+def _print_shard_set(name: str, info: dict, as_json: bool) -> None:
+    if as_json:
+        print_json(info)
+        return
+    rows = [
+        ("documents", f"{info['documents']}"),
+        ("entries (tokens in memory)", f"{info['entries']:,}"),
+        ("blocks", f"{info['blocks']:,} of {info['block_size']}"),
+        ("model", f"{info['model']['name']} ({info['model']['weights_fingerprint'][:12]})"),
+        ("key/value codec", info["dtype"]),
+    ]
+    rows += [(f"shard {i}", f"{s['path']}: {s['documents']} documents") for i, s in enumerate(info["shards"])]
+    print_table(f"memtx shard set: {name}", rows)
+
+
+@bank_app.command("shards")
+@handle_errors
+def bank_shards(
+    shards: Annotated[
+        list[str] | None, typer.Argument(help="Shard banks on the local disk (same model and geometry).")
+    ] = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="The shard set (a new directory).")] = "",
+    remote: Annotated[
+        list[str] | None,
+        typer.Option("--remote", help="NODE=PATH: a shard bank at PATH on the Ray node NODE, served there."),
+    ] = None,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="The Ray cluster remote shards run on: auto, local or an address.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Join banks into a shard set that --memory reads as one bank."""
+    from pathlib import Path
+
+    from memtx_cli.bank.shards import make_shard_set
+    from memtx_cli.errors import UsageError
+
+    if not out:
+        raise UsageError("give the shard set's directory with --out")
+    info = make_shard_set(Path(out), shards or [], remote or [], ray)
+    if as_json:
+        print_json(info)
+        return
+    print(f"shard set {out}: {len(info['shards'])} shards, {info['documents']} documents, {info['entries']:,} entries")

@@ -20,7 +20,7 @@ from memtx_cli.cli.options import (
     TopPOpt,
     settings_options,
 )
-from memtx_cli.errors import MemtxError
+from memtx_cli.errors import MemtxError, UsageError
 
 # How long `chat --remember` waits for another writer of the bank: after each turn (then the
 # exchange is kept and retried after the next one), and at the end of the conversation.
@@ -124,6 +124,7 @@ def chat(
     line or end of input ends it. With --remember each exchange is added to the bank."""
     from pathlib import Path
 
+    from memtx_cli.bank.shards import is_shard_set
     from memtx_cli.engine.generate import Sampling
     from memtx_cli.engine.session import load_for, open_bank
     from memtx_cli.tasks.chat import Conversation, Remembered, check_counts
@@ -131,6 +132,8 @@ def chat(
     check_counts(sources)
     if remember and not bank:
         raise MemtxError("--remember needs --memory BANK (the bank to append the conversation to)")
+    if remember and is_shard_set(bank):
+        raise UsageError(f"--remember appends to one bank; {bank} is a shard set: name one of its shards")
     sampling = Sampling(max_tokens, temperature, top_p, 0, seed, stop_loops=True)
     cfg, _ = settings.resolve()
     if bank:  # fail fast on a bad bank, before the model loads

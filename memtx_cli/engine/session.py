@@ -22,10 +22,14 @@ def resolve_settings(
 
 
 def open_bank(path: str) -> Any:
-    """A bank opened read-only, its structure and state checked (before the model loads: a bad
-    bank fails fast); each block's crc32 is checked when it is first read."""
+    """A bank (or a shard set, read as one bank) opened read-only, its structure and state
+    checked (before the model loads: a bad bank fails fast); each block's crc32 is checked
+    when it is first read."""
+    from memtx_cli.bank.shards import ShardedBank, is_shard_set
     from memtx_cli.bank.store import Bank
 
+    if is_shard_set(path):
+        return ShardedBank.open(path)
     return Bank.open(path, writer=False, verify=False)
 
 

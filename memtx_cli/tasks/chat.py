@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from memtx_cli.config import Config
@@ -101,36 +99,17 @@ class Source:
         return f"{self.path}:{where}"
 
 
-def _read_if_unchanged(path: str, sha256: str, size: int) -> str | None:
-    """The document's text if the file at `path` is still the one ingested (a regular file of
-    the recorded size and sha256); never blocks on a FIFO nor reads a device."""
-    from memtx_cli.bank.reader import read_bytes
-
-    if path.startswith("chat:"):
-        return None
-    try:
-        data = read_bytes(path, limit=size)
-    except MemtxError:
-        return None
-    if hashlib.sha256(data).hexdigest() != sha256:
-        return None
-    return data.decode("utf-8", errors="replace")
-
-
 def sources_from_mass(bank: Any, mass: dict[int, float], n: int) -> list[Source]:
     """The `n` heaviest sources: bank blocks -> (document, token and char span) via provenance;
     blocks that continue each other in a document merge into one source (weights add up)."""
     total = sum(mass.values())
     if total <= 0 or n < 1:
         return []
-    bs = bank.geo.block_size
-    bank.verify_read(np.fromiter(mass, dtype=np.int64, count=len(mass)), ["provenance.bin"])
-    prov = bank.provenance()
     spans = []  # (doc id, first token, token after the last, char start, char end, weight)
     for b, w in mass.items():
         if b < 0 or b >= len(bank.blocks) or int(bank.blocks[b, 1]) <= 0:
             continue
-        rows = np.asarray(prov[b * bs : b * bs + int(bank.blocks[b, 1])])
+        rows = bank.block_provenance(b)
         doc = int(rows[0, 0])
         if doc in bank.docs:
             # the last token ends where the next starts; +1 char keeps the span non-empty
@@ -149,7 +128,7 @@ def sources_from_mass(bank: Any, mass: dict[int, float], n: int) -> list[Source]
     for doc, _, _, c0, c1, w in merged[:n]:
         rec = bank.docs[doc]
         if doc not in texts:
-            text = _read_if_unchanged(rec.path, rec.sha256, rec.size)
+            text = bank.document_text(doc)
             texts[doc] = None if text is None else (text, [0] + [m.end() for m in re.finditer("\n", text)])
         lines, snippet = None, None
         if texts[doc] is not None:
@@ -359,11 +338,10 @@ class Conversation:
         self, message: str, emit: Callable[[str], None], wait: float, on_wait: Callable[[str], None]
     ) -> tuple[Answer, int]:
         """Answer one message; returns the answer and the tokens remembered (0 without --remember)."""
-        from memtx_cli.bank.store import Bank
-        from memtx_cli.engine.session import check_bank_model
+        from memtx_cli.engine.session import check_bank_model, open_bank
 
         self.history.append({"role": "user", "content": message})
-        the_bank = Bank.open(self.bank, writer=False, verify=False) if self.bank else None
+        the_bank = open_bank(self.bank) if self.bank else None
         try:
             if the_bank is not None:
                 check_bank_model(the_bank, self.lm)
