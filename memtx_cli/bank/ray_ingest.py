@@ -60,14 +60,16 @@ class ShardWorker:
             "path": path,
             "shard": str(self.shard),
             "tokens": rep.tokens,
+            "seconds": rep.seconds,
+            "pid": os.getpid(),
             "skipped": rep.skipped,
             "warnings": rep.warnings,
         }
 
 
-def connect(address: str, workers: int) -> Any:
-    """Ray, initialised: `local` starts a cluster on the local host, `auto` joins the one `ray start`
-    made here, anything else is a cluster address."""
+def connect(address: str, cpus: int) -> Any:
+    """Ray, initialised: `local` starts a cluster of `cpus` CPUs on the local host, `auto` joins
+    the one `ray start` made here, anything else is a cluster address."""
     try:
         import ray
     except ImportError:
@@ -75,7 +77,7 @@ def connect(address: str, workers: int) -> Any:
     if not ray.is_initialized():
         try:
             if address == "local":
-                ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=max(cpus, 1), include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -147,15 +149,18 @@ def ingest_on_ray(
             rec = out_bank.find_doc(str(f))
             (done["unchanged"] if rec is not None and rec.sha256 == shas[str(f)] else todo).append(str(f))
         if todo:
-            ray = connect(address, workers)
+            # each worker takes --threads CPUs (1 when not given: Ray then sets OMP_NUM_THREADS=1)
+            cpus = max(1, int(flags.get("threads") or 1))
+            ray = connect(address, workers * cpus)
             actor_cls = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(ShardWorker)
             root = shard_root(out)
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
             actors = [
-                actor_cls.options(num_cpus=1).remote(flags, sets, config_file, str(root / f"shard-{i}"))
+                actor_cls.options(num_cpus=cpus).remote(flags, sets, config_file, str(root / f"shard-{i}"))
                 for i in range(min(workers, len(todo)))
             ]
             progress({"event": "workers", "pids": ray.get([a.pid.remote() for a in actors])})
+            done["ready_seconds"] = time.perf_counter() - t0  # actors started, models loaded
             pending = {}
             queue = list(todo)
             for a in actors:
@@ -167,15 +172,19 @@ def ingest_on_ray(
                 a = pending.pop(ready[0])
                 res = ray.get(ready[0])
                 done["warnings"] += res["warnings"]
+                done.setdefault("worker_seconds", {}).setdefault(res["pid"], 0.0)
+                done["worker_seconds"][res["pid"]] += res["seconds"]
                 if res["skipped"]:
                     done["skipped"] += [tuple(s) for s in res["skipped"]]
                 else:
+                    t1 = time.perf_counter()
                     with Bank.open(res["shard"], writer=False, verify=False) as shard:
                         if adopt(out_bank, shard, res["path"], shas[res["path"]]):
                             done["added"].append(res["path"])
                             done["tokens"] += out_bank.docs[max(out_bank.docs)].tokens
                         else:
                             done["unchanged"].append(res["path"])
+                    done["copy_seconds"] = done.get("copy_seconds", 0.0) + time.perf_counter() - t1
                 progress({"event": "document", "path": res["path"], "done": len(todo) - len(queue) - len(pending)})
                 if queue:
                     p = queue.pop(0)
