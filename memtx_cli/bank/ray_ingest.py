@@ -27,6 +27,7 @@ from typing import Any
 from memtx_cli.errors import MemtxError, UsageError
 
 MAX_RESTARTS = 3
+IN_FLIGHT = 2  # documents queued per worker
 
 
 def shard_root(out: Path) -> Path:
@@ -162,15 +163,19 @@ def ingest_on_ray(
             progress({"event": "workers", "pids": ray.get([a.pid.remote() for a in actors])})
             done["ready_seconds"] = time.perf_counter() - t0  # actors started, models loaded
             pending = {}
-            queue = list(todo)
-            for a in actors:
-                if queue:
-                    p = queue.pop(0)
-                    pending[a.ingest.remote(p, precision, max_tokens)] = a
+            queue = sorted(todo, key=lambda f: -os.path.getsize(f))  # largest first: workers finish together
+            for _ in range(IN_FLIGHT):  # a worker never waits for the driver's copy of its last document
+                for a in actors:
+                    if queue:
+                        pending[a.ingest.remote(queue.pop(0), precision, max_tokens)] = a
+            n_done = 0
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 a = pending.pop(ready[0])
                 res = ray.get(ready[0])
+                n_done += 1
+                if queue:
+                    pending[a.ingest.remote(queue.pop(0), precision, max_tokens)] = a
                 done["warnings"] += res["warnings"]
                 done.setdefault("worker_seconds", {}).setdefault(res["pid"], 0.0)
                 done["worker_seconds"][res["pid"]] += res["seconds"]
@@ -185,10 +190,7 @@ def ingest_on_ray(
                         else:
                             done["unchanged"].append(res["path"])
                     done["copy_seconds"] = done.get("copy_seconds", 0.0) + time.perf_counter() - t1
-                progress({"event": "document", "path": res["path"], "done": len(todo) - len(queue) - len(pending)})
-                if queue:
-                    p = queue.pop(0)
-                    pending[a.ingest.remote(p, precision, max_tokens)] = a
+                progress({"event": "document", "path": res["path"], "done": n_done})
             for a in actors:
                 ray.kill(a)
             from memtx_cli.bank import fs as bankfs

@@ -15,6 +15,7 @@ search reads 4 bytes per stored token and no text."""
 from __future__ import annotations
 
 import re
+import weakref
 import zlib
 from typing import Any
 
@@ -69,6 +70,22 @@ def document_order(bank: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.asarray(order, np.int64), np.asarray(lo, np.int64), np.asarray(hi, np.int64)
 
 
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layout(bank: Any, words: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(blocks in document order, their documents' first and last positions, valid entries,
+    word rows) of a bank: computed once per reader (a bank opened for reading does not change)."""
+    got = _LAYOUTS.get(bank)
+    if got is None:
+        order, lo, hi = document_order(bank)
+        rows = np.asarray(words.reshape(-1, bank.geo.block_size)[order])
+        got = (order, lo, hi, bank.blocks[order, B_VALID], rows)
+        if not bank.writer:
+            _LAYOUTS[bank] = got
+    return got
+
+
 def _window_sum(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: int) -> np.ndarray:
     """Sum of rows [i - w, i + w] of `x` (blocks in document order), clipped to each document."""
     cs = np.concatenate([np.zeros((1, *x.shape[1:]), x.dtype), np.cumsum(x, axis=0)])
@@ -86,9 +103,7 @@ def bm25_blocks(bank: Any, question: str, top: int, window: int = WINDOW) -> dic
     if words is None or not len(q) or not len(bank.docs):
         return {}
     bs = bank.geo.block_size
-    order, lo, hi = document_order(bank)
-    valid = bank.blocks[order, B_VALID]
-    rows = words.reshape(-1, bs)[order]  # (blocks in document order, block_size)
+    order, lo, hi, valid, rows = _layout(bank, words)  # rows: (blocks in document order, block_size)
     keep = np.arange(bs)[None, :] < valid[:, None]
     present = (rows != 0) & keep
     # the block's own words count twice: blocks sharing a window rank by what they hold themselves
