@@ -31,6 +31,15 @@ class BankChecks:
         bs = self.geo.block_size
         return np.asarray(self.provenance()[b * bs : b * bs + int(self.blocks[b, B_VALID])])
 
+    def search_heads(self, layer: int, heads: list[int], x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block-mean search of layer `layer` for each KV head heads[i] with queries x[i]
+        (H, Q, D): scores and block ids (H, Q, k), -1 where there are fewer blocks."""
+        got = [
+            self.indexes[(layer, h)].search(np.ascontiguousarray(x[i], dtype=np.float32), k)
+            for i, h in enumerate(heads)
+        ]
+        return np.stack([d for d, _ in got]), np.stack([i for _, i in got])
+
     def document_text(self, doc: int) -> str | None:
         """Document `doc`'s text when the file it was read from is still the one ingested (a
         regular file of the recorded size and sha256); None otherwise, or for a conversation."""

@@ -38,7 +38,15 @@ class ShardServer:
     def search(self, layer: int, head: int, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.shard.bank.indexes[(layer, head)].search(x, k)
 
+    def search_heads(self, layer: int, heads: list[int], x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.shard.bank.search_heads(layer, heads, x, k)
+
     def gather_many(self, layer: int, kind: int, parts: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        """Rows decoded, their blocks' checksums verified here first (the reader skips the
+        separate round trip for keys and values: see RemoteShard.verify_read)."""
+        bs = self.shard.geo.block_size
+        blocks = np.concatenate([rows.reshape(-1) // bs for _, rows in parts]) if parts else np.zeros(0, np.int64)
+        self.shard.verify_read(blocks, [f"L{layer}.{'keys' if kind == 0 else 'values'}"])
         return self.shard.gather_many(layer, kind, parts)
 
     def verify_read(self, blocks: np.ndarray, names: list[str]) -> None:
@@ -57,6 +65,8 @@ class ShardServer:
 
 class RemoteShard:
     """A shard served by a `ShardServer` actor: the reading side."""
+
+    remote = True
 
     def __init__(self, spec: ShardSpec, address: str | None) -> None:
         from memtx_cli.bank.ray_ingest import connect
@@ -81,6 +91,9 @@ class RemoteShard:
     def search_async(self, layer: int, head: int, x: np.ndarray, k: int) -> Any:
         return self.actor.search.remote(layer, head, x, k)
 
+    def search_heads_async(self, layer: int, heads: list[int], x: np.ndarray, k: int) -> Any:
+        return self.actor.search_heads.remote(layer, heads, x, k)
+
     def wait(self, ref: Any) -> Any:
         return self._get(ref)
 
@@ -88,7 +101,9 @@ class RemoteShard:
         return self._get(self.actor.gather_many.remote(layer, kind, parts))
 
     def verify_read(self, blocks: np.ndarray, names: list[str]) -> None:
-        self._get(self.actor.verify_read.remote(blocks, names))
+        names = [n for n in names if not n.endswith((".keys", ".values"))]  # verified by gather_many
+        if names:
+            self._get(self.actor.verify_read.remote(blocks, names))
 
     def block_provenance(self, b: int) -> np.ndarray:
         return self._get(self.actor.block_provenance.remote(b))

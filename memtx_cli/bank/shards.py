@@ -88,6 +88,8 @@ def write_shard_set(path: Path, specs: list[ShardSpec], ray: str | None = None) 
 class LocalShard:
     """A shard opened here: the bank itself."""
 
+    remote = False
+
     def __init__(self, path: str) -> None:
         from memtx_cli.bank.store import Bank
 
@@ -127,14 +129,14 @@ class ShardedIndex:
         self.local = faiss.IndexShards(owner.geo.head_dim, False, False)
         self.subs = []  # the local shards' indexes, kept alive beside the C++ object
         for s, shard in enumerate(owner.shards):
-            if isinstance(shard, LocalShard):
+            if not shard.remote:
                 index = shard.bank.indexes[(layer, head)]
                 ids = faiss.vector_to_array(index.id_map) + owner.base[s]
                 faiss.copy_array_to_vector(ids.astype(np.int64), index.id_map)
                 index.construct_rev_map()
                 self.local.add_shard(index)
                 self.subs.append(index)
-        self.remote = [(s, sh) for s, sh in enumerate(owner.shards) if not isinstance(sh, LocalShard)]
+        self.remote = [(s, sh) for s, sh in enumerate(owner.shards) if sh.remote]
 
     @property
     def ntotal(self) -> int:
@@ -266,6 +268,27 @@ class ShardedBank:
 
     def values(self, layer: int) -> ShardedStored:
         return ShardedStored(self, layer, 1)
+
+    def search_heads(self, layer: int, heads: list[int], x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bank.search_heads over every shard: remote shards asked once for all heads, in
+        parallel with the local shards' `IndexShards`; the best k of each head kept."""
+        faiss = _faiss()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        pending = [(s, sh.search_heads_async(layer, heads, x, k)) for s, sh in enumerate(self.shards) if sh.remote]
+        parts = []
+        if any(not sh.remote for sh in self.shards):
+            local = [self.indexes[(layer, h)].local.search(x[i], k) for i, h in enumerate(heads)]
+            parts.append((np.stack([d for d, _ in local]), np.stack([i for _, i in local])))
+        for s, ref in pending:
+            d, i = self.shards[s].wait(ref)
+            parts.append((d, np.where(i >= 0, i + self.base[s], -1)))
+        if len(parts) == 1:
+            return parts[0]
+        h, q = x.shape[:2]
+        d = np.stack([p[0].reshape(h * q, k) for p in parts])
+        i = np.stack([p[1].reshape(h * q, k) for p in parts])
+        d, i = faiss.merge_knn_results(d, i, keep_max=True)
+        return d.reshape(h, q, k), i.reshape(h, q, k)
 
     def verify_read(self, blocks: np.ndarray, names: list[str]) -> None:
         ids = np.unique(np.asarray(blocks).reshape(-1))

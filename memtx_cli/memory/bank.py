@@ -35,14 +35,8 @@ class BankLayerMemory:
     def search(self, qsum: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(KV, C, D) summed chunk queries -> scores (KV, C, m) and block ids (KV, C, m),
         -inf / -1 where the bank has fewer than m blocks."""
-        qn = qsum.detach().float().cpu().numpy()
-        scores, ids = [], []
-        for j, h in enumerate(self.heads):
-            d, i = self.bank.indexes[(self.layer, h)].search(np.ascontiguousarray(qn[j]), m)
-            scores.append(d)
-            ids.append(i)
-        s = torch.from_numpy(np.stack(scores)).to(self.device)
-        i = torch.from_numpy(np.stack(ids)).to(self.device)
+        d, i = self.bank.search_heads(self.layer, self.heads, qsum.detach().float().cpu().numpy(), m)
+        s, i = torch.from_numpy(d).to(self.device), torch.from_numpy(i).to(self.device)
         return s.masked_fill(i < 0, float("-inf")), i
 
     def gather_blocks(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,12 +73,7 @@ class BankLayerMemory:
         r, nq, d = q.shape
         b, m = self.block_size, max(1, min(pages, self.n_blocks))
         qn = q.detach().float().cpu().numpy()
-        ids = np.stack(
-            [
-                self.bank.indexes[(self.layer, self.heads[h])].search(np.ascontiguousarray(qn[i]), m)[1]
-                for i, h in enumerate(rows)
-            ]
-        )  # (R, Q, m) block ids, -1 = none
+        ids = self.bank.search_heads(self.layer, [self.heads[h] for h in rows], qn, m)[1]  # (R, Q, m), -1 = none
         if pinned is not None and len(pinned):
             pin = np.broadcast_to(pinned.cpu().numpy().astype(ids.dtype), (r, nq, len(pinned)))
             ids = np.concatenate([pin, np.where((ids[..., :, None] == pin[..., None, :]).any(-1), -1, ids)], -1)
