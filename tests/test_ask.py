@@ -169,11 +169,11 @@ def test_bench_passkey_json(tiny_gguf, bank_dir):
     assert row["trials"] == 2 and 0 <= row["accuracy_memory"] <= 1 and 0 <= row["accuracy_window"] <= 1
     assert row["seconds_per_trial"] > 0 and len(row["details"]) == 2
     r = memtx("bench", "passkey", "--model", str(tiny_gguf), "--lengths", "300", "--depths", "1", "--trials", "1",
-              "--config", str(cfg), "--bank", "--set", "answer-bank=true", "--json")  # fmt: skip
+              "--config", str(cfg), "--bank", "--set", "answer-bank=true", "--precision", "sq8", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     row = res["rows"][0]
-    assert res["mode"] == "bank" and row["seconds_ingest_per_trial"] > 0 and row["accuracy_window_key_outside"] == 0
+    assert res["mode"] == "bank" and res["precision"] == "sq8" and row["seconds_ingest_per_trial"] > 0 and row["accuracy_window_key_outside"] == 0
     assert row["details"][0]["key_in_window"] is False  # the question alone: the key is only in the bank
 
 

@@ -10,7 +10,16 @@ from typing import Annotated
 import typer
 
 from memtx_cli.cli.display import describe_retrieval, handle_errors, log, print_grid, print_json, print_table
-from memtx_cli.cli.options import MEMORY_FLAGS, RUN, JsonOpt, ModelOnlyOpt, QuietOpt, SettingsArgs, settings_options
+from memtx_cli.cli.options import (
+    MEMORY_FLAGS,
+    RUN,
+    JsonOpt,
+    ModelOnlyOpt,
+    PrecisionOpt,
+    QuietOpt,
+    SettingsArgs,
+    settings_options,
+)
 from memtx_cli.errors import UsageError
 
 bench_app = typer.Typer(help="Benchmarks: throughput, memory, recall, passkey, ask.", no_args_is_help=True)
@@ -193,6 +202,7 @@ def bench_passkey(
     bank: Annotated[
         bool, typer.Option("--bank", help="Ingest the haystack into a bank; the prompt is the question alone.")
     ] = False,
+    precision: PrecisionOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     settings: SettingsArgs = None,  # type: ignore[assignment]
@@ -204,7 +214,7 @@ def bench_passkey(
     lens, deps = parse_lengths(lengths), parse_depths(depths)
     cfg, _ = settings.resolve()
     lm = load_for(cfg)
-    res = run_passkey(lm, cfg, lens, deps, trials, seed, not no_window, lambda m: log(m, quiet), bank)
+    res = run_passkey(lm, cfg, lens, deps, trials, seed, not no_window, lambda m: log(m, quiet), bank, precision)
     if as_json:
         print_json(res)
         return
@@ -244,9 +254,7 @@ def bench_ask(
     sources: Annotated[int, typer.Option(help="Sources listed per answer (as memtx ask --sources).")] = 3,
     evidence: Annotated[int, typer.Option(help="Recalled excerpts quoted (as memtx ask --evidence).")] = 2,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most (as memtx ask).")] = 128,
-    precision: Annotated[
-        str, typer.Option(help="Key/value codec of the bank (as memtx ingest --precision).")
-    ] = "float16",
+    precision: PrecisionOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     settings: SettingsArgs = None,  # type: ignore[assignment]

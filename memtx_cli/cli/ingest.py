@@ -10,16 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from memtx_cli.cli.display import handle_errors, log, print_json, print_table, progress, show_progress
-from memtx_cli.cli.options import INGEST, JsonOpt, QuietOpt, SettingsArgs, settings_options
+from memtx_cli.cli.options import INGEST, JsonOpt, PrecisionOpt, QuietOpt, SettingsArgs, settings_options
 from memtx_cli.config import INPUT
 
-PrecisionOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Key/value codec of a new bank: float16 (default); sq8, sq6 or sq4 (FAISS scalar quantizers "
-        "trained on its first document: 1/2, 3/8 or 1/4 of the bytes); int8 (legacy absmax)."
-    ),
-]
 RayOpt = Annotated[
     str | None,
     typer.Option(

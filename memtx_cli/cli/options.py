@@ -157,3 +157,11 @@ RUN = ("model", "device", "dtype", "threads")
 MEMORY_FLAGS = ("memory_layers", "retrieval", "blocks", "block_size", "top_k", "positions")
 SCORE = (*RUN, "memory", *MEMORY_FLAGS, "segment", "context", "max_tokens")
 INGEST = (*RUN, *MEMORY_FLAGS, "segment")
+
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Key/value codec of a new bank: float16 (default); sq8, sq6 or sq4 (FAISS scalar quantizers "
+        "trained on its first document: 1/2, 3/8 or 1/4 of the bytes); int8 (legacy absmax)."
+    ),
+]

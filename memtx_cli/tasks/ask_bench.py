@@ -215,7 +215,7 @@ def prepare_bank(
     corpus: Path,
     workdir: Path,
     log: Callable[[str], None] = lambda m: None,
-    precision: str = "float16",
+    precision: str | None = None,
 ) -> Any:
     """The set's documents written to `workdir/docs` and ingested (as `memtx ingest` does) into
     the bank `workdir/bank`, which is opened for reading. Documents already in the bank and

@@ -96,11 +96,13 @@ def run_passkey(
     window: bool = True,
     log: Callable[[str], None] = lambda m: None,
     bank: bool = False,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy with memory (cfg as given) and window-only (memory off, same segments), per
     length and depth. Keys come from `seed`: the same seed asks the same questions. bank=True:
-    the haystack (all but the question) is ingested into a bank and only the question is the
-    prompt, answered with the bank as memory; window-only then sees the question alone."""
+    the haystack (all but the question) is ingested into a bank (its codec `precision`) and
+    only the question is the prompt, answered with the bank as memory; window-only then sees
+    the question alone."""
     if trials < 1:
         raise MemtxError(f"--trials must be >= 1, got {trials}")
     if not cfg.memory:
@@ -112,7 +114,7 @@ def run_passkey(
         trials_out = []
         for depth in depths:
             for trial in range(trials):
-                out = one_trial(lm, cfg, length, depth, rng.randint(10000, 99999), window, bank)
+                out = one_trial(lm, cfg, length, depth, rng.randint(10000, 99999), window, bank, precision)
                 out["trial"] = trial
                 trials_out.append(out)
                 log(
@@ -127,6 +129,7 @@ def run_passkey(
         "dtype": str(lm.dtype).removeprefix("torch."),
         "settings": cfg.memory_settings(),
         "mode": "bank" if bank else "document",
+        "precision": (precision or "float16") if bank else None,
         "depths": depths,
         "seed": seed,
         "window_tokens": window_tokens(cfg),
@@ -135,7 +138,14 @@ def run_passkey(
 
 
 def one_trial(
-    lm: LoadedModel, cfg: Config, length: int, depth: float, key: int, window: bool, bank: bool
+    lm: LoadedModel,
+    cfg: Config,
+    length: int,
+    depth: float,
+    key: int,
+    window: bool,
+    bank: bool,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """One key at one depth, answered greedily with memory and (window) with memory off."""
     text, head = build_text(lm, length, depth, key)
@@ -151,7 +161,7 @@ def one_trial(
         memory = None
         if bank:  # the haystack as a bank; the prompt is the question alone
             t0 = time.perf_counter()
-            memory = haystack_bank(lm, cfg, Path(tmp) / "haystack.idx", text.removesuffix(QUESTION))
+            memory = haystack_bank(lm, cfg, Path(tmp) / "haystack.idx", text.removesuffix(QUESTION), precision)
             out["seconds_ingest"] = time.perf_counter() - t0
             ids = lm.tokenizer.encode(QUESTION.strip())
         try:
@@ -172,12 +182,12 @@ def window_tokens(cfg: Config) -> int:
     return cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
 
 
-def haystack_bank(lm: LoadedModel, cfg: Config, path: Path, text: str) -> Any:
+def haystack_bank(lm: LoadedModel, cfg: Config, path: Path, text: str, precision: str | None = None) -> Any:
     """A new bank at `path` holding `text` (as `memtx ingest` would), opened for reading."""
     from memtx_cli.bank.ingest import open_or_create_bank, remember_text
     from memtx_cli.bank.store import Bank
 
-    w = open_or_create_bank(path, lm, cfg, 0, "fifo")
+    w = open_or_create_bank(path, lm, cfg, 0, "fifo", precision=precision)
     try:
         remember_text(lm, w, "haystack.txt", text, cfg)
     finally:
