@@ -406,10 +406,10 @@ def test_devices_and_fifos_are_refused_without_hanging(tmp_path):
     t0 = time.time()
     r = runner.invoke(app, ["score", str(fifo)])
     one_line(r, 1, "not a regular file")
-    from memtx_cli.tasks.chat import _read_if_unchanged
+    from memtx_cli.bank.reader import text_if_unchanged
 
-    assert _read_if_unchanged(str(fifo), "0" * 64, 10) is None
-    assert _read_if_unchanged("/dev/zero", "0" * 64, 10) is None
+    assert text_if_unchanged(str(fifo), "0" * 64, 10) is None
+    assert text_if_unchanged("/dev/zero", "0" * 64, 10) is None
     assert time.time() - t0 < 10
 
 

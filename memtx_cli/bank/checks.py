@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zlib
 from typing import Any
@@ -43,18 +42,10 @@ class BankChecks:
     def document_text(self, doc: int) -> str | None:
         """Document `doc`'s text when the file it was read from is still the one ingested (a
         regular file of the recorded size and sha256); None otherwise, or for a conversation."""
-        rec = self.docs[doc]
-        if rec.path.startswith("chat:"):
-            return None
-        from memtx_cli.bank.reader import read_bytes
+        from memtx_cli.bank.reader import text_if_unchanged
 
-        try:
-            data = read_bytes(rec.path, limit=rec.size)
-        except MemtxError:
-            return None
-        if hashlib.sha256(data).hexdigest() != rec.sha256:
-            return None
-        return data.decode("utf-8", errors="replace")
+        rec = self.docs[doc]
+        return None if rec.path.startswith("chat:") else text_if_unchanged(rec.path, rec.sha256, rec.size)
 
     def block_crc(self, name: str, b: int) -> int:
         rb = self._block_bytes(name)

@@ -117,6 +117,27 @@ def adopt(out: Any, shard: Any, key: str, sha: str) -> bool:
     return True
 
 
+def take(res: dict[str, Any], out_bank: Any, sha: str, done: dict[str, Any]) -> None:
+    """A worker's result: its document copied from the shard into the output (or counted as
+    skipped or unchanged), the time that took, and the worker's busy time."""
+    from memtx_cli.bank.store import Bank
+
+    done["warnings"] += res["warnings"]
+    done.setdefault("worker_seconds", {}).setdefault(res["pid"], 0.0)
+    done["worker_seconds"][res["pid"]] += res["seconds"]
+    if res["skipped"]:
+        done["skipped"] += [tuple(s) for s in res["skipped"]]
+        return
+    t1 = time.perf_counter()
+    with Bank.open(res["shard"], writer=False, verify=False) as shard:
+        if adopt(out_bank, shard, res["path"], sha):
+            done["added"].append(res["path"])
+            done["tokens"] += out_bank.docs[max(out_bank.docs)].tokens
+        else:
+            done["unchanged"].append(res["path"])
+    done["copy_seconds"] = done.get("copy_seconds", 0.0) + time.perf_counter() - t1
+
+
 def ingest_on_ray(
     address: str,
     files: list[Path],
@@ -133,7 +154,6 @@ def ingest_on_ray(
     """Every file ingested by `workers` Ray actors into shard banks and copied into the bank
     `open_out()` opens for writing. Returns counts and the files skipped (with why)."""
     from memtx_cli.bank.reader import read_bytes
-    from memtx_cli.bank.store import Bank
 
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
@@ -176,20 +196,7 @@ def ingest_on_ray(
                 n_done += 1
                 if queue:
                     pending[a.ingest.remote(queue.pop(0), precision, max_tokens)] = a
-                done["warnings"] += res["warnings"]
-                done.setdefault("worker_seconds", {}).setdefault(res["pid"], 0.0)
-                done["worker_seconds"][res["pid"]] += res["seconds"]
-                if res["skipped"]:
-                    done["skipped"] += [tuple(s) for s in res["skipped"]]
-                else:
-                    t1 = time.perf_counter()
-                    with Bank.open(res["shard"], writer=False, verify=False) as shard:
-                        if adopt(out_bank, shard, res["path"], shas[res["path"]]):
-                            done["added"].append(res["path"])
-                            done["tokens"] += out_bank.docs[max(out_bank.docs)].tokens
-                        else:
-                            done["unchanged"].append(res["path"])
-                    done["copy_seconds"] = done.get("copy_seconds", 0.0) + time.perf_counter() - t1
+                take(res, out_bank, shas[res["path"]], done)
                 progress({"event": "document", "path": res["path"], "done": n_done})
             for a in actors:
                 ray.kill(a)

@@ -106,3 +106,17 @@ def read_document(path: str) -> Document:
     if not text.strip():
         raise MemtxError(f"{name} is empty: nothing to score")
     return Document(name=name, text=text, n_bytes=len(data), warnings=warnings)
+
+
+def text_if_unchanged(path: str, sha256: str, size: int) -> str | None:
+    """The text of the file at `path` if it is still the one recorded (a regular file of `size`
+    bytes and this sha256); None otherwise. Never blocks on a FIFO nor reads a device."""
+    import hashlib
+
+    try:
+        data = read_bytes(path, limit=size)
+    except MemtxError:
+        return None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return None
+    return data.decode("utf-8", errors="replace")
