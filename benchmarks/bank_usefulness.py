@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._meta import CORPUS, run_metadata  # noqa: E402
+
 MEMTX = [sys.executable, "-m", "memtx_cli"]
 
 
@@ -40,6 +42,9 @@ def split_lua(dst: Path) -> list[Path]:
     return files
 
 
+BASELINES: dict[tuple[str, int], tuple[dict, dict]] = {}  # (target, tokens) -> own memory, window: codec-free
+
+
 def case(name: str, bank_inputs: list[str], target: Path, work: Path, max_tokens: int, precision: str) -> dict:
     bank = work / f"{name}-{precision}.idx"
     t = time.perf_counter()
@@ -47,9 +52,11 @@ def case(name: str, bank_inputs: list[str], target: Path, work: Path, max_tokens
     ingest_s = time.perf_counter() - t
     info = run(["bank", "info", str(bank)])
     flags = ["--max-tokens", str(max_tokens)] if max_tokens else []
-    own = run(["score", str(target), *flags])
+    key = (str(target), max_tokens)
+    if key not in BASELINES:
+        BASELINES[key] = (run(["score", str(target), *flags]), run(["score", str(target), "--no-memory", *flags]))
+    own, window = BASELINES[key]
     with_bank = run(["score", str(target), "--memory", str(bank), *flags])
-    window = run(["score", str(target), "--no-memory", *flags])
     row = {
         "case": name,
         "precision": precision,
@@ -63,6 +70,7 @@ def case(name: str, bank_inputs: list[str], target: Path, work: Path, max_tokens
         "ppl_window": window["ppl"],
         "ppl_own_memory": own["ppl"],
         "ppl_with_bank": with_bank["ppl"],
+        "bank_benefit": own["ppl"] - with_bank["ppl"],
         "score_tokens_per_s_own": own["tokens_per_s"],
         "score_tokens_per_s_bank": with_bank["tokens_per_s"],
     }
@@ -94,7 +102,7 @@ def main() -> None:
             for prec in a.precision.split(","):
                 rows.append(case("book", bank_in, target, work, a.book_tokens, prec))
     if a.out:
-        Path(a.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n", encoding="utf-8")
+        Path(a.out).write_text(json.dumps({"meta": run_metadata(), "rows": rows}, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

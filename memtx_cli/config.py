@@ -115,6 +115,7 @@ class Config:
         "Bank blocks a generation's prompt pins by its words (BM25 over the bank's words): every chunk "
         "reads them beside the blocks it searches; 0 = none.",
     )
+    pin_bias: float = knob(0.0, "Added to the attention scores of the bank blocks a prompt's words pinned.")
     sinks: int = knob(4, "First tokens of the document kept visible in every window (StreamingLLM).")
     sink_positions: str = knob("auto", "Where sinks sit: window, real (their distance, capped) or auto.")
 
@@ -167,8 +168,8 @@ class Config:
                 "exact attention: it needs --retrieval block --positions clamped, --block-votes > 0 "
                 "and --far-blocks >= 0 or --far-top-k > 0 (use --block-select means or auto otherwise)"
             )
-        if self.bank_blocks < 1 or self.bank_bias < 0 or self.bank_words < 0:
-            raise UsageError("bank-blocks must be >= 1 and bank-bias >= 0")
+        if self.bank_blocks < 1 or self.bank_bias < 0 or self.bank_words < 0 or not abs(self.pin_bias) < 1e6:
+            raise UsageError("bank-blocks must be >= 1, bank-bias and bank-words >= 0, pin-bias a number")
         if self.sink_positions not in ("auto", "window", "real"):
             raise UsageError(f"sink-positions must be auto, window or real, got {self.sink_positions!r}")
         if self.sinks < 0 or self.mem_distance < 0 or self.nprobe < 1:

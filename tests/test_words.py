@@ -188,3 +188,11 @@ def test_a_prompts_words_pin_bank_blocks_that_every_chunk_reads(tiny_lm, tiny_gg
         off = dataclasses.replace(cfg, bank_words=0)
         generate(tiny_lm, ids, off, Sampling(max_tokens=3, temperature=0), bank, trace=plain)
         assert not pinned <= set(plain.mass)
+        # pin-bias raises the attention the pinned blocks get (their share of the bank's mass)
+        share = {}
+        for bias in (0.0, 4.0):
+            tr = BankTrace()
+            c = dataclasses.replace(cfg, pin_bias=bias)
+            generate(tiny_lm, ids, c, Sampling(max_tokens=3, temperature=0), bank, trace=tr)
+            share[bias] = sum(tr.mass.get(b, 0.0) for b in pinned) / sum(tr.mass.values())
+        assert 1 - share[4.0] < (1 - share[0.0]) / 5  # the blocks not pinned lose most of theirs

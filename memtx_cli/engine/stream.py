@@ -67,7 +67,7 @@ class Streamer:
                 w = model.embed.weight
                 self.bank_memories[i] = BankLayerMemory(bank, i, w.dtype, w.device, self.heads[i])
                 self.memories[i] = CompositeMemory(
-                    self.memories[i], self.bank_memories[i], cfg.bank_blocks, cfg.bank_bias
+                    self.memories[i], self.bank_memories[i], cfg.bank_blocks, cfg.bank_bias, cfg.pin_bias
                 )
         # Where memories sit (fixed) / the largest distance used (clamped): just outside the
         # local window by default, i.e. the window's span (sinks + cache + segment).

@@ -110,10 +110,12 @@ class CompositeMemory:
     `bank_blocks`. Sharing one budget let the bank's many blocks crowd out the document's own
     past: on a held-out Lua file, 5.92 with a shared budget vs 5.17 with no bank at all."""
 
-    def __init__(self, own: LayerMemory, bank: BankLayerMemory, bank_blocks: int, bank_bias: float = 0.0) -> None:
+    def __init__(
+        self, own: LayerMemory, bank: BankLayerMemory, bank_blocks: int, bank_bias: float = 0.0, pin_bias: float = 0.0
+    ) -> None:
         self.own, self.bank = own, bank
         self.block_size = own.block_size
-        self.bank_blocks, self.bank_bias = bank_blocks, bank_bias
+        self.bank_blocks, self.bank_bias, self.pin_bias = bank_blocks, bank_bias, pin_bias
         self.pinned: torch.Tensor | None = None  # bank blocks every chunk reads (a prompt's words chose them)
 
     def __len__(self) -> int:
@@ -219,9 +221,10 @@ class CompositeMemory:
             far = torch.full(bvalid.shape, -(2**40), dtype=torch.long, device=bvalid.device)
             positions = join(None if own is None else own.positions, far)
         bias = None
-        if self.bank_bias or (own is not None and own.bias is not None):
+        if self.bank_bias or (n_pin and self.pin_bias) or (own is not None and own.bias is not None):
             bias = torch.zeros(bvalid.shape[0], n_own + bvalid.shape[1], device=bvalid.device)
             bias[:, n_own + n_pin * b :] = -self.bank_bias  # the prior: not on blocks the prompt's words chose
+            bias[:, n_own : n_own + n_pin * b] = self.pin_bias
             if own is not None and own.bias is not None:
                 bias[:, :n_own] = own.bias
         self.bank.search_seconds += time.perf_counter() - t0
