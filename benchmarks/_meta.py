@@ -45,6 +45,20 @@ def run_metadata() -> dict:
     }
 
 
+def emit(res: dict, out: Path | None, accumulate: bool = False) -> None:
+    """Print a results object and write it to `out` (if given). accumulate: the runs already
+    in `out` are kept, the new one appended (each carries its own metadata)."""
+    import json
+
+    if accumulate and out is not None and out.exists():
+        old = json.loads(out.read_text())
+        res = {"runs": old.get("runs", [old]) + [res]}
+    text = json.dumps(res, indent=1)
+    if out is not None:
+        out.write_text(text + "\n")
+    print(text)
+
+
 def _version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._meta import run_metadata  # noqa: E402
+from benchmarks._meta import emit, run_metadata  # noqa: E402
 
 SEEDS = {"tune": 0, "held-out": 1}
 MEMTX = [sys.executable, "-m", "memtx_cli"]
@@ -57,14 +57,7 @@ def main() -> None:
         for bias in (float(b) for b in a.biases.split(",")):
             rows.append({"split": a.split, **run(a.length, SEEDS[a.split], bias, precision)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    res = {"meta": run_metadata(), "rows": rows}
-    old = json.loads(a.out.read_text()) if a.out and a.out.exists() else None
-    if old:  # runs accumulate in one file, each with its own metadata
-        res = {"runs": old.get("runs", [old]) + [res]}
-    text = json.dumps(res, indent=1)
-    if a.out:
-        a.out.write_text(text + "\n")
-    print(text)
+    emit({"meta": run_metadata(), "rows": rows}, a.out, accumulate=True)
 
 
 if __name__ == "__main__":

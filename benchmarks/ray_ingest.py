@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._meta import REPO, run_metadata  # noqa: E402
+from benchmarks._meta import REPO, emit, run_metadata  # noqa: E402
 
 RUNS = {  # name: (workers, threads per worker); workers 0 = a local ingest without Ray
     "local-2t": (0, 2),
@@ -86,10 +86,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     res = {"meta": run_metadata(), "docs": a.docs, "rows": rows}
-    text = json.dumps(res, indent=1)
-    if a.out:
-        a.out.write_text(text + "\n")
-    print(text)
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._meta import run_metadata  # noqa: E402
+from benchmarks._meta import emit, run_metadata  # noqa: E402
 
 D, BLOCK, INDEXES = 64, 32, 23 * 3  # head dim, tokens per block, (layer, KV head) indexes
 
@@ -172,10 +172,7 @@ def main() -> None:
         "rows": rows,
         "ray": ray_round_trip(data[0], q, a.k, a.queries) if a.ray else None,
     }
-    text = json.dumps(res, indent=1)
-    if a.out:
-        a.out.write_text(text + "\n")
-    print(text)
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

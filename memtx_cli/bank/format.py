@@ -45,6 +45,20 @@ class DocRecord:
     aliases: list[str] = field(default_factory=list)  # identical documents at other paths
 
 
+class BlockCounts:
+    """What a block table (`self.blocks`: owner, fill, ... per block) says."""
+
+    blocks: np.ndarray
+
+    @property
+    def live_blocks(self) -> np.ndarray:
+        return np.nonzero(self.blocks[:, B_DOC] >= 0)[0]
+
+    @property
+    def entries(self) -> int:
+        return int(self.blocks[self.blocks[:, B_DOC] >= 0, B_VALID].sum())
+
+
 @dataclass
 class Geometry:
     """What a bank's arrays look like; fixed when the bank is created."""

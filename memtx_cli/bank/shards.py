@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from memtx_cli.bank import fs as bankfs
-from memtx_cli.bank.format import B_DOC, B_VALID, DocRecord, _faiss
+from memtx_cli.bank.format import B_DOC, BlockCounts, DocRecord, _faiss
 from memtx_cli.errors import MemtxError
 
 SHARDS_FILE = "shards.yaml"
@@ -184,7 +184,7 @@ class ShardedStored:
         return out
 
 
-class ShardedBank:
+class ShardedBank(BlockCounts):
     """Shards read as one bank (the interface memory/bank.py and tasks/chat.py read)."""
 
     writer = False
@@ -245,14 +245,6 @@ class ShardedBank:
     @property
     def capacity_blocks(self) -> int:
         return int(self.base[-1])
-
-    @property
-    def live_blocks(self) -> np.ndarray:
-        return np.nonzero(self.blocks[:, B_DOC] >= 0)[0]
-
-    @property
-    def entries(self) -> int:
-        return int(self.blocks[self.blocks[:, B_DOC] >= 0, B_VALID].sum())
 
     @property
     def precision(self) -> str:

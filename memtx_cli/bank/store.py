@@ -53,7 +53,7 @@ from memtx_cli.bank.checks import BankChecks
 from memtx_cli.bank.codec import Stored
 from memtx_cli.bank.format import (
     B_DOC,
-    B_VALID,
+    BlockCounts,
     DocRecord,
     Geometry,
     _faiss,
@@ -70,7 +70,7 @@ from memtx_cli.bank.writer import BankWriter
 from memtx_cli.errors import MemtxError
 
 
-class Bank(BankWriter, BankChecks):
+class Bank(BankWriter, BankChecks, BlockCounts):
     """A bank opened for reading (`Bank.open`) or writing (`Bank.open(writer=True)` / `Bank.create`)."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], writer: bool) -> None:
@@ -127,14 +127,6 @@ class Bank(BankWriter, BankChecks):
     @property
     def capacity_blocks(self) -> int:  # blocks the data files have room for
         return int(self.blocks.shape[0])
-
-    @property
-    def live_blocks(self) -> np.ndarray:
-        return np.nonzero(self.blocks[:, B_DOC] >= 0)[0]
-
-    @property
-    def entries(self) -> int:
-        return int(self.blocks[self.blocks[:, B_DOC] >= 0, B_VALID].sum())
 
     @property
     def generation(self) -> int:
