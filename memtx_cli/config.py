@@ -10,6 +10,7 @@ numbers that chose it: docs/decisions.md.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -168,7 +169,7 @@ class Config:
                 "exact attention: it needs --retrieval block --positions clamped, --block-votes > 0 "
                 "and --far-blocks >= 0 or --far-top-k > 0 (use --block-select means or auto otherwise)"
             )
-        if self.bank_blocks < 1 or self.bank_bias < 0 or self.bank_words < 0 or not abs(self.pin_bias) < 1e6:
+        if self.bank_blocks < 1 or self.bank_bias < 0 or self.bank_words < 0 or not math.isfinite(self.pin_bias):
             raise UsageError("bank-blocks must be >= 1, bank-bias and bank-words >= 0, pin-bias a number")
         if self.sink_positions not in ("auto", "window", "real"):
             raise UsageError(f"sink-positions must be auto, window or real, got {self.sink_positions!r}")

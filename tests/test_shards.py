@@ -66,8 +66,8 @@ def test_a_shard_set_searches_like_one_bank(banks):
         layer = one.geo.layers[0]
         q = rng.standard_normal((4, one.geo.head_dim)).astype(np.float32)
         for h in range(one.geo.n_kv):
-            d1, i1 = one.indexes[(layer, h)].search(q, 5)
-            d2, i2 = sb.indexes[(layer, h)].search(q, 5)
+            d1, i1 = (x[0] for x in one.search_heads(layer, [h], q[None], 5))
+            d2, i2 = (x[0] for x in sb.search_heads(layer, [h], q[None], 5))
             np.testing.assert_allclose(d2, d1, rtol=1e-6)
             # the same blocks: their keys equal, whatever their ids
             k1 = one.keys(layer).gather(i1[None] * one.geo.block_size, [h])

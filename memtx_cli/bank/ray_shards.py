@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from memtx_cli.bank.format import DocRecord, Geometry
+from memtx_cli.bank.format import BlockCounts, DocRecord, Geometry
 from memtx_cli.bank.shards import LocalShard, ShardSpec
 from memtx_cli.errors import MemtxError
 
@@ -34,9 +34,6 @@ class ShardServer:
             "docs": [dataclasses.asdict(d) for d in sh.docs.values()],
             "has_words": sh.has_words,
         }
-
-    def search(self, layer: int, head: int, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.shard.bank.indexes[(layer, head)].search(x, k)
 
     def search_heads(self, layer: int, heads: list[int], x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.shard.bank.search_heads(layer, heads, x, k)
@@ -63,7 +60,7 @@ class ShardServer:
         return self.shard.document_text(doc)
 
 
-class RemoteShard:
+class RemoteShard(BlockCounts):
     """A shard served by a `ShardServer` actor: the reading side."""
 
     remote = True
@@ -87,9 +84,6 @@ class RemoteShard:
             cause = getattr(e, "cause", None) or e
             msg = str(cause).strip().splitlines()
             raise MemtxError(f"shard {self.path}: {msg[-1] if msg else type(cause).__name__}") from None
-
-    def search_async(self, layer: int, head: int, x: np.ndarray, k: int) -> Any:
-        return self.actor.search.remote(layer, head, x, k)
 
     def search_heads_async(self, layer: int, heads: list[int], x: np.ndarray, k: int) -> Any:
         return self.actor.search_heads.remote(layer, heads, x, k)

@@ -85,7 +85,7 @@ def write_shard_set(path: Path, specs: list[ShardSpec], ray: str | None = None) 
     bankfs.create_file(path / SHARDS_FILE, yaml.safe_dump(doc, sort_keys=False).encode())
 
 
-class LocalShard:
+class LocalShard(BlockCounts):
     """A shard opened here: the bank itself."""
 
     remote = False
@@ -119,45 +119,19 @@ class LocalShard:
         self.bank.close()
 
 
-class ShardedIndex:
-    """The block-mean index of one (layer, KV head) over every shard: local shards in a
-    `faiss.IndexShards` (their ids offset in place), remote ones searched by their actors."""
-
-    def __init__(self, owner: ShardedBank, layer: int, head: int) -> None:
-        faiss = _faiss()
-        self.owner, self.layer, self.head = owner, layer, head
-        self.local = faiss.IndexShards(owner.geo.head_dim, False, False)
-        self.subs = []  # the local shards' indexes, kept alive beside the C++ object
-        for s, shard in enumerate(owner.shards):
-            if not shard.remote:
-                index = shard.bank.indexes[(layer, head)]
-                ids = faiss.vector_to_array(index.id_map) + owner.base[s]
-                faiss.copy_array_to_vector(ids.astype(np.int64), index.id_map)
-                index.construct_rev_map()
-                self.local.add_shard(index)
-                self.subs.append(index)
-        self.remote = [(s, sh) for s, sh in enumerate(owner.shards) if sh.remote]
-
-    @property
-    def ntotal(self) -> int:
-        return int(sum(len(d.blocks) for d in self.owner.docs.values()))
-
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        faiss = _faiss()
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        pending = [(s, sh.search_async(self.layer, self.head, x, k)) for s, sh in self.remote]
-        dists, ids = [], []
-        if self.subs:
-            d, i = self.local.search(x, k)
-            dists.append(d)
-            ids.append(i)
-        for s, fut in pending:
-            d, i = self.owner.shards[s].wait(fut)
-            dists.append(d)
-            ids.append(np.where(i >= 0, i + self.owner.base[s], -1))
-        if len(dists) == 1:
-            return dists[0], ids[0]
-        return faiss.merge_knn_results(np.stack(dists), np.stack(ids), keep_max=True)
+def offset_local_indexes(owner: ShardedBank, layer: int, head: int) -> Any:
+    """One `faiss.IndexShards` over the local shards' block-mean indexes of (layer, KV head),
+    their IDMap2 ids offset in place to global block ids (the shards are private to `owner`)."""
+    faiss = _faiss()
+    joined = faiss.IndexShards(owner.geo.head_dim, False, False)
+    for s, shard in enumerate(owner.shards):
+        if not shard.remote:
+            index = shard.bank.indexes[(layer, head)]
+            ids = faiss.vector_to_array(index.id_map) + owner.base[s]
+            faiss.copy_array_to_vector(ids.astype(np.int64), index.id_map)
+            index.construct_rev_map()
+            joined.add_shard(index)  # the shard's Bank keeps the index alive
+    return joined
 
 
 class ShardedStored:
@@ -213,9 +187,11 @@ class ShardedBank(BlockCounts):
                 self.docs[g] = dataclasses.replace(rec, id=g, blocks=[int(x + self.base[s]) for x in rec.blocks])
         self.blocks = np.concatenate(blocks) if blocks else np.zeros((0, 4), np.int64)
         self.has_words = all(sh.has_words for sh in shards)
-        self.indexes = {
-            (layer, h): ShardedIndex(self, layer, h) for layer in self.geo.layers for h in range(self.geo.n_kv)
-        }
+        self.local = (  # None without local shards
+            {(ly, h): offset_local_indexes(self, ly, h) for ly in self.geo.layers for h in range(self.geo.n_kv)}
+            if any(not sh.remote for sh in shards)
+            else None
+        )
         self._words: np.ndarray | None = None
 
     @classmethod
@@ -268,8 +244,8 @@ class ShardedBank(BlockCounts):
         x = np.ascontiguousarray(x, dtype=np.float32)
         pending = [(s, sh.search_heads_async(layer, heads, x, k)) for s, sh in enumerate(self.shards) if sh.remote]
         parts = []
-        if any(not sh.remote for sh in self.shards):
-            local = [self.indexes[(layer, h)].local.search(x[i], k) for i, h in enumerate(heads)]
+        if self.local is not None:
+            local = [self.local[(layer, h)].search(x[i], k) for i, h in enumerate(heads)]
             parts.append((np.stack([d for d, _ in local]), np.stack([i for _, i in local])))
         for s, ref in pending:
             d, i = self.shards[s].wait(ref)
@@ -341,10 +317,7 @@ def make_shard_set(out: Path, local: list[str], remote: list[str], ray: str | No
 
 def shard_set_info(sb: ShardedBank) -> dict[str, Any]:
     return {
-        "shards": [
-            {"path": sh.path, "documents": len(sh.docs), "blocks": int((sh.blocks[:, B_DOC] >= 0).sum())}
-            for sh in sb.shards
-        ],
+        "shards": [{"path": sh.path, "documents": len(sh.docs), "blocks": len(sh.live_blocks)} for sh in sb.shards],
         "documents": len(sb.docs),
         "entries": sb.entries,
         "blocks": len(sb.live_blocks),
