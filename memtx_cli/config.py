@@ -109,6 +109,9 @@ class Config:
     block_select: str = knob(
         "auto", "clamped with voters: exact (best key's logit), means (mean key) or auto (exact where it applies)."
     )
+    bank_heads: str = knob(
+        "all", "The KV heads (layer.head pairs) a new bank stores and reads, among the memory heads; all = every one."
+    )
     bank_blocks: int = knob(16, "Blocks read from a bank per query chunk, besides the document's own.")
     bank_bias: float = knob(2.0, "Subtracted from bank memories' attention scores (a prior).")
     bank_words: int = knob(
@@ -118,7 +121,11 @@ class Config:
     )
     pin_bias: float = knob(0.0, "Added to the attention scores of the bank blocks a prompt's words pinned.")
     sinks: int = knob(4, "First tokens of the document kept visible in every window (StreamingLLM).")
-    sink_positions: str = knob("auto", "Where sinks sit: window, real (their distance, capped) or auto.")
+    sink_positions: str = knob(
+        "auto",
+        "Where sinks sit: window, real (their distance, capped) or auto (real when reading with true or "
+        "clamped positions; window when writing a bank, whose entries are read at the fixed distance).",
+    )
 
     def __post_init__(self) -> None:
         if self.segment < 1:

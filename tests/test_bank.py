@@ -227,7 +227,65 @@ def test_bank_with_clamped_positions_and_memory_heads(tiny_lm, tiny_gguf, tmp_pa
         from memtx_cli.engine.stream import check_bank_settings
 
         with Bank.open(tmp_path / "b.idx") as b:
-            check_bank_settings(b, dataclasses.replace(base, positions="true"), b.geo.layers)
+            check_bank_settings(b, dataclasses.replace(base, positions="true"), dict.fromkeys(b.geo.layers), b.geo.n_kv)
+
+
+def test_banks_are_written_with_the_sinks_before_the_window(tiny_lm, tiny_gguf, tmp_path):
+    """A bank's entries are read by other texts at the fixed distance, so with `sink-positions:
+    auto` they are written as `window` writes them, not with the sinks at their real distance."""
+    corpus = make_corpus(tmp_path / "c", n_docs=1, words=600)
+    keys = {}
+    for sp in ("auto", "window", "real"):
+        build(tiny_lm, tiny_gguf, corpus, tmp_path / f"{sp}.idx", positions="clamped", sink_positions=sp)
+        with Bank.open(tmp_path / f"{sp}.idx") as b:
+            keys[sp] = np.asarray(b.keys(b.geo.layers[-1])[: b.entries], np.float32)
+    assert np.array_equal(keys["auto"], keys["window"])
+    assert np.abs(keys["auto"] - keys["real"]).max() > 1e-3
+
+
+def test_a_bank_of_some_heads_stores_and_reads_those_heads_only(tiny_lm, tiny_gguf, tmp_path):
+    """bank-heads: the bank stores the named memory heads only (smaller files, their entries and
+    block-mean searches equal to a whole bank's), verifies and reopens; a reader's rows of other
+    heads get nothing from it, and a layer it does not store reads its own memory only."""
+    corpus = make_corpus(tmp_path / "c", n_docs=2)
+    build(tiny_lm, tiny_gguf, corpus, tmp_path / "all.idx")
+    with Bank.open(tmp_path / "all.idx") as full:
+        first, last = full.geo.layers[0], full.geo.layers[-1]
+    spec = f"{first}.0,{last}.1"
+    build(tiny_lm, tiny_gguf, corpus, tmp_path / "some.idx", bank_heads=spec)
+    assert verify_bank(tmp_path / "some.idx") == []
+    with Bank.open(tmp_path / "all.idx") as full, Bank.open(tmp_path / "some.idx") as some:
+        assert some.geo.layers == [first, last] and some.geo.pairs() == [(first, 0), (last, 1)]
+        assert some.info()["stored_heads"] == 2 and some.info()["bytes_on_disk"] < full.info()["bytes_on_disk"]
+        rows = np.arange(some.entries)
+        for layer, h in some.geo.pairs():
+            for kind in ("keys", "values"):
+                mine = getattr(some, kind)(layer).gather(rows[None], [h])
+                assert np.array_equal(mine, getattr(full, kind)(layer).gather(rows[None], [h]))
+        q = np.random.default_rng(0).standard_normal((1, 3, full.geo.head_dim)).astype(np.float32)
+        for a, b in zip(some.search_heads(last, [1], q, 4), full.search_heads(last, [1], q, 4), strict=True):
+            assert np.array_equal(a, b)
+        reader = BankLayerMemory(some, last, torch.float32)  # every KV head of the layer as rows
+        qsum = torch.randn(some.geo.n_kv, 2, some.geo.head_dim)
+        s_, ids = reader.search(qsum, 3)
+        assert (ids[1] >= 0).all() and (ids[0] < 0).all() and torch.isinf(s_[0]).all()
+        _, _, valid = reader.gather_blocks(ids.clamp(min=0))  # even asked for, other heads get nothing
+        assert valid[1].any() and not valid[0].any()
+        got = reader.retrieve_tokens(torch.randn(some.geo.n_kv, 2, some.geo.head_dim), 4)
+        assert got.valid[1].all() and not got.valid[0].any()
+        ids_ = torch.tensor(tiny_lm.tokenizer.encode((corpus / "doc0.txt").read_text(encoding="utf-8"))[:150])
+        cfg = tiny_cfg(tiny_gguf, memory_layers=f"{first},{last}")
+        with_some, st = _stream_bank(tiny_lm, ids_, cfg, some, -1)
+        assert sorted(st.bank_memories) == [first, last] and torch.isfinite(with_some).all()
+        other = tiny_cfg(tiny_gguf, memory_layers=f"{first},{last}", memory_heads=f"{first}.1,{last}.1")
+        _, st = _stream_bank(tiny_lm, ids_, other, some, -1)
+        assert list(st.bank_memories) == [last]  # layer `first` stores head 0 only: no bank there
+        with pytest.raises(MemtxError, match="none of them"):
+            _stream_bank(
+                tiny_lm, ids_, tiny_cfg(tiny_gguf, memory_layers=str(first), memory_heads=f"{first}.1"), some, -1
+            )
+    with pytest.raises(MemtxError, match="bank-heads"):
+        build(tiny_lm, tiny_gguf, corpus, tmp_path / "none.idx", bank_heads="0.0", memory_layers=str(last))
 
 
 def test_unchanged_duplicate_and_changed_documents(tiny_lm, tiny_gguf, tmp_path):

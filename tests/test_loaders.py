@@ -53,3 +53,38 @@ def test_not_a_gguf(tmp_path):
     p.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(MemtxError, match="not a readable GGUF"):
         load_gguf(p)
+
+
+def test_weights_cache_keeps_few_live_entries(tmp_path, monkeypatch):
+    """Each cache entry is a whole float32 model: entries whose source is gone are removed, and
+    only the most recently used CACHE_ENTRIES stay (a new install must not add 0.5 GB forever)."""
+    import json
+    import os
+
+    from memtx_cli.model import loading
+
+    root = tmp_path / "cache"
+    (root / "kernels").mkdir(parents=True)  # not a weights entry: left alone
+    monkeypatch.setattr(loading, "CACHE_ENTRIES", 3)
+
+    def entry(i: int, source_exists: bool = True) -> str:
+        src = tmp_path / f"model{i}.gguf"
+        src.write_bytes(b"x" * (i + 1))
+        key = loading._cache_key(src)
+        (root / key).mkdir()
+        (root / key / "meta.json").write_text(json.dumps({"from": str(src)}))
+        os.utime(root / key / "meta.json", (1000 + i, 1000 + i))  # entry i used at time 1000 + i
+        if not source_exists:
+            src.unlink()
+        return key
+
+    gone = entry(0, source_exists=False)
+    keys = [entry(i) for i in range(1, 6)]
+    victim = tmp_path / "outside"
+    victim.mkdir()
+    (root / ("f" * 24)).symlink_to(victim)  # a planted link named like a key: never followed
+    loading._prune_cache(root, keep="new")
+    left = {p.name for p in root.iterdir()}
+    assert gone not in left
+    assert left == {"kernels", "f" * 24, keys[4], keys[3]}  # `keep` counts as one of the 3
+    assert victim.is_dir()

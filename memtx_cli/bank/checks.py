@@ -172,6 +172,7 @@ class BankChecks:
             "model": self.manifest["model"],
             "layers": self.geo.layers,
             "kv_heads": self.geo.n_kv,
+            "stored_heads": len(self.geo.pairs()),
             "head_dim": self.geo.head_dim,
             "dtype": self.precision,
             "words": self.has_words,

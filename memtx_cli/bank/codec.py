@@ -132,9 +132,11 @@ class Stored:
     """A keys/values file seen as (slots, KV, D) float16 whatever its codec: indexing by rows
     decodes every head, `gather` decodes the rows each head reads."""
 
-    def __init__(self, mm: np.ndarray, codecs: list[Codec], d: int) -> None:
+    def __init__(self, mm: np.ndarray, codecs: list[Codec], d: int, heads: list[int] | None = None) -> None:
         self.mm, self.codecs, self.d = mm, codecs, d
         self.plain = all(isinstance(c, Float16) for c in codecs)
+        # the model's KV head each row slot holds (a bank may store some of a layer's heads)
+        self.slot = {h: i for i, h in enumerate(range(len(codecs)) if heads is None else heads)}
 
     def __getitem__(self, idx: Any) -> np.ndarray:
         raw = self.mm[idx]
@@ -143,11 +145,12 @@ class Stored:
         return np.stack([c.decode(raw[..., h, :]) for h, c in enumerate(self.codecs)], -2)
 
     def gather(self, rows: np.ndarray, heads: np.ndarray) -> np.ndarray:
-        """(H, ...) entries: rows[i] of KV head heads[i], decoded -> (H, ..., D) float16."""
-        shape = (len(heads),) + (1,) * (rows.ndim - 1)
+        """(H, ...) entries: rows[i] of (stored) KV head heads[i], decoded -> (H, ..., D) float16."""
+        slots = [self.slot[int(h)] for h in heads]
+        shape = (len(slots),) + (1,) * (rows.ndim - 1)
         if self.plain:
-            return self.mm[rows, np.asarray(heads).reshape(shape)]
-        return np.stack([self.codecs[h].decode(self.mm[rows[i], h]) for i, h in enumerate(heads)])
+            return self.mm[rows, np.asarray(slots).reshape(shape)]
+        return np.stack([self.codecs[s].decode(self.mm[rows[i], s]) for i, s in enumerate(slots)])
 
     @staticmethod
     def encode(x: np.ndarray, codecs: list[Codec]) -> np.ndarray:

@@ -64,13 +64,19 @@ class Geometry:
     """What a bank's arrays look like; fixed when the bank is created."""
 
     layers: list[int]
-    n_kv: int
+    n_kv: int  # the model's KV heads per layer
     head_dim: int
     block_size: int
+    # The KV heads stored, per layer of `layers` (ascending); None: every KV head of them.
+    heads: list[list[int]] | None = None
 
-    @property
-    def row_bytes(self) -> int:  # one entry of one layer's keys (or values) file, float16
-        return self.n_kv * self.head_dim * 2
+    def stored(self, layer: int) -> list[int]:
+        """The KV heads layer `layer` stores, in the order of its arrays' rows."""
+        return list(range(self.n_kv)) if self.heads is None else self.heads[self.layers.index(layer)]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every stored (layer, KV head)."""
+        return [(ly, h) for ly in self.layers for h in self.stored(ly)]
 
 
 def _int(v: Any, lo: int = 0, hi: int = MAX_COUNT) -> bool:
@@ -95,6 +101,14 @@ def validate_manifest(m: Any, where: Path) -> Geometry:
         raise bad("geometry: heads, head size or block size out of range")
     if len(layers) * n_kv > 1 << 16:
         raise bad("geometry: too many memory heads")
+    heads = g.get("heads")
+    if heads is not None and (
+        not isinstance(heads, list)
+        or len(heads) != len(layers)
+        or not all(isinstance(h, list) and h and all(_int(x, 0, n_kv - 1) for x in h) for h in heads)
+        or any(h != sorted(set(h)) for h in heads)
+    ):
+        raise bad("geometry: heads")
     for key in ("generation", "entries", "documents", "next_doc_id", "next_seq", "clock"):
         if not _int(m.get(key)):
             raise bad(f"{key} is not a count")
@@ -112,7 +126,7 @@ def validate_manifest(m: Any, where: Path) -> Geometry:
     ev = m.get("eviction") or {}
     if not isinstance(ev, dict) or not _int(ev.get("capacity") or 0) or not _int(ev.get("seed") or 0, 0, 1 << 63):
         raise bad("eviction")
-    return Geometry(list(layers), n_kv, hd, bs)
+    return Geometry(list(layers), n_kv, hd, bs, None if heads is None else [list(h) for h in heads])
 
 
 def npy_bytes(a: np.ndarray) -> bytes:

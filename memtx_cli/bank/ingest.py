@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +93,7 @@ def open_or_create_bank(
         raise MemtxError(
             "banks hold block memories read at the fixed distance: use --retrieval block, --positions fixed or clamped"
         )
-    # Layers with at least one memory head; a bank keeps every KV head of them.
-    layers = list(plan.heads_for(cfg, lm.args.n_layers, lm.args.n_kv_heads, lm.args.n_heads))
-    if not layers:
+    if not plan.heads_for(cfg, lm.args.n_layers, lm.args.n_kv_heads, lm.args.n_heads):
         raise MemtxError("ingest needs memory layers (drop --no-memory)")
     if Bank.is_bank(path):
         bank = Bank.open(path, writer=True, verify=False)
@@ -111,9 +109,23 @@ def open_or_create_bank(
         return bank
     if path.exists() and not path.is_dir():
         raise MemtxError(f"{path} exists and is a file; --out names a bank directory")
-    geo = Geometry(layers, lm.args.n_kv_heads, lm.args.head_dim, cfg.block_size)
+    stored = plan.bank_heads_for(cfg, lm.args.n_layers, lm.args.n_kv_heads, lm.args.n_heads)
+    if not stored:
+        raise UsageError(f"bank-heads {cfg.bank_heads!r} names none of the memory heads")
+    layers = sorted(stored)
+    every = all(len(stored[i]) == lm.args.n_kv_heads for i in layers)
+    heads = None if every else [stored[i] for i in layers]
+    geo = Geometry(layers, lm.args.n_kv_heads, lm.args.head_dim, cfg.block_size, heads)
     evict_cfg = {"capacity": capacity, "policy": evict, "seed": seed}
     return Bank.create(path, model_identity(lm), geo, cfg.to_dict(), evict_cfg, precision or "float16")
+
+
+def writing_settings(cfg: Config) -> Config:
+    """The settings a document streams into a bank with. A bank's entries are read by other
+    texts at the fixed distance, never at their real one, so with `sink-positions: auto` the
+    sinks sit just before the window: entries computed with the sinks at their real distance
+    (thousands of tokens back) were not copied by a reader from about 7K tokens on."""
+    return replace(cfg, sink_positions="window") if cfg.sink_positions == "auto" else cfg
 
 
 @torch.inference_mode()
@@ -131,7 +143,7 @@ def stream_into_bank(
     Nothing is committed here."""
     bs = bank.geo.block_size
     layers = bank.geo.layers
-    streamer = Streamer(lm.model, cfg, expected_tokens=len(ids))
+    streamer = Streamer(lm.model, writing_settings(cfg), expected_tokens=len(ids))
     x = torch.tensor(ids, dtype=torch.long, device=lm.device)
     n = len(ids)
     pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in layers}
@@ -176,8 +188,9 @@ def stream_into_bank(
         lo = max(0, skip - s)  # rows of this segment that are sinks
         for i in layers:
             kv = streamer.last_kv[i]  # (1, KV, T, D) raw
-            k = kv.k[0, :, lo:].transpose(0, 1).to(torch.float16).cpu().numpy()  # (T, KV, D)
-            v = kv.v[0, :, lo:].transpose(0, 1).to(torch.float16).cpu().numpy()
+            heads = bank.geo.stored(i)  # (T, stored KV, D) below
+            k = kv.k[0, heads, lo:].transpose(0, 1).to(torch.float16).cpu().numpy()
+            v = kv.v[0, heads, lo:].transpose(0, 1).to(torch.float16).cpu().numpy()
             pending[i].append((k, v))
         pend_n += max(0, t - lo)
         flush(final=False)

@@ -188,7 +188,7 @@ class ShardedBank(BlockCounts):
         self.blocks = np.concatenate(blocks) if blocks else np.zeros((0, 4), np.int64)
         self.has_words = all(sh.has_words for sh in shards)
         self.local = (  # None without local shards
-            {(ly, h): offset_local_indexes(self, ly, h) for ly in self.geo.layers for h in range(self.geo.n_kv)}
+            {(ly, h): offset_local_indexes(self, ly, h) for ly, h in self.geo.pairs()}
             if any(not sh.remote for sh in shards)
             else None
         )

@@ -119,7 +119,11 @@ class Bank(BankWriter, BankChecks, BlockCounts):
             return 24
         if name == "words.bin":
             return 4
-        return self.geo.n_kv * bankcodec.code_size(self.precision, self.geo.head_dim)
+        return self._slots(name) * bankcodec.code_size(self.precision, self.geo.head_dim)
+
+    def _slots(self, name: str) -> int:
+        """KV heads stored in the data file `L{layer}.keys` / `L{layer}.values`."""
+        return len(self.geo.stored(int(name[1:].split(".")[0])))
 
     def _block_bytes(self, name: str) -> int:
         return self._row_bytes(name) * self.geo.block_size
@@ -249,7 +253,7 @@ class Bank(BankWriter, BankChecks, BlockCounts):
 
     def _state_files(self) -> list[str]:
         names = ["docs.json", "blocks.npy", "crc.npy"] + (["codec.npy"] if self.manifest.get("codec_trained") else [])
-        return names + [f"L{layer}_H{h}.faiss" for layer in self.geo.layers for h in range(self.geo.n_kv)]
+        return names + [f"L{layer}_H{h}.faiss" for layer, h in self.geo.pairs()]
 
     def _max_capacity(self) -> int:
         """Blocks the largest data file can hold: a bound for the state arrays (check() names a
@@ -302,18 +306,14 @@ class Bank(BankWriter, BankChecks, BlockCounts):
         elif bankcodec.trained(self.precision) and (blocks[:, B_DOC] >= 0).any():
             raise MemtxError(f"bank {self.path}: state/codec.npy is missing")
         n_live = int((blocks[:, B_DOC] >= 0).sum()) if len(blocks) else 0
-        for layer in self.geo.layers:
-            for h in range(self.geo.n_kv):
-                name = f"L{layer}_H{h}.faiss"
-                self.indexes[(layer, h)] = parse_index(
-                    data[name], f"state/{name}", self.path, self.geo.head_dim, n_live
-                )
+        for layer, h in self.geo.pairs():
+            name = f"L{layer}_H{h}.faiss"
+            self.indexes[(layer, h)] = parse_index(data[name], f"state/{name}", self.path, self.geo.head_dim, n_live)
 
     def _init_indexes(self) -> None:
         faiss = _faiss()
-        for layer in self.geo.layers:
-            for h in range(self.geo.n_kv):
-                self.indexes[(layer, h)] = faiss.IndexIDMap2(faiss.IndexFlatIP(self.geo.head_dim))
+        for layer, h in self.geo.pairs():
+            self.indexes[(layer, h)] = faiss.IndexIDMap2(faiss.IndexFlatIP(self.geo.head_dim))
 
     # ------------------------------------------------------------------ data access
     def _array(self, name: str) -> np.memmap | None:
@@ -330,9 +330,9 @@ class Bank(BankWriter, BankChecks, BlockCounts):
         elif name == "words.bin":
             shape, dt = (slots,), np.uint32
         elif self.precision == "float16":
-            shape, dt = (slots, self.geo.n_kv, self.geo.head_dim), np.float16
+            shape, dt = (slots, self._slots(name), self.geo.head_dim), np.float16
         else:
-            shape, dt = (slots, self.geo.n_kv, bankcodec.code_size(self.precision, self.geo.head_dim)), np.uint8
+            shape, dt = (slots, self._slots(name), bankcodec.code_size(self.precision, self.geo.head_dim)), np.uint8
         mm = np.memmap(self.path / name, dtype=dt, mode="r", shape=shape)
         self._mm[name] = mm
         return mm
@@ -342,15 +342,17 @@ class Bank(BankWriter, BankChecks, BlockCounts):
         return self._array("words.bin") if self.has_words else None
 
     @property
-    def codec_rows(self) -> int:  # one codec per (memory layer, keys or values, KV head)
-        return len(self.geo.layers) * 2 * self.geo.n_kv
+    def codec_rows(self) -> int:  # one codec per (memory layer, keys or values, stored KV head)
+        return 2 * len(self.geo.pairs())
 
     def codecs(self, layer: int, kind: int) -> list[bankcodec.Codec]:
         """The KV heads' codecs of layer `layer`'s keys (kind 0) or values (kind 1)."""
         if self._codecs is None:
             self._codecs = bankcodec.make_codecs(self.precision, self.geo.head_dim, self.codec_params, self.codec_rows)
-        i = (self.geo.layers.index(layer) * 2 + kind) * self.geo.n_kv
-        return self._codecs[i : i + self.geo.n_kv]
+        before = sum(len(self.geo.stored(ly)) for ly in self.geo.layers[: self.geo.layers.index(layer)])
+        n = len(self.geo.stored(layer))
+        i = 2 * before + kind * n
+        return self._codecs[i : i + n]
 
     @property
     def needs_training(self) -> bool:
@@ -358,10 +360,10 @@ class Bank(BankWriter, BankChecks, BlockCounts):
         return bankcodec.trained(self.precision) and self.codec_params is None
 
     def keys(self, layer: int) -> Stored:
-        return Stored(self._array(f"L{layer}.keys"), self.codecs(layer, 0), self.geo.head_dim)
+        return Stored(self._array(f"L{layer}.keys"), self.codecs(layer, 0), self.geo.head_dim, self.geo.stored(layer))
 
     def values(self, layer: int) -> Stored:
-        return Stored(self._array(f"L{layer}.values"), self.codecs(layer, 1), self.geo.head_dim)
+        return Stored(self._array(f"L{layer}.values"), self.codecs(layer, 1), self.geo.head_dim, self.geo.stored(layer))
 
     # ------------------------------------------------------------------ checks
     # ------------------------------------------------------------------ writing

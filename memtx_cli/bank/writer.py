@@ -89,7 +89,7 @@ class BankWriter:
         self,
         b: int,
         doc_id: int,
-        kv: dict[int, tuple[np.ndarray, np.ndarray]],  # layer -> keys, values (n, KV, D) float16
+        kv: dict[int, tuple[np.ndarray, np.ndarray]],  # layer -> keys, values (n, stored KV, D) float16
         prov: np.ndarray,  # (n, 3) int64
         words: np.ndarray | None = None,  # (n,) uint32 word hashes (bank/words.py); None = none known
     ) -> None:
@@ -114,15 +114,15 @@ class BankWriter:
             self._put(fi + 1, "words.bin", b, row)
 
     def train_codec(self, kv: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Train the bank's codec on its first rows (layer -> keys, values (n, KV, D)): one FAISS
-        scalar quantizer per layer, keys or values, and KV head. Its parameters are committed
+        """Train the bank's codec on its first rows (layer -> keys, values (n, stored KV, D)): one
+        FAISS scalar quantizer per layer, keys or values, and stored KV head. Its parameters are committed
         with the state; only a bank that holds nothing yet is trained."""
         if len(self.live_blocks):
             raise MemtxError(f"bank {self.path}: its codec is trained once, before it holds anything")
         rows = []
         for layer in self.geo.layers:
             for arr in kv[layer]:
-                rows += [FaissSQ.train(self.precision, arr[:, h].astype(np.float32)) for h in range(self.geo.n_kv)]
+                rows += [FaissSQ.train(self.precision, arr[:, s].astype(np.float32)) for s in range(arr.shape[1])]
         self.codec_params = np.stack(rows).astype(np.float32)
         self._codecs = None
         self.manifest["codec_trained"] = True
@@ -132,10 +132,10 @@ class BankWriter:
             os.fsync(fd)
 
     def reps(self, layer: int, blocks: list[int]) -> np.ndarray:
-        """(len(blocks), KV, D) float32 mean keys of the given blocks (valid entries only)."""
+        """(len(blocks), stored KV, D) float32 mean keys of the given blocks (valid entries only)."""
         bs = self.geo.block_size
         keys = self.keys(layer)
-        out = np.zeros((len(blocks), self.geo.n_kv, self.geo.head_dim), np.float32)
+        out = np.zeros((len(blocks), len(self.geo.stored(layer)), self.geo.head_dim), np.float32)
         for i, b in enumerate(blocks):
             n = int(self.blocks[b, B_VALID])
             out[i] = keys[b * bs : b * bs + n].astype(np.float32).mean(0)
@@ -154,8 +154,8 @@ class BankWriter:
         ids = np.asarray(blocks, np.int64)
         for layer in self.geo.layers:
             r = self.reps(layer, blocks)
-            for h in range(self.geo.n_kv):
-                self.indexes[(layer, h)].add_with_ids(np.ascontiguousarray(r[:, h]), ids)
+            for s, h in enumerate(self.geo.stored(layer)):
+                self.indexes[(layer, h)].add_with_ids(np.ascontiguousarray(r[:, s]), ids)
 
     def detach_blocks(self, blocks: list[int]) -> None:
         """Free blocks in the next committed state (generation + 1 is when they become free)."""

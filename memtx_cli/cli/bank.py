@@ -43,7 +43,10 @@ def bank_info(bank: BankArg, as_json: JsonOpt = False, quiet: QuietOpt = False) 
             ("bytes per token", f"{bpt:,.0f}" if bpt else "-"),
             ("model", f"{info['model']['name']} ({info['model']['weights_fingerprint'][:12]})"),
             ("memory layers", f"{info['layers'][0]}-{info['layers'][-1]}" if info["layers"] else "-"),
-            ("kv heads x head dim", f"{info['kv_heads']} x {info['head_dim']}"),
+            (
+                "heads stored x head dim",
+                f"{info['stored_heads']} of {len(info['layers']) * info['kv_heads']} x {info['head_dim']}",
+            ),
             ("key/value codec", info["dtype"]),
             ("words (lexical index)", "yes" if info["words"] else "no (made before it: recall by attention alone)"),
             ("eviction", f"{info['eviction']}"),

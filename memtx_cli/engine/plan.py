@@ -124,6 +124,22 @@ def far_bias_for(cfg: Config, n_layers: int, n_kv: int, n_heads: int = 0) -> dic
     return out
 
 
+def bank_heads_for(cfg: Config, n_layers: int, n_kv: int, n_heads: int = 0) -> dict[int, list[int]]:
+    """Memory layer -> the KV heads a new bank stores (and reads): the memory heads, those in
+    bank_heads unless it is all; layers left without one are absent."""
+    heads = heads_for(cfg, n_layers, n_kv, n_heads)
+    spec = str(cfg.bank_heads).strip().lower()
+    wanted = None
+    if spec != "all":
+        wanted = _head_list(cfg.bank_heads, "bank heads", "all or layer.head pairs", n_layers, n_kv)
+    out: dict[int, list[int]] = {}
+    for i, hs in heads.items():
+        got = [h for h in (range(n_kv) if hs is None else hs) if wanted is None or h in wanted.get(i, set())]
+        if got:
+            out[i] = got
+    return out
+
+
 def near_blocks_only(cfg: Config, far_blocks: int) -> bool:
     """Whether a memory layer with this far-block budget reads memory as blocks within the
     trained context only, through their rotated keys: clamped blocks, near ones only, selected

@@ -47,7 +47,6 @@ class Streamer:
     def __init__(
         self, model: Transformer, cfg: Config, bank: Any = None, expected_tokens: int = 0, keep_all: bool = False
     ) -> None:
-        from memtx_cli.memory.bank import BankLayerMemory, CompositeMemory
         from memtx_cli.memory.index import check_index_kind
 
         self.model, self.cfg = model, cfg
@@ -60,15 +59,8 @@ class Streamer:
             model.add_memory_params(self.layers, cfg.gate_init)
         self.memories = self._make_memories(bank, expected_tokens, keep_all)
         self.chunk_sums: dict[int, dict] = {i: {} for i in self.layers}  # block selectors' state
-        self.bank_memories: dict[int, Any] = {}
-        if bank is not None:  # a bank on disk, read-only, joins the document's own memory
-            check_bank_settings(bank, cfg, self.layers)
-            for i in self.layers:
-                w = model.embed.weight
-                self.bank_memories[i] = BankLayerMemory(bank, i, w.dtype, w.device, self.heads[i])
-                self.memories[i] = CompositeMemory(
-                    self.memories[i], self.bank_memories[i], cfg.bank_blocks, cfg.bank_bias, cfg.pin_bias
-                )
+        # a bank on disk, read-only, joins the document's own memory
+        self.bank_memories = {} if bank is None else join_bank(self, bank)
         # Where memories sit (fixed) / the largest distance used (clamped): just outside the
         # local window by default, i.e. the window's span (sinks + cache + segment).
         window = cfg.sinks + cfg.segment * (2 if cfg.xl_cache else 1)
@@ -331,6 +323,23 @@ class Streamer:
             mem.add(k, v, pos, rk, index_rotated=self.cfg.positions == "true")
 
 
+def join_bank(st: Streamer, bank: Any) -> dict[int, Any]:
+    """Each memory layer of `st` whose memory heads the bank stores reads it beside its own
+    memory (a CompositeMemory); returns those layers' bank memories."""
+    from memtx_cli.memory.bank import BankLayerMemory, CompositeMemory
+
+    cfg, n_kv, w = st.cfg, st.model.args.n_kv_heads, st.model.embed.weight
+    check_bank_settings(bank, cfg, st.heads, n_kv)
+    out = {}
+    for i in st.layers:
+        mine = range(n_kv) if st.heads[i] is None else st.heads[i]
+        if i not in bank.geo.layers or not set(bank.geo.stored(i)) & set(mine):
+            continue  # the bank stores none of this layer's memory heads
+        out[i] = BankLayerMemory(bank, i, w.dtype, w.device, st.heads[i])
+        st.memories[i] = CompositeMemory(st.memories[i], out[i], cfg.bank_blocks, cfg.bank_bias, cfg.pin_bias)
+    return out
+
+
 def answer_read(read: MemoryRead, cfg: Config, n_kv: int) -> MemoryRead:
     """An answering token's read (Config.answer_top_k): besides its chunk's blocks, each memory
     head attends to the token's own top-k among every memory at the fixed distance, with no
@@ -344,19 +353,20 @@ def answer_read(read: MemoryRead, cfg: Config, n_kv: int) -> MemoryRead:
     return replace(read, far_top_k=cfg.answer_top_k, far_rows=None, **every)
 
 
-def check_bank_settings(bank: Any, cfg: Config, layers: list[int]) -> None:
-    """A bank serves block retrieval, in the layers it was built with; its blocks come from other
-    documents, so they sit at the fixed distance (`fixed`, or as far memories of `clamped`)."""
+def check_bank_settings(bank: Any, cfg: Config, heads: dict[int, list[int] | None], n_kv: int) -> None:
+    """A bank serves block retrieval; its blocks come from other documents, so they sit at the
+    fixed distance (`fixed`, or as far memories of `clamped`). It is read in the memory heads
+    (layer -> KV heads, None = all) it stores: at least one."""
     if cfg.retrieval != "block" or cfg.positions == "true":
         raise MemtxError("--memory BANK works with --retrieval block and --positions fixed or clamped")
     if cfg.block_size != bank.geo.block_size:
         raise MemtxError(f"bank {bank.path} has blocks of {bank.geo.block_size}; drop --block-size {cfg.block_size}")
-    missing = sorted(set(layers) - set(bank.geo.layers))
-    if missing:
+    stored = set(bank.geo.pairs())
+    if not any((i, h) in stored for i, hs in heads.items() for h in (range(n_kv) if hs is None else hs)):
         lo, hi = min(bank.geo.layers), max(bank.geo.layers)
         raise MemtxError(
-            f"bank {bank.path} holds memory layers {lo}-{hi}; memory layer(s) {missing} are not in it "
-            "(choose --memory-layers within the bank's)"
+            f"bank {bank.path} holds memory layers {lo}-{hi}, none of them a memory layer or head of these "
+            "settings (choose --memory-layers within the bank's)"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +22,13 @@ class BankLayerMemory:
     ) -> None:
         self.bank, self.layer, self.dtype, self.device = bank, layer, dtype, torch.device(device)
         self.block_size = bank.geo.block_size
-        # The KV heads read (--memory-heads); a bank stores every KV head of its layers.
+        # The KV heads of the layer's memory (--memory-heads), one row each; the bank is read
+        # in the rows whose head it stores (bank-heads), the others read the own memory only.
         self.heads = list(range(bank.geo.n_kv)) if heads is None else list(heads)
         self.n_kv = len(self.heads)
+        stored = set(bank.geo.stored(layer))
+        self.on = [h in stored for h in self.heads]
+        self.off = torch.tensor([not o for o in self.on], device=self.device)
         self.search_seconds = 0.0
         self.n_blocks = len(bank.live_blocks)  # the bank is read-only: counted once
         self.files = [f"L{layer}.keys", f"L{layer}.values"]  # what its reads checksum on first touch
@@ -34,20 +39,31 @@ class BankLayerMemory:
 
     def search(self, qsum: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(KV, C, D) summed chunk queries -> scores (KV, C, m) and block ids (KV, C, m),
-        -inf / -1 where the bank has fewer than m blocks."""
-        d, i = self.bank.search_heads(self.layer, self.heads, qsum.detach().float().cpu().numpy(), m)
-        s, i = torch.from_numpy(d).to(self.device), torch.from_numpy(i).to(self.device)
+        -inf / -1 where the bank has fewer than m blocks or does not store the row's head."""
+        rows = [r for r, on in enumerate(self.on) if on]
+        q = qsum.detach().float().cpu().numpy()[rows]
+        d, got = self.bank.search_heads(self.layer, [self.heads[r] for r in rows], q, m)
+        i = np.full((self.n_kv, *got.shape[1:]), -1, np.int64)
+        i[rows] = got
+        s = np.full(i.shape, -np.inf, np.float32)
+        s[rows] = d
+        s, i = torch.from_numpy(s).to(self.device), torch.from_numpy(i).to(self.device)
         return s.masked_fill(i < 0, float("-inf")), i
 
     def gather_blocks(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block ids (KV, C, m) (-1 = none) -> keys, values (KV, C, m*b, D), valid (KV, C, m*b)."""
+        """Block ids (KV, C, m) (-1 = none) -> keys, values (KV, C, m*b, D), valid (KV, C, m*b);
+        rows whose head the bank does not store get nothing."""
         b = self.block_size
         kv, nc, m = ids.shape
-        idn = ids.cpu().numpy()
-        self.bank.verify_read(idn, self.files)
+        idn = ids.masked_fill(self.off.to(ids.device)[:, None, None], -1).cpu().numpy()
+        on = [r for r, o in enumerate(self.on) if o]
+        self.bank.verify_read(idn[on], self.files)
         rows = np.maximum(idn, 0)[..., None] * b + np.arange(b)  # (KV, C, m, b) entry ids
-        keys = self.bank.keys(self.layer).gather(rows, self.heads)  # (KV, C, m, b, D) float16
-        values = self.bank.values(self.layer).gather(rows, self.heads)
+        heads = [self.heads[r] for r in on]
+        keys = np.zeros((*rows.shape, self.bank.geo.head_dim), np.float16)  # (KV, C, m, b, D)
+        values = np.zeros_like(keys)
+        keys[on] = self.bank.keys(self.layer).gather(rows[on], heads)
+        values[on] = self.bank.values(self.layer).gather(rows[on], heads)
         n_valid = self.bank.blocks[np.maximum(idn, 0), 1]  # (KV, C, m)
         valid = (np.arange(b) < n_valid[..., None]) & (idn[..., None] >= 0)
 
@@ -65,11 +81,35 @@ class BankLayerMemory:
         pinned: torch.Tensor | None = None,
     ) -> Retrieval:
         """Each query's own top k bank entries: its `pages` best blocks by the bank's index of
-        block means (and the `pinned` blocks), then exact inner products within them. q (R, Q, D) search vectors of the
-        read heads `rows` (indices into `heads`; None: all). Returns (R, Q, k', ...) tensors,
-        k' = min(k, pages x block size), `valid` False where the bank has fewer entries."""
-        t0 = time.perf_counter()
+        block means (and the `pinned` blocks), then exact inner products within them. q (R, Q, D)
+        search vectors of the read heads `rows` (indices into `heads`; None: all). Returns
+        (R, Q, k', ...) tensors, k' = min(k, pages x block size), `valid` False where the bank
+        has fewer entries or does not store the row's head."""
         rows = list(range(self.n_kv)) if rows is None else rows
+        keep = [i for i, r in enumerate(rows) if self.on[r]]
+        if len(keep) == len(rows):
+            return self._tokens(q, k, rows, pages, pinned)
+        r, nq, d = q.shape
+        got = self._tokens(q[keep], k, [rows[i] for i in keep], pages, pinned) if keep else None
+        kk = 1 if got is None else got.keys.shape[2]
+
+        def spread(x: torch.Tensor | None, fill: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            out = torch.full((r, nq, kk, *shape), fill, dtype=dtype, device=self.device)
+            if x is not None:
+                out[keep] = x
+            return out
+
+        return Retrieval(
+            keys=spread(None if got is None else got.keys, 0, (d,), self.dtype),
+            rkeys=None,
+            values=spread(None if got is None else got.values, 0, (d,), self.dtype),
+            positions=spread(None if got is None else got.positions, -(2**40), (), torch.long),
+            valid=spread(None if got is None else got.valid, False, (), torch.bool),
+        )
+
+    def _tokens(self, q: torch.Tensor, k: int, rows: list[int], pages: int, pinned: torch.Tensor | None) -> Retrieval:
+        """retrieve_tokens for rows whose heads the bank stores."""
+        t0 = time.perf_counter()
         r, nq, d = q.shape
         b, m = self.block_size, max(1, min(pages, self.n_blocks))
         qn = q.detach().float().cpu().numpy()

@@ -2,7 +2,9 @@
 
 Dequantizing the default GGUF takes ~6 s (the `gguf` reader parses 100K tokenizer strings in
 Python, then dequantizes in numpy); the result is cached as safetensors + tokenizer.json keyed
-by the file's path, size and mtime, so later runs load in well under a second.
+by the file's path, size and mtime, so later runs load in well under a second. Each entry is
+the whole model in float32, so the cache keeps only the CACHE_ENTRIES most recently used
+entries whose source file is still there unchanged.
 Cache: `$MEMTX_CACHE_DIR` or `~/.cache/memtx`; `MEMTX_NO_CACHE=1` turns it off.
 """
 
@@ -12,8 +14,10 @@ import ctypes
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from memtx_cli.model.tokenizer import TextTokenizer
 from memtx_cli.model.weights import RawWeights, load_weights
 
 CACHE_VERSION = 1
+CACHE_ENTRIES = 4  # weights entries kept, most recently used first
 
 
 def tune_allocator() -> None:
@@ -138,6 +143,10 @@ def _load_cached(path: Path) -> RawWeights | None:
         tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     except (OSError, ValueError, json.JSONDecodeError, Exception):  # absent or damaged: rebuild
         return None
+    try:
+        os.utime(d / "meta.json")  # most recently used: kept by _prune_cache
+    except OSError:
+        pass
     t = meta["tokenizer"]
     return RawWeights(
         args=ModelArgs(**meta["args"]),
@@ -181,11 +190,36 @@ def _store_cached(path: Path, raw: RawWeights) -> None:
         try:
             os.replace(tmp, d)  # atomic: readers see the whole entry or none
         except OSError:  # another process won the race
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
+        _prune_cache(root, keep=d.name)
     except OSError:  # a read-only home is not an error: we just don't cache
         pass
+
+
+def _prune_cache(root: Path, keep: str) -> None:
+    """Remove weights entries whose source file is gone or changed (its key would differ), then
+    all but the CACHE_ENTRIES most recently used (`keep` among them). Only directories named like
+    a key are touched, never through a symlink."""
+    live = []
+    for d in root.iterdir():
+        if d.name.startswith(".tmp-") and time.time() - d.stat().st_mtime > 3600:  # a crashed store
+            shutil.rmtree(d, ignore_errors=True)
+        if d.name == keep or len(d.name) != 24 or d.is_symlink() or not d.is_dir():
+            continue
+        if any(c not in "0123456789abcdef" for c in d.name):
+            continue
+        try:
+            src = Path(json.loads((d / "meta.json").read_text())["from"])
+            stale = not src.exists() or _cache_key(src) != d.name
+            used = (d / "meta.json").stat().st_mtime
+        except (OSError, ValueError, KeyError, TypeError):  # damaged: nothing can load it
+            stale, used = True, 0.0
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            live.append((used, d.name))
+    for _, name in sorted(live, reverse=True)[CACHE_ENTRIES - 1 :]:
+        shutil.rmtree(root / name, ignore_errors=True)
 
 
 def load_raw(path: Path) -> RawWeights:
