@@ -94,6 +94,11 @@ class Config:
     answer_tokens: int = knob(
         0, "answer-top-k: how many of a prompt's last tokens read as answering tokens; 0 = all of them."
     )
+    answer_copy: bool = knob(
+        False,
+        "ask with quoted sources: every answer token continues a span of the quoted text or starts "
+        "another (copied, not paraphrased: a small model rewrites dates and numbers wrongly).",
+    )
     mem_distance: int = knob(
         0, "fixed: distance memories sit at; clamped: the cap or where far memories sit. 0 = auto."
     )

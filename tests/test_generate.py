@@ -64,3 +64,32 @@ def test_a_generation_that_loops_is_recognised():
     assert looping("x", [5, 7] * 8) and not looping("x", [5, 7] * 7)  # a 2-token pattern over 16 tokens
     assert looping("x", [1, 2, 3, 4, 5, 6, 7, 8] * 3) and not looping("x", [1, 2, 3, 4, 5, 6, 7, 8, 9] * 3)
     assert not looping("x", list(range(40)))
+
+
+def test_copy_constrained_answers_are_spans_of_their_source(tiny_lm):
+    """CopyFrom: every generated token continues a span of the source the tokens before it
+    copied, or starts another; a stop token is only allowed once something was copied."""
+    from memtx_cli.config import merge_config
+    from memtx_cli.engine.generate import CopyFrom, generate
+
+    cfg = merge_config({"memory": False, "segment": 64, "dtype": "float32"})
+    source = tiny_lm.tokenizer.encode("the cat sat on the mat and the dog ran far away")
+    stops = {min(set(range(tiny_lm.args.vocab_size)) - set(source))}
+    n = len(source)
+    for seed in range(3):
+        copy, taken = CopyFrom(source, stops), []
+        advance = copy.advance
+        copy.advance = lambda t, advance=advance, taken=taken: (taken.append(t), advance(t))
+        generate(tiny_lm, [5, 6, 7], cfg, Sampling(max_tokens=12, temperature=1.0, seed=seed), copy=copy)
+        at = list(range(n))  # the reference: positions a span may take next
+        for k, tok in enumerate(taken):
+            assert tok in {source[p] for p in at} or (k > 0 and tok in stops)
+            at = [p + 1 for p in at if source[p] == tok and p + 1 < n] or list(range(n))
+    first = CopyFrom(source, stops).mask(torch.zeros(tiny_lm.args.vocab_size))
+    assert torch.isinf(first[list(stops)]).all()  # nothing copied yet: no stopping
+    assert set(torch.nonzero(torch.isfinite(first)).flatten().tolist()) == set(source)
+    c = CopyFrom(source, stops)
+    c.advance(source[0])  # "the": the next token continues one of its spans, or stops
+    nxt = c.mask(torch.zeros(tiny_lm.args.vocab_size))
+    follow = {source[i + 1] for i in range(n - 1) if source[i] == source[0]}
+    assert set(torch.nonzero(torch.isfinite(nxt)).flatten().tolist()) == follow | stops

@@ -84,6 +84,33 @@ def sample_next(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) 
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+class CopyFrom:
+    """Copy-constrained decoding: each token either continues a span of `source` (token ids)
+    that the tokens before it copied, or starts a new span anywhere in it; stop tokens are
+    allowed once something was copied. Greedy decoding then picks the model's best copy."""
+
+    def __init__(self, source: list[int], stop_ids: set[int]) -> None:
+        if not source:
+            raise MemtxError("nothing to copy an answer from")
+        self.src = torch.tensor(source, dtype=torch.long)
+        self.stops = sorted(stop_ids)
+        self.at = torch.arange(len(source))  # positions of the next token a span may take
+        self.copied = 0
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        allowed = torch.full_like(logits, float("-inf"))
+        allowed[self.src[self.at]] = 0
+        if self.copied and self.stops:
+            allowed[self.stops] = 0
+        return logits + allowed
+
+    def advance(self, tok: int) -> None:
+        nxt = self.at[self.src[self.at] == tok] + 1
+        nxt = nxt[nxt < len(self.src)]
+        self.at = nxt if len(nxt) else torch.arange(len(self.src))  # the span ended: start another
+        self.copied += 1
+
+
 def looping(text: str, ids: list[int], min_span: int = 16) -> bool:
     """Whether a generation has started to loop: its last complete line repeats an earlier
     non-empty line, or its last `min_span` or more tokens are one short pattern (at most 8
@@ -132,6 +159,7 @@ def generate(
     stop_ids: set[int] | None = None,
     trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     query: str | None = None,
+    copy: CopyFrom | None = None,
 ) -> Generation:
     """Stream the prompt, then decode; `on_text` receives each new piece of text as soon as it
     is complete UTF-8. `trace` (see MemoryRead.trace) receives the attention mass on bank
@@ -139,7 +167,8 @@ def generate(
 
     With a bank, the words of `query` (the user's text; None = the whole prompt) pin the
     `cfg.bank_words` bank blocks that BM25 ranks best: every chunk reads them beside the blocks
-    its queries find. Nothing of the prompt is scored, so its words may choose what it reads."""
+    its queries find. Nothing of the prompt is scored, so its words may choose what it reads.
+    `copy` constrains every new token to copy from its source (CopyFrom)."""
     if not prompt_ids:
         raise MemtxError("the prompt is empty")
     cfg.validate_for(lm.args.context_length)
@@ -168,8 +197,10 @@ def generate(
     reason = "length"
     stop_ids = stop_ids or set()
     for _ in range(s.max_tokens):
-        logits = lm.model.logits(h[None])[0, -1]
-        tok = sample_next(logits.cpu(), s, gen)
+        logits = lm.model.logits(h[None])[0, -1].cpu()
+        tok = sample_next(logits if copy is None else copy.mask(logits), s, gen)
+        if copy is not None:
+            copy.advance(tok)
         if tok in stop_ids:
             reason = "eos"
             break

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from memtx_cli.config import Config
-from memtx_cli.engine.generate import Generation, Sampling, generate, stop_token_ids
+from memtx_cli.engine.generate import CopyFrom, Generation, Sampling, generate, stop_token_ids
 from memtx_cli.errors import MemtxError, UsageError
 from memtx_cli.model.loading import LoadedModel
 
@@ -207,11 +207,17 @@ def recall(lm: LoadedModel, question: str, cfg: Config, bank: Any, n: int) -> li
 def with_evidence(question: str, excerpts: list[Source], max_chars: int) -> str:
     """The question with the recalled excerpts as plain context. (Numbered, titled excerpts made
     the 135M model continue the list instead of answering.)"""
-    parts = []
+    context = "\n\n".join(quoted(excerpts, max_chars))
+    return f"Context:\n{context}\n\nAnswer this question from the context: {question}"
+
+
+def quoted(excerpts: list[Source], max_chars: int) -> list[str]:
+    """The excerpts' texts as the prompt quotes them (each cut at max_chars)."""
+    out = []
     for src in excerpts:
         text = (src.text or "").strip()
-        parts.append(text[:max_chars] + (" ..." if len(text) > max_chars else ""))
-    return "Context:\n" + "\n\n".join(parts) + f"\n\nAnswer this question from the context: {question}"
+        out.append(text[:max_chars] + (" ..." if len(text) > max_chars else ""))
+    return out
 
 
 def check_counts(n_sources: int, evidence: int = 0) -> None:
@@ -257,7 +263,10 @@ def answer(
             messages = [*messages[:-1], {"role": "user", "content": with_evidence(question, excerpts, evidence_chars)}]
         memory = None if excerpts else bank
         ids = lm.tokenizer.encode(render_chat(lm, messages))
-        gen = generate(lm, ids, cfg, sampling, memory, on_text, stop, query=question)
+        copy = None
+        if excerpts and cfg.answer_copy:  # the answer copied from the quoted text
+            copy = CopyFrom(lm.tokenizer.encode("\n" + "\n\n".join(quoted(excerpts, evidence_chars))), stop)
+        gen = generate(lm, ids, cfg, sampling, memory, on_text, stop, query=question, copy=copy)
         return Answer(gen, recalled[:n_sources], excerpts)
     trace = BankTrace()
     ids = lm.tokenizer.encode(render_chat(lm, messages))
