@@ -148,6 +148,31 @@ def pin_bank_blocks(st: Streamer, bank: Any, text: str, n: int) -> None:
             mem.pinned = torch.tensor(blocks, dtype=torch.long) if blocks else None
 
 
+def prefill(
+    st: Streamer,
+    lm: LoadedModel,
+    prompt_ids: list[int],
+    bank: Any,
+    trace: Callable[[torch.Tensor, torch.Tensor], None] | None,
+    query: str | None,
+) -> torch.Tensor:
+    """The prompt streamed (its words pinning bank blocks first); the last token's hidden state."""
+    cfg = st.cfg
+    if bank is not None and cfg.bank_words:
+        pin_bank_blocks(st, bank, query if query is not None else lm.tokenizer.decode(prompt_ids), cfg.bank_words)
+    x = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
+    # A prompt's tokens are never scored, so their own queries may choose what they read:
+    # they answer (Config.answer_tokens: the last n, 0 = all); the last one predicts the first.
+    n_ask = min(cfg.answer_tokens or len(prompt_ids), len(prompt_ids)) if cfg.answer_top_k else 1
+    if len(prompt_ids) > n_ask:
+        st.feed(x[:-n_ask])
+    st.answering = True
+    if n_ask > 1:
+        st.feed(x[-n_ask:-1])
+    st.trace = trace
+    return st.feed(x[-1:])
+
+
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
@@ -178,19 +203,7 @@ def generate(
     # Answering tokens read every memory's raw keys (Config.answer_top_k): keep them all.
     st = Streamer(lm.model, cfg, bank, keep_all=cfg.answer_top_k > 0)
     t0 = time.perf_counter()
-    if bank is not None and cfg.bank_words:
-        pin_bank_blocks(st, bank, query if query is not None else lm.tokenizer.decode(prompt_ids), cfg.bank_words)
-    x = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
-    # A prompt's tokens are never scored, so their own queries may choose what they read:
-    # they answer (Config.answer_tokens: the last n, 0 = all); the last one predicts the first.
-    n_ask = min(cfg.answer_tokens or len(prompt_ids), len(prompt_ids)) if cfg.answer_top_k else 1
-    if len(prompt_ids) > n_ask:
-        st.feed(x[:-n_ask])
-    st.answering = True
-    if n_ask > 1:
-        st.feed(x[-n_ask:-1])
-    st.trace = trace
-    h = st.feed(x[-1:])
+    h = prefill(st, lm, prompt_ids, bank, trace, query)
     t1 = time.perf_counter()
     out: list[int] = []
     shown = ""
