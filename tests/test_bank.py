@@ -284,6 +284,16 @@ def test_a_bank_of_some_heads_stores_and_reads_those_heads_only(tiny_lm, tiny_gg
             _stream_bank(
                 tiny_lm, ids_, tiny_cfg(tiny_gguf, memory_layers=str(first), memory_heads=f"{first}.1"), some, -1
             )
+        from memtx_cli.engine.stream import Streamer
+
+        answering = tiny_cfg(  # answering reads of a short prompt: the bank's tokens, no own past
+            tiny_gguf, memory_layers=f"{first},{last}", positions="clamped", answer_top_k=4, answer_bank=True
+        )
+        st = Streamer(tiny_lm.model, answering, some, keep_all=True)
+        st.answering = True
+        with torch.no_grad():
+            h = st.feed(ids_[:6])
+        assert torch.isfinite(h).all()  # rows whose head the bank lacks read nothing, not NaN
     with pytest.raises(MemtxError, match="bank-heads"):
         build(tiny_lm, tiny_gguf, corpus, tmp_path / "none.idx", bank_heads="0.0", memory_layers=str(last))
 

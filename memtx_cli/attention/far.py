@@ -84,8 +84,8 @@ def far_reads(
         s = pair_dot(q_far[:, :, idx], got.keys[:, None].to(q_far.dtype)).float() * scale
         s = s - (mem.far_bias if mem.far_row_bias is None else mem.far_row_bias.view(-1, 1, 1, 1))
         s = s.masked_fill(~got.valid[:, None], float("-inf"))  # a bank with fewer entries than asked
-        lc = torch.logsumexp(s, -1)  # (R, G, n)
-        w = torch.exp(s - lc[..., None])
+        lc = torch.logsumexp(s, -1)  # (R, G, n); -inf where a row reads nothing (weight 0 below)
+        w = torch.exp(s - lc[..., None]).nan_to_num(0.0)
         out[:, :, idx] = pair_mix(w.to(q_far.dtype), got.values[:, None].to(q_far.dtype))
         lse[:, :, idx] = lc
     return out, lse
