@@ -28,6 +28,7 @@ class BankLayerMemory:
         self.n_kv = len(self.heads)
         stored = set(bank.geo.stored(layer))
         self.on = [h in stored for h in self.heads]
+        self.rows_on = [r for r, on in enumerate(self.on) if on]  # rows that read the bank
         self.off = torch.tensor([not o for o in self.on], device=self.device)
         self.search_seconds = 0.0
         self.n_blocks = len(bank.live_blocks)  # the bank is read-only: counted once
@@ -40,7 +41,7 @@ class BankLayerMemory:
     def search(self, qsum: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(KV, C, D) summed chunk queries -> scores (KV, C, m) and block ids (KV, C, m),
         -inf / -1 where the bank has fewer than m blocks or does not store the row's head."""
-        rows = [r for r, on in enumerate(self.on) if on]
+        rows = self.rows_on
         q = qsum.detach().float().cpu().numpy()[rows]
         d, got = self.bank.search_heads(self.layer, [self.heads[r] for r in rows], q, m)
         i = np.full((self.n_kv, *got.shape[1:]), -1, np.int64)
@@ -56,14 +57,14 @@ class BankLayerMemory:
         b = self.block_size
         kv, nc, m = ids.shape
         idn = ids.masked_fill(self.off.to(ids.device)[:, None, None], -1).cpu().numpy()
-        on = [r for r, o in enumerate(self.on) if o]
+        on = self.rows_on
         self.bank.verify_read(idn[on], self.files)
         rows = np.maximum(idn, 0)[..., None] * b + np.arange(b)  # (KV, C, m, b) entry ids
         heads = [self.heads[r] for r in on]
-        keys = np.zeros((*rows.shape, self.bank.geo.head_dim), np.float16)  # (KV, C, m, b, D)
-        values = np.zeros_like(keys)
-        keys[on] = self.bank.keys(self.layer).gather(rows[on], heads)
-        values[on] = self.bank.values(self.layer).gather(rows[on], heads)
+        keys = self.bank.keys(self.layer).gather(rows[on], heads)  # (KV on, C, m, b, D) float16
+        values = self.bank.values(self.layer).gather(rows[on], heads)
+        if len(on) < kv:  # rows whose head the bank lacks: zeros, never valid
+            keys, values = self._spread(keys, on, kv), self._spread(values, on, kv)
         n_valid = self.bank.blocks[np.maximum(idn, 0), 1]  # (KV, C, m)
         valid = (np.arange(b) < n_valid[..., None]) & (idn[..., None] >= 0)
 
@@ -71,6 +72,12 @@ class BankLayerMemory:
             return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.dtype).view(kv, nc, m * b, -1)
 
         return t(keys), t(values), torch.from_numpy(valid).to(self.device).view(kv, nc, m * b)
+
+    @staticmethod
+    def _spread(x: np.ndarray, on: list[int], kv: int) -> np.ndarray:
+        out = np.zeros((kv, *x.shape[1:]), x.dtype)
+        out[on] = x
+        return out
 
     def retrieve_tokens(
         self,
