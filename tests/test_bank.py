@@ -457,7 +457,7 @@ def test_eviction_keeps_ids_aligned_with_values(tmp_path, policy):
             k = (d * 1000 + offs)[:, None, None] + np.zeros((t, 1, 4))
             (b,) = bank.allocate(1, set(blocks))
             prov = np.stack([np.full(t, d), offs, offs * 10], 1)
-            bank.write_block(b, d, {0: (k.astype(np.float16) / 64, (k + 0.5).astype(np.float16) / 64)}, prov)
+            bank.write_blocks([b], {0: (k.astype(np.float16) / 64, (k + 0.5).astype(np.float16) / 64)}, prov)
             blocks.append(b)
             valid.append(t)
         bank.attach_blocks(d, blocks, valid)
@@ -636,7 +636,7 @@ def test_freed_blocks_are_not_reused_while_a_reader_is_open(tmp_path):
     k = np.ones((4, 1, 4), np.float16)
     prov = np.zeros((4, 3), np.int64)
     (b0,) = bank.allocate(1, set())
-    bank.write_block(b0, 0, {0: (k, k)}, prov)
+    bank.write_blocks([b0], {0: (k, k)}, prov)
     bank.attach_blocks(0, [b0], [4])
     bank.add_document(DocRecord(0, "a", "sha-a", 4, 4, 4, 4, [b0], "now"))
     bank.commit()
@@ -688,3 +688,38 @@ def test_a_reader_checks_each_block_when_it_first_reads_it(good_bank, tmp_path):
         assert torch.equal(keys, k2)
     with pytest.raises(MemtxError, match="L2.keys is damaged"):
         Bank.open(bank, verify=True)
+
+
+def test_rows_written_in_runs_equal_rows_written_block_by_block(tmp_path):
+    """write_blocks (one write per run of consecutive blocks) stores the same bytes and crcs
+    as writing one block at a time, across runs, gaps and a padded last block."""
+    rng = np.random.default_rng(3)
+    n = 4 * 6 + 3  # seven blocks of 4, the last one 3 rows
+    k = rng.standard_normal((n, 1, 4)).astype(np.float16)
+    v = rng.standard_normal((n, 1, 4)).astype(np.float16)
+    prov = np.stack([np.zeros(n), np.arange(n), np.arange(n) * 7], 1).astype(np.int64)
+    blocks = [0, 1, 2, 5, 6, 9, 10]  # three runs
+    banks = {}
+    for how in ("runs", "single"):
+        bank = synthetic_bank(tmp_path / f"{how}.idx", capacity=0, policy="fifo")
+        bank._grow(12)
+        if how == "runs":
+            bank.write_blocks(blocks, {0: (k, v)}, prov)
+        else:
+            for j, b in enumerate(blocks):
+                rows = slice(4 * j, 4 * j + 4)
+                bank.write_blocks([b], {0: (k[rows], v[rows])}, prov[rows])
+        bank.attach_blocks(0, blocks, [4] * 6 + [3])
+        bank.add_document(DocRecord(0, "a", "sha-a", n, n, n, n, blocks, "now"))
+        bank.commit()
+        banks[how] = bank
+    a, b = banks["runs"], banks["single"]
+    assert np.array_equal(a.crc, b.crc) and a.crc[blocks].all()
+    for x, y in ((a.keys(0).mm, b.keys(0).mm), (a.values(0).mm, b.values(0).mm), (a.provenance(), b.provenance())):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert np.array_equal(a.keys(0)[[20, 21, 22, 36, 37, 38]], k[[12, 13, 14, 20, 21, 22]])
+    assert (np.asarray(a.provenance())[43] == -1).all()  # the last block's padding row
+    with pytest.raises(ValueError):
+        a.write_blocks([0, 1], {0: (k, v)}, prov)  # 27 rows need 7 blocks
+    for bank in banks.values():
+        bank.close()

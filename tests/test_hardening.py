@@ -60,7 +60,7 @@ def small_writes(bank: Bank, n_docs: int, first: int = 100, rows: int = 4) -> No
         k = np.full((rows, 1, 4), d % 7, np.float16)
         (b,) = bank.allocate(1, set())
         prov = np.stack([np.full(rows, d), np.arange(rows), np.arange(rows)], 1).astype(np.int64)
-        bank.write_block(b, d, {0: (k, k)}, prov)
+        bank.write_blocks([b], {0: (k, k)}, prov)
         bank.attach_blocks(d, [b], [rows])
         bank.add_document(DocRecord(d, f"doc{d}", f"sha{d}", rows, rows, rows, rows, [b], "now"))
         bank.commit()

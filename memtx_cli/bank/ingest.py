@@ -159,23 +159,22 @@ def stream_into_bank(
             if pend_n < TRAIN_ROWS and not final or pend_n == 0:
                 return
             bank.train_codec({i: tuple(np.concatenate(x) for x in zip(*pending[i], strict=True)) for i in layers})
-        while pend_n >= bs or (final and pend_n > 0):
-            take = min(bs, pend_n)
-            kv = {}
-            for i in layers:
-                k = np.concatenate([a for a, _ in pending[i]])
-                v = np.concatenate([b for _, b in pending[i]])
-                kv[i] = (k[:take], v[:take])
-                pending[i] = [(k[take:], v[take:])]
-            prov = np.stack(
-                [np.full(take, doc_id), np.arange(start, start + take), char_off[start : start + take]], 1
-            ).astype(np.int64)
-            (b,) = bank.allocate(1, set(blocks))
-            bank.write_block(b, doc_id, kv, prov, None if words is None else words[start : start + take])
-            blocks.append(b)
-            valid.append(take)
-            start += take
-            pend_n -= take
+        take = pend_n if final else pend_n - pend_n % bs  # whole blocks; the rest waits
+        if take <= 0:
+            return
+        kv = {}
+        for i in layers:
+            k = np.concatenate([a for a, _ in pending[i]])
+            v = np.concatenate([b for _, b in pending[i]])
+            kv[i] = (k[:take], v[:take])
+            pending[i] = [(k[take:], v[take:])]
+        prov = np.stack([np.full(take, doc_id), np.arange(start, start + take), char_off[start : start + take]], 1)
+        got = bank.allocate(-(-take // bs), set(blocks))
+        bank.write_blocks(got, kv, prov.astype(np.int64), None if words is None else words[start : start + take])
+        blocks.extend(got)
+        valid.extend(min(bs, take - j * bs) for j in range(len(got)))
+        start += take
+        pend_n -= take
 
     # The document's first `sinks` tokens stay out of the bank, as they stay out of its own
     # memory: their keys draw attention from every query (that is what makes them sinks), so

@@ -178,7 +178,7 @@ def copy_document(src: Bank, rec: DocRecord, dst: Bank) -> None:
         prov[:, 0] = doc_id
         words = src.words_array()
         (nb,) = dst.allocate(1, set(new_blocks))
-        dst.write_block(nb, doc_id, kv, prov, None if words is None else np.array(words[rows]))
+        dst.write_blocks([nb], kv, prov, None if words is None else np.array(words[rows]))
         new_blocks.append(nb)
         valid.append(n)
     dst.attach_blocks(doc_id, new_blocks, valid)

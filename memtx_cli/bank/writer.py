@@ -59,10 +59,10 @@ class BankWriter:
             grow = max(need, old // 4, 16)  # geometric growth: amortised O(1) file extension
             self._grow(old + grow)
             free += [b for b in range(old, old + grow) if b not in reserved][:need]
-        for b in free:
+        for lo, hi in _runs(free):
             for name in self.data_files:
                 rb = self._block_bytes(name)
-                bankfs.reserve(self._fds[name], b * rb, rb, self.path)
+                bankfs.reserve(self._fds[name], lo * rb, (hi - lo) * rb, self.path)
         return free
 
     def _grow(self, nb: int) -> None:
@@ -75,43 +75,47 @@ class BankWriter:
         self.crc = np.concatenate([self.crc, np.zeros((nb - old, self.n_files), np.uint32)])
         self._mm.clear()
 
-    def _put(self, fi: int, name: str, b: int, block: np.ndarray) -> None:
-        data = block.tobytes()
-        try:
-            bankfs.pwrite_all(self._fds[name], data, b * len(data))
-        except OSError as e:
-            if bankfs.is_no_space(e):
-                raise bankfs.no_space(self.path) from None
-            raise
-        self._crc_new[(b, fi)] = zlib.crc32(data)
-
-    def write_block(
+    def write_blocks(
         self,
-        b: int,
-        doc_id: int,
+        blocks: list[int],
         kv: dict[int, tuple[np.ndarray, np.ndarray]],  # layer -> keys, values (n, stored KV, D) float16
         prov: np.ndarray,  # (n, 3) int64
-        words: np.ndarray | None = None,  # (n,) uint32 word hashes (bank/words.py); None = none known
+        words: np.ndarray | None = None,  # (n,) uint32 word hashes; None = none known
     ) -> None:
-        """Write one block's data into free block b (not yet committed)."""
+        """Write n consecutive rows into free blocks (block_size rows each, the last one padded;
+        not yet committed): one write per file for each run of consecutive block ids, a crc per
+        block."""
         bs = self.geo.block_size
         n = prov.shape[0]
-        fi = 0
+        if len(blocks) != -(-n // bs):
+            raise ValueError(f"{n} rows need {-(-n // bs)} blocks, got {len(blocks)}")
+        rows = len(blocks) * bs
+        arrays = []
         for layer in self.geo.layers:
             for kind, arr in enumerate(kv[layer]):
-                enc = Stored.encode(arr, self.codecs(layer, kind))
-                full = np.zeros((bs, *enc.shape[1:]), enc.dtype)
-                full[:n] = enc
-                self._put(fi, self.data_files[fi], b, full)
-                fi += 1
-        full = np.full((bs, 3), -1, np.int64)
-        full[:n] = prov
-        self._put(fi, "provenance.bin", b, full)
+                arrays.append(_padded(Stored.encode(arr, self.codecs(layer, kind)), rows, 0))
+        arrays.append(_padded(prov.astype(np.int64), rows, -1))
         if self.has_words:
-            row = np.zeros(bs, np.uint32)
-            if words is not None:
-                row[:n] = words
-            self._put(fi + 1, "words.bin", b, row)
+            arrays.append(_padded(np.zeros(n, np.uint32) if words is None else words.astype(np.uint32), rows, 0))
+        for fi, (name, arr) in enumerate(zip(self.data_files, arrays, strict=True)):
+            self._put_runs(fi, name, blocks, arr)
+
+    def _put_runs(self, fi: int, name: str, blocks: list[int], rows: np.ndarray) -> None:
+        """rows (len(blocks) * block_size, ...) into `blocks`, each run of consecutive ids at once."""
+        data = memoryview(rows.tobytes())
+        rb = len(data) // len(blocks)
+        i = 0
+        for lo, hi in _runs(blocks):
+            m = hi - lo
+            try:
+                bankfs.pwrite_all(self._fds[name], data[i * rb : (i + m) * rb], lo * rb)
+            except OSError as e:
+                if bankfs.is_no_space(e):
+                    raise bankfs.no_space(self.path) from None
+                raise
+            for k in range(m):
+                self._crc_new[(lo + k, fi)] = zlib.crc32(data[(i + k) * rb : (i + k + 1) * rb])
+            i += m
 
     def train_codec(self, kv: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
         """Train the bank's codec on its first rows (layer -> keys, values (n, stored KV, D)): one
@@ -316,3 +320,23 @@ class BankWriter:
         """LRU: mark blocks as used now (writers only; readers never modify a bank)."""
         self.manifest["clock"] += 1
         self.blocks[np.asarray(blocks, np.int64), B_USED] = self.manifest["clock"]
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Runs [lo, hi) of consecutive ids, in the order given."""
+    out: list[tuple[int, int]] = []
+    for b in ids:
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], b + 1)
+        else:
+            out.append((b, b + 1))
+    return out
+
+
+def _padded(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
+    """a (n, ...) padded with `fill` to `rows` rows."""
+    if a.shape[0] == rows:
+        return np.ascontiguousarray(a)
+    out = np.full((rows, *a.shape[1:]), fill, a.dtype)
+    out[: a.shape[0]] = a
+    return out

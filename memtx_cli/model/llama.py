@@ -92,9 +92,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies (D/2,), with Llama 3's frequency scaling where the config asks."""
+    """Inverse frequencies (D/2,), with Llama 3's frequency scaling where the config asks.
+    Computed on the CPU, whatever the default device: on the meta device (build_model) arange
+    imports torch._dynamo, about a second of every command's start."""
     d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     rs = args.rope_scaling
     kind = rs.get("rope_type", rs.get("type")) if rs else None
     if kind == "linear":
@@ -295,7 +297,11 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        # Built from an empty tensor: nn.Embedding's own init runs normal_, which on the meta
+        # device (build_model) imports torch._dynamo, about a second of every command's start.
+        self.embed = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        if not self.embed.weight.is_meta:
+            nn.init.normal_(self.embed.weight)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
