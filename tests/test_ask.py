@@ -165,8 +165,12 @@ def test_bench_passkey_json(tiny_gguf, bank_dir):
     r = memtx("bench", "passkey", "--model", str(tiny_gguf), "--lengths", "300", "--depths", "2", "--trials", "1",
               "--config", str(cfg), "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    row = json.loads(r.stdout)["rows"][0]
+    res = json.loads(r.stdout)
+    row = res["rows"][0]
     assert row["trials"] == 2 and 0 <= row["accuracy_memory"] <= 1 and 0 <= row["accuracy_window"] <= 1
+    meta = res["meta"]  # every bench result carries its run: command, date, commit, CPU
+    assert meta["command"].startswith("memtx bench passkey") and meta["date"][:2] == "20"
+    assert meta["cpu"] and meta["cores"] >= 1 and meta["commit"] and meta["torch"]
     assert row["seconds_per_trial"] > 0 and len(row["details"]) == 2
     r = memtx("bench", "passkey", "--model", str(tiny_gguf), "--lengths", "300", "--depths", "1", "--trials", "1",
               "--config", str(cfg), "--bank", "--set", "answer-bank=true", "--precision", "sq8", "--json")  # fmt: skip

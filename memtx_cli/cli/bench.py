@@ -21,6 +21,7 @@ from memtx_cli.cli.options import (
     settings_options,
 )
 from memtx_cli.errors import UsageError
+from memtx_cli.tasks.runinfo import run_info
 
 bench_app = typer.Typer(help="Benchmarks: throughput, memory, recall, passkey, ask.", no_args_is_help=True)
 
@@ -67,7 +68,7 @@ def bench_throughput(
         log=lambda m: log(m, quiet),
     )
     if as_json:
-        print_json(res)
+        print_json({"meta": run_info(), **res})
         return
     peak = res["peak_gflops"]
     rows = []
@@ -124,7 +125,7 @@ def bench_memory(
         where, [int(x) for x in lengths.split(",")], genres.split(","), cfg, log=lambda m: log(m, quiet)
     )
     if as_json:
-        print_json(res)
+        print_json({"meta": run_info(), **res})
         return
     st = res["settings"]
     rows = [
@@ -177,7 +178,7 @@ def bench_recall(
     cfg, _ = settings.resolve()
     res = run_recall(where, tokens, genre, kinds.split(";"), cfg, k=k, log=lambda m: log(m, quiet))
     if as_json:
-        print_json(res)
+        print_json({"meta": run_info(), **res})
         return
     print_table(
         f"recall@{k} vs exact, {res['entries_per_head']:,} real keys per head ({genre}, layers {res['layers']})",
@@ -216,7 +217,7 @@ def bench_passkey(
     lm = load_for(cfg)
     res = run_passkey(lm, cfg, lens, deps, trials, seed, not no_window, lambda m: log(m, quiet), bank, precision)
     if as_json:
-        print_json(res)
+        print_json({"meta": run_info(), **res})
         return
     st = res["settings"]
     rows = [
@@ -280,7 +281,7 @@ def bench_ask(
         finally:
             bank.close()
     if as_json:
-        print_json(res)
+        print_json({"meta": run_info(), **res})
         return
     rows = [
         [
