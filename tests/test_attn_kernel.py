@@ -418,7 +418,8 @@ def test_far_attention_agrees_with_the_torch_path():
     chunk_of = torch.arange(t) // 32
     bound = torch.tensor([0, 40, 2000, 4960])[chunk_of]  # a bound per chunk, as the model draws them
     fast = mem.far_attention(qs, qa, bound, 32, 0.125, 2.0, rows)
-    slow = far_reads(qs, qa, bound, chunk_of, SimpleNamespace(memory=mem, far_top_k=32, far_bias=2.0), 0.125, rows)
+    read = SimpleNamespace(memory=mem, far_top_k=32, far_bias=2.0, far_row_bias=None, far_bank=False, far_pages=0)
+    slow = far_reads(qs, qa, bound, chunk_of, read, 0.125, rows)
     assert fast[0].dtype == torch.bfloat16
     assert (fast[0].float() - slow[0].float()).abs().max().item() < 0.03
     torch.testing.assert_close(fast[1], slow[1], atol=0.05, rtol=0.01)
