@@ -7,8 +7,9 @@ runs today, on a real bank and the real queries of a document read against it.
 The document (not in the bank) streams with the bank as memory (`score --memory BANK`); every
 block search it sends to the bank is recorded: the summed chunk queries of each memory head.
 For each stored (layer, KV head) the bank's block means are indexed again as IVF-Flat
-(`nlist` = 4 sqrt(blocks), trained on the means themselves) and as HNSW-Flat (32 links), both
-inner product; each answers the recorded queries for k = 16 (`bank-blocks`) and 64 (ask's
+(`nlist` = 4 sqrt(blocks), trained on the means themselves), as HNSW-Flat (32 links) and as 8-bit
+scalar-quantized codes scanned whole with the best k x factor re-scored exactly (IndexRefineFlat),
+all inner product; each answers the recorded queries for k = 16 (`bank-blocks`) and 64 (ask's
 recall). Recall@k: the share of the exact top k found, a found block counting when its exact
 score ties the k-th (repeated text has equal means). Seconds per query are for one thread.
 """
@@ -83,6 +84,10 @@ def measure(means: np.ndarray, q: np.ndarray, nprobes: list[int], efs: list[int]
     ivf.add(means)
     hnsw = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
     hnsw.add(means)
+    sq = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    sq.train(means)
+    refine = faiss.IndexRefineFlat(sq)  # 8-bit codes scanned, the best k x factor re-scored exactly
+    refine.add(means)
     for k in KS:
         s_e, i_e = exact[k]
         for p in nprobes:
@@ -92,6 +97,13 @@ def measure(means: np.ndarray, q: np.ndarray, nprobes: list[int], efs: list[int]
             us = 1e6 * (time.perf_counter() - t0) / len(q)
             r = recall(s_e, i_e, i_a, means, q)
             rows.append({"index": f"ivf{nlist}", "nprobe": p, "k": k, "recall": r, "us_per_query": us})
+        for factor in (1, 2, 4):
+            refine.k_factor = factor
+            t0 = time.perf_counter()
+            _, i_a = refine.search(q, k)
+            us = 1e6 * (time.perf_counter() - t0) / len(q)
+            r = recall(s_e, i_e, i_a, means, q)
+            rows.append({"index": "sq8refine", "k_factor": factor, "k": k, "recall": r, "us_per_query": us})
         for ef in efs:
             hnsw.hnsw.efSearch = max(ef, k)
             t0 = time.perf_counter()
@@ -108,8 +120,8 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, required=True, help="a document not in the bank")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--pairs", type=int, default=8, help="(layer, head) pairs measured, spread over the stored ones")
-    ap.add_argument("--nprobe", default="8,16,32,64,128")
-    ap.add_argument("--ef", default="64,128,256")
+    ap.add_argument("--nprobe", default="8,32,128,256")
+    ap.add_argument("--ef", default="64,256")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     bank, seen = record_queries(a.bank, a.doc, a.tokens)
@@ -126,7 +138,7 @@ def main() -> None:
             print(out[-1], file=sys.stderr)
     summary = {}
     for r in out:
-        key = (r["index"].rstrip("0123456789"), r.get("nprobe", r.get("ef_search")), r["k"])
+        key = (r["index"].rstrip("0123456789"), r.get("nprobe", r.get("ef_search", r.get("k_factor"))), r["k"])
         summary.setdefault(key, []).append(r)
     table = [
         {
