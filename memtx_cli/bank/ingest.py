@@ -170,7 +170,7 @@ def stream_into_bank(
             pending[i] = [(k[take:], v[take:])]
         prov = np.stack([np.full(take, doc_id), np.arange(start, start + take), char_off[start : start + take]], 1)
         got = bank.allocate(-(-take // bs), set(blocks))
-        bank.write_blocks(got, kv, prov.astype(np.int64), None if words is None else words[start : start + take])
+        bank.write_blocks(got, kv, prov, None if words is None else words[start : start + take])
         blocks.extend(got)
         valid.extend(min(bs, take - j * bs) for j in range(len(got)))
         start += take

@@ -94,15 +94,16 @@ class BankWriter:
         for layer in self.geo.layers:
             for kind, arr in enumerate(kv[layer]):
                 arrays.append(_padded(Stored.encode(arr, self.codecs(layer, kind)), rows, 0))
-        arrays.append(_padded(prov.astype(np.int64), rows, -1))
+        arrays.append(_padded(np.asarray(prov, np.int64), rows, -1))
         if self.has_words:
-            arrays.append(_padded(np.zeros(n, np.uint32) if words is None else words.astype(np.uint32), rows, 0))
+            arrays.append(_padded(np.zeros(n, np.uint32) if words is None else np.asarray(words, np.uint32), rows, 0))
         for fi, (name, arr) in enumerate(zip(self.data_files, arrays, strict=True)):
             self._put_runs(fi, name, blocks, arr)
 
     def _put_runs(self, fi: int, name: str, blocks: list[int], rows: np.ndarray) -> None:
-        """rows (len(blocks) * block_size, ...) into `blocks`, each run of consecutive ids at once."""
-        data = memoryview(rows.tobytes())
+        """rows (len(blocks) * block_size, ...), contiguous, into `blocks`, each run of consecutive
+        ids at once (written and checksummed from the array itself, no copy)."""
+        data = memoryview(rows).cast("B")
         rb = len(data) // len(blocks)
         i = 0
         for lo, hi in _runs(blocks):
