@@ -23,6 +23,7 @@ COMBINE_MODES = ("joint", "gate")
 POSITION_SCHEMES = ("fixed", "true", "clamped")
 RETRIEVAL_MODES = ("token", "block")
 BLOCK_SELECT = ("auto", "exact", "means")
+ANSWER_MODES = ("quote", "copy", "free")
 
 INPUT, MEMORY, RUNTIME = "Input", "Memory", "Model and runtime"
 
@@ -94,11 +95,16 @@ class Config:
     answer_tokens: int = knob(
         0, "answer-top-k: how many of a prompt's last tokens read as answering tokens; 0 = all of them."
     )
-    answer_copy: bool = knob(
-        False,
-        "ask with quoted sources: every answer token continues a span of the quoted text or starts "
-        "another (copied, not paraphrased: a small model rewrites dates and numbers wrongly).",
+    answer_mode: str = knob(
+        "quote",
+        "ask with quoted sources: quote (the lines of the quoted text the question's tokens attend to "
+        "most in the quote-heads, as written), copy (decoded, every token continuing a span of the "
+        "quoted text) or free (decoded freely).",
     )
+    quote_heads: str = knob(
+        "", "answer-mode quote: the query heads (layer.query_head) whose attention picks the lines (the card's)."
+    )
+    quote_lines: int = knob(3, "answer-mode quote: lines quoted, from the one picked on, within its excerpt.")
     mem_distance: int = knob(
         0, "fixed: distance memories sit at; clamped: the cap or where far memories sit. 0 = auto."
     )
@@ -159,6 +165,10 @@ class Config:
             raise UsageError(f"far-top-k must be >= 0, got {self.far_top_k}")
         if self.answer_top_k < 0 or self.answer_tokens < 0 or self.far_pages < 0:
             raise UsageError("answer-top-k, answer-tokens and far-pages must be >= 0")
+        if self.answer_mode not in ANSWER_MODES:
+            raise UsageError(f"answer-mode must be one of {', '.join(ANSWER_MODES)}, got {self.answer_mode!r}")
+        if self.quote_lines < 1:
+            raise UsageError(f"quote-lines must be >= 1, got {self.quote_lines}")
         if self.far_scope not in ("beyond", "all"):
             raise UsageError(f"far-scope must be beyond or all, got {self.far_scope!r}")
         if self.far_top_k and (self.positions != "clamped" or self.retrieval != "block"):

@@ -99,7 +99,10 @@ def ask(
     sys.stdout.write("\n")
     print_sources(res.sources)
     g = res.generation
-    log(f"memtx: {g.tokens} tokens, {g.tokens_per_s:.1f} tokens/s, stop: {g.stop_reason}", quiet)
+    if g.stop_reason == "quote":  # answer-mode quote: lines of the sources, nothing decoded
+        log(f"memtx: {g.tokens} tokens quoted from the sources in {g.prefill_seconds:.1f} s", quiet)
+    else:
+        log(f"memtx: {g.tokens} tokens, {g.tokens_per_s:.1f} tokens/s, stop: {g.stop_reason}", quiet)
 
 
 @handle_errors

@@ -58,6 +58,33 @@ def render_chat(lm: LoadedModel, messages: list[dict[str, str]], add_generation_
         raise MemtxError(f"the chat template of {lm.name} does not render: {str(e)[:200]}") from None
 
 
+def chat_pieces(
+    lm: LoadedModel, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[tuple[list[int], int | None]]:
+    """`messages` in the chat template as token pieces: (ids, None) for the template's own text,
+    its control tokens (`<|im_start|>`, ...) as the single ids the model was trained on, and
+    (ids, i) for message i's content as plain text, so a question or a quoted document that
+    spells a control token cannot open a turn of its own. (A template that rewrites contents
+    beyond recognition is encoded as plain text throughout, as one template piece.)"""
+    marks = [f"\x00{i}\x00" for i in range(len(messages))]
+    stand_ins = [{**m, "content": mk} for m, mk in zip(messages, marks, strict=True)]
+    rendered = render_chat(lm, stand_ins, add_generation_prompt)
+    pieces: list[tuple[list[int], int | None]] = []
+    pos = 0
+    for i, (m, mk) in enumerate(zip(messages, marks, strict=True)):
+        at = rendered.find(mk, pos)
+        if at < 0:
+            return [(lm.tokenizer.encode(render_chat(lm, messages, add_generation_prompt)), None)]
+        pieces += [(lm.tokenizer.encode(rendered[pos:at], special=True), None), (lm.tokenizer.encode(m["content"]), i)]
+        pos = at + len(mk)
+    return [*pieces, (lm.tokenizer.encode(rendered[pos:], special=True), None)]
+
+
+def chat_ids(lm: LoadedModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` in the chat template (chat_pieces joined)."""
+    return [t for ids, _ in chat_pieces(lm, messages, add_generation_prompt) for t in ids]
+
+
 @dataclass
 class BankTrace:
     """Accumulates attention mass per bank block (the callback given to the model)."""
@@ -252,7 +279,7 @@ def answer(
     check_counts(n_sources, evidence)
     stop = stop_token_ids(lm)
     if bank is None:
-        gen = generate(lm, lm.tokenizer.encode(render_chat(lm, messages)), cfg, sampling, None, on_text, stop)
+        gen = generate(lm, chat_ids(lm, messages), cfg, sampling, None, on_text, stop)
         return Answer(gen, [])
     if evidence > 0:
         question = messages[-1]["content"]
@@ -262,16 +289,36 @@ def answer(
         if excerpts:
             messages = [*messages[:-1], {"role": "user", "content": with_evidence(question, excerpts, evidence_chars)}]
         memory = None if excerpts else bank
-        ids = lm.tokenizer.encode(render_chat(lm, messages))
+        mode = cfg.answer_mode if excerpts else "free"
+        if mode == "quote" and not str(cfg.quote_heads).strip():
+            mode = "copy"  # a model without quote heads (the card's) copies instead
+        if mode == "quote":
+            gen = quote_from(lm, messages, cfg, quoted(excerpts, evidence_chars))
+            on_text(gen.text)
+            return Answer(gen, recalled[:n_sources], excerpts)
         copy = None
-        if excerpts and cfg.answer_copy:  # the answer copied from the quoted text
+        if mode == "copy":  # every answer token continues a span of the quoted text
             copy = CopyFrom(lm.tokenizer.encode("\n" + "\n\n".join(quoted(excerpts, evidence_chars))), stop)
-        gen = generate(lm, ids, cfg, sampling, memory, on_text, stop, query=question, copy=copy)
+        gen = generate(lm, chat_ids(lm, messages), cfg, sampling, memory, on_text, stop, query=question, copy=copy)
         return Answer(gen, recalled[:n_sources], excerpts)
     trace = BankTrace()
-    ids = lm.tokenizer.encode(render_chat(lm, messages))
+    ids = chat_ids(lm, messages)
     gen = generate(lm, ids, cfg, sampling, bank, on_text, stop, trace=trace, query=messages[-1]["content"])
     return Answer(gen, sources_from_mass(bank, trace.mass, n_sources))
+
+
+def quote_from(lm: LoadedModel, messages: list[dict[str, str]], cfg: Config, excerpts: list[str]) -> Generation:
+    """answer-mode quote: the last message (with_evidence's text) answered by the lines of the
+    `excerpts` it quotes that the question attends to (tasks/quote.py), read in the chat prompt."""
+    from memtx_cli.tasks.quote import quote_answer
+
+    pieces = chat_pieces(lm, messages)
+    at = next((k for k, (_, i) in enumerate(pieces) if i == len(messages) - 1), None)
+    if at is None:  # the template hid the contents: read them without it
+        return quote_answer(lm, messages[-1]["content"], excerpts, [], [], cfg.quote_heads, cfg.quote_lines)
+    head = [t for ids, _ in pieces[:at] for t in ids]
+    tail = [t for ids, _ in pieces[at + 1 :] for t in ids]
+    return quote_answer(lm, messages[-1]["content"], excerpts, head, tail, cfg.quote_heads, cfg.quote_lines)
 
 
 def conversation_text(messages: list[dict[str, str]]) -> str:
