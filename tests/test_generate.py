@@ -93,3 +93,30 @@ def test_copy_constrained_answers_are_spans_of_their_source(tiny_lm):
     nxt = c.mask(torch.zeros(tiny_lm.args.vocab_size))
     follow = {source[i + 1] for i in range(n - 1) if source[i] == source[0]}
     assert set(torch.nonzero(torch.isfinite(nxt)).flatten().tolist()) == follow | stops
+
+
+def test_decode_threads_keep_the_faster_count_and_restore(monkeypatch):
+    """DecodeThreads: each candidate count timed on the first steps, the faster one kept until
+    the next probe, torch's count restored at the end."""
+    from memtx_cli.engine import generate as g
+
+    clock = [0.0]
+    monkeypatch.setattr(g.time, "perf_counter", lambda: clock[0])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dt = g.DecodeThreads(probe=3, every=20)
+        used = []
+        for _ in range(20):
+            dt.begin()
+            n = torch.get_num_threads()
+            used.append(n)
+            clock[0] += 0.01 if n == 1 else 0.05  # one thread is faster here (a busy machine)
+            dt.end()
+        assert used[:6] == [2, 2, 2, 1, 1, 1] and set(used[6:]) == {1}
+        dt.begin()  # step 20: probing again
+        assert torch.get_num_threads() == 2
+        dt.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

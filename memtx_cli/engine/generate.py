@@ -111,6 +111,52 @@ class CopyFrom:
         self.copied += 1
 
 
+class DecodeThreads:
+    """Decoding's thread count, chosen by measurement while decoding.
+
+    A decoded token is a row of small matrix-vector products; with every core in use and
+    another process on them, each op's threads wait for each other (on 2 cores, 4 tokens/s
+    with 2 threads against 13 with 1, docs/decisions.md). So the first tokens are timed with
+    each candidate count in turn (`probe` steps each, the first step of a count not counted)
+    and decoding goes on with the fastest, measured again every `every` tokens. The thread
+    count torch had is restored at the end."""
+
+    def __init__(self, probe: int = 6, every: int = 96) -> None:
+        self.start = torch.get_num_threads()
+        self.options = [self.start, 1] if self.start > 1 else [self.start]
+        self.probe, self.every = probe, every
+        self.step = 0
+        self.times: dict[int, list[float]] = {}
+        self.best = self.start
+        self.t0 = 0.0
+
+    def _plan(self) -> int:
+        k = self.step % self.every
+        if len(self.options) > 1 and k < self.probe * len(self.options):
+            return self.options[k // self.probe]
+        return self.best
+
+    def begin(self) -> None:
+        n = self._plan()
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        self.t0 = time.perf_counter()
+
+    def end(self) -> None:
+        n, k = torch.get_num_threads(), self.step % self.every
+        if len(self.options) > 1 and k < self.probe * len(self.options):
+            if k % self.probe:  # a count's first step pays for the switch
+                self.times.setdefault(n, []).append(time.perf_counter() - self.t0)
+            if k == self.probe * len(self.options) - 1:
+                med = {c: sorted(v)[len(v) // 2] for c, v in self.times.items() if v}
+                self.best = min(med, key=med.get) if med else self.start
+                self.times = {}
+        self.step += 1
+
+    def close(self) -> None:
+        torch.set_num_threads(self.start)
+
+
 def looping(text: str, ids: list[int], min_span: int = 16) -> bool:
     """Whether a generation has started to loop: its last complete line repeats an earlier
     non-empty line, or its last `min_span` or more tokens are one short pattern (at most 8
@@ -205,11 +251,46 @@ def generate(
     t0 = time.perf_counter()
     h = prefill(st, lm, prompt_ids, bank, trace, query)
     t1 = time.perf_counter()
+    threads = DecodeThreads()
+    try:
+        out, reason, shown = decode(lm, st, h, s, gen, copy, stop_ids or set(), on_text, threads)
+    finally:
+        threads.close()
+    t2 = time.perf_counter()
+    final = lm.tokenizer.decode(out)
+    if reason == "stop":
+        final = final[: min(final.index(p) for p in s.stop if p and p in final)]
+    if len(final) > len(shown) and final.startswith(shown):
+        on_text(final[len(shown) :])
+    return Generation(
+        text=final,
+        tokens=len(out),
+        prompt_tokens=len(prompt_ids),
+        stop_reason=reason,
+        prefill_seconds=t1 - t0,
+        decode_seconds=t2 - t1,
+        retrieval_seconds=st.retrieval_seconds,
+    )
+
+
+def decode(
+    lm: LoadedModel,
+    st: Streamer,
+    h: torch.Tensor,
+    s: Sampling,
+    gen: torch.Generator | None,
+    copy: CopyFrom | None,
+    stop_ids: set[int],
+    on_text: Callable[[str], None],
+    threads: DecodeThreads,
+) -> tuple[list[int], str, str]:
+    """Tokens after the prompt (whose last hidden state is h) until a stop: the ids, the stop
+    reason and the text shown so far through `on_text`."""
     out: list[int] = []
     shown = ""
     reason = "length"
-    stop_ids = stop_ids or set()
     for _ in range(s.max_tokens):
+        threads.begin()
         logits = lm.model.logits(h[None])[0, -1].cpu()
         tok = sample_next(logits if copy is None else copy.mask(logits), s, gen)
         if copy is not None:
@@ -231,21 +312,8 @@ def generate(
         if reason in ("stop", "loop"):
             break
         h = st.feed(torch.tensor([tok], device=lm.device))
-    t2 = time.perf_counter()
-    final = lm.tokenizer.decode(out)
-    if reason == "stop":
-        final = final[: final.index(hit)]
-    if len(final) > len(shown) and final.startswith(shown):
-        on_text(final[len(shown) :])
-    return Generation(
-        text=final,
-        tokens=len(out),
-        prompt_tokens=len(prompt_ids),
-        stop_reason=reason,
-        prefill_seconds=t1 - t0,
-        decode_seconds=t2 - t1,
-        retrieval_seconds=st.retrieval_seconds,
-    )
+        threads.end()
+    return out, reason, shown
 
 
 def generate_from(
