@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,8 @@ def main() -> None:
     for length in a.lengths.split(","):
         for precision in a.precision.split(","):
             for variant in a.variants.split(";"):
-                sets = [s.strip() for s in variant.split(",") if s.strip()]
+                # "," between settings, not within a value (bank-heads=18.2,20.2 is one setting)
+                sets = [s.strip() for s in re.split(r",(?=\s*[a-z][a-z0-9-]*=)", variant) if s.strip()]
                 rows.append({"split": a.split, **run(length, SEEDS[a.split], sets, precision)})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     emit({"meta": run_metadata(), "rows": rows}, a.out, accumulate=True)
