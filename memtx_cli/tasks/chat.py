@@ -271,11 +271,12 @@ def answer(
     evidence = 0: the answer is decoded with the bank as memory only; the sources are the bank
     blocks its tokens attended to most. evidence = N > 0 (recall, then read): the question is
     first read with the bank as memory, the N sources it attended to most are quoted into the
-    prompt (when their text is still on disk), then the answer is decoded from them (the bank
-    is quoted, not attended again: on the questions benchmark's tune split attending to it
-    while decoding answered no better and took twice as long, docs/decisions.md); the sources
-    listed are the ones recalled. A 135M model rarely reproduces a fact from memory attention
-    alone, but does from a quoted excerpt."""
+    prompt (when their text is still on disk), then the answer is made from them by
+    `cfg.answer_mode`: the lines the question attends to, quoted (quote), a decoded copy
+    (copy) or free decoding (free). The bank is quoted, not attended again: on the questions
+    benchmark's tune split attending to it while decoding answered no better and took twice
+    as long (docs/decisions.md); the sources listed are the ones recalled. A 135M model
+    rarely reproduces a fact from memory attention alone, but does from a quoted excerpt."""
     check_counts(n_sources, evidence)
     stop = stop_token_ids(lm)
     if bank is None:
