@@ -22,10 +22,9 @@ import torch
 
 from memtx_cli.config import merge_config
 from memtx_cli.model.loading import load_model
-from memtx_cli.model.probe import attention_rows
 from memtx_cli.tasks import ask_bench
-from memtx_cli.tasks.chat import chat_pieces, quoted, recall, with_evidence
-from memtx_cli.tasks.quote import QUESTION_HEAD, context_lines, line_mass, passage
+from memtx_cli.tasks.chat import quoted, recall, template_around, with_evidence
+from memtx_cli.tasks.quote import passage, read_lines
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _meta import CORPUS, REPO, emit, run_metadata  # noqa: E402
@@ -35,22 +34,15 @@ EVIDENCE, CHARS, LINES = 2, 1200, 3  # memtx ask's defaults
 
 def read_question(lm, cfg, bank, q, heads: list[tuple[int, int]]) -> tuple[torch.Tensor, list[bool]]:
     """Per head, the question's attention mass on each line of the quoted excerpts
-    (len(heads), lines); and per line, whether its passage holds an accepted answer."""
+    (len(heads), lines), as `memtx ask` reads them; and per line, whether its passage holds an
+    accepted answer."""
     excerpts = [s for s in recall(lm, q.question, cfg, bank, 3) if s.text][:EVIDENCE]
     texts = quoted(excerpts, CHARS)
     content = with_evidence(q.question, excerpts, CHARS)
-    pieces = chat_pieces(lm, [{"role": "user", "content": content}])
-    at = next(k for k, (_, i) in enumerate(pieces) if i == 0)
-    head = [t for ids, _ in pieces[:at] for t in ids]
-    tail = [t for ids, _ in pieces[at + 1 :] for t in ids]
-    cids, offsets = lm.tokenizer.encode_with_offsets(content)
-    q_char = content.rindex(QUESTION_HEAD) + len(QUESTION_HEAD)
-    first = len(head) + next(i for i, (s, _) in enumerate(offsets) if s >= q_char)
-    rows = attention_rows(lm.model, torch.tensor(head + cids + tail), heads, first)
-    rows = rows[:, len(head) : len(head) + len(cids)]
-    lines = context_lines(content, texts)
+    around = template_around(lm, [{"role": "user", "content": content}])
+    masses, lines, _ = read_lines(lm, content, texts, around, heads)
     good = [ask_bench.contains_answer(passage(content, lines, i, LINES), q.answers) for i in range(len(lines))]
-    return torch.stack([line_mass(offsets, r, lines) for r in rows]), good
+    return masses, good
 
 
 def right(masses: list[torch.Tensor], goods: list[list[bool]], chosen: list[int]) -> torch.Tensor:

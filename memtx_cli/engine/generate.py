@@ -130,21 +130,18 @@ class DecodeThreads:
         self.best = self.start
         self.t0 = 0.0
 
-    def _plan(self) -> int:
-        k = self.step % self.every
-        if len(self.options) > 1 and k < self.probe * len(self.options):
-            return self.options[k // self.probe]
-        return self.best
+    def _probing(self) -> bool:
+        return len(self.options) > 1 and self.step % self.every < self.probe * len(self.options)
 
     def begin(self) -> None:
-        n = self._plan()
+        n = self.options[self.step % self.every // self.probe] if self._probing() else self.best
         if n != torch.get_num_threads():
             torch.set_num_threads(n)
         self.t0 = time.perf_counter()
 
     def end(self) -> None:
         n, k = torch.get_num_threads(), self.step % self.every
-        if len(self.options) > 1 and k < self.probe * len(self.options):
+        if self._probing():
             if k % self.probe:  # a count's first step pays for the switch
                 self.times.setdefault(n, []).append(time.perf_counter() - self.t0)
             if k == self.probe * len(self.options) - 1:

@@ -308,18 +308,23 @@ def answer(
     return Answer(gen, sources_from_mass(bank, trace.mass, n_sources))
 
 
+def template_around(lm: LoadedModel, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """The chat template's token ids before and after the last message's content ([] and []
+    when the template does not keep the content recognisable: it is then read alone)."""
+    pieces = chat_pieces(lm, messages)
+    at = next((k for k, (_, i) in enumerate(pieces) if i == len(messages) - 1), None)
+    if at is None:
+        return [], []
+    return [t for ids, _ in pieces[:at] for t in ids], [t for ids, _ in pieces[at + 1 :] for t in ids]
+
+
 def quote_from(lm: LoadedModel, messages: list[dict[str, str]], cfg: Config, excerpts: list[str]) -> Generation:
     """answer-mode quote: the last message (with_evidence's text) answered by the lines of the
     `excerpts` it quotes that the question attends to (tasks/quote.py), read in the chat prompt."""
     from memtx_cli.tasks.quote import quote_answer
 
-    pieces = chat_pieces(lm, messages)
-    at = next((k for k, (_, i) in enumerate(pieces) if i == len(messages) - 1), None)
-    if at is None:  # the template hid the contents: read them without it
-        return quote_answer(lm, messages[-1]["content"], excerpts, [], [], cfg.quote_heads, cfg.quote_lines)
-    head = [t for ids, _ in pieces[:at] for t in ids]
-    tail = [t for ids, _ in pieces[at + 1 :] for t in ids]
-    return quote_answer(lm, messages[-1]["content"], excerpts, head, tail, cfg.quote_heads, cfg.quote_lines)
+    around = template_around(lm, messages)
+    return quote_answer(lm, messages[-1]["content"], excerpts, around, cfg.quote_heads, cfg.quote_lines)
 
 
 def conversation_text(messages: list[dict[str, str]]) -> str:

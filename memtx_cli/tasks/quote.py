@@ -44,16 +44,24 @@ def context_lines(content: str, excerpts: list[str]) -> list[Line]:
     return lines
 
 
-def line_mass(offsets: list[tuple[int, int]], mass: torch.Tensor, lines: list[Line]) -> torch.Tensor:
-    """Attention mass per line: the mass of the tokens that overlap it (offsets per token)."""
-    out = torch.zeros(len(lines))
+def token_lines(offsets: list[tuple[int, int]], lines: list[Line]) -> torch.Tensor:
+    """(T,) the line each token (character offsets) overlaps first, -1 for tokens outside them."""
+    out = torch.full((len(offsets),), -1, dtype=torch.long)
     j = 0
     for ti, (a, b) in enumerate(offsets):
         while j < len(lines) and lines[j].end <= a:
             j += 1
         if j < len(lines) and a < lines[j].end and b > lines[j].start:
-            out[j] += float(mass[ti])
+            out[ti] = j
     return out
+
+
+def line_mass(offsets: list[tuple[int, int]], mass: torch.Tensor, lines: list[Line]) -> torch.Tensor:
+    """Attention mass per line: the mass of the tokens that overlap it. mass (..., T) -> (..., lines)."""
+    at = token_lines(offsets, lines)
+    inside = at >= 0
+    out = torch.zeros(*mass.shape[:-1], len(lines), dtype=torch.float32)
+    return out.index_add_(-1, at[inside], mass[..., inside].float().cpu())
 
 
 def passage(content: str, lines: list[Line], best: int, n: int) -> str:
@@ -62,35 +70,39 @@ def passage(content: str, lines: list[Line], best: int, n: int) -> str:
     return "\n".join(content[ln.start : ln.end].rstrip() for ln in take)
 
 
+def read_lines(
+    lm: Any, content: str, excerpts: list[str], around: tuple[list[int], list[int]], heads: list[tuple[int, int]]
+) -> tuple[torch.Tensor, list[Line], int]:
+    """Per query head, the attention mass the question's tokens (and the template's after them,
+    the assistant's turn opening) put on each line of the quoted `excerpts`, (len(heads), lines),
+    read in the prompt `ask` decodes from: `around` is the chat template's ids before and after
+    `content` (with_evidence's text; chat.template_around). Also the prompt's length in tokens."""
+    before, after = around
+    content_ids, offsets = lm.tokenizer.encode_with_offsets(content)
+    ids = torch.tensor(before + content_ids + after, dtype=torch.long, device=lm.device)
+    q_char = content.rindex(QUESTION_HEAD) + len(QUESTION_HEAD)
+    first = len(before) + next((i for i, (s, _) in enumerate(offsets) if s >= q_char), len(content_ids))
+    rows = attention_rows(lm.model, ids, heads, min(first, len(ids) - 1))
+    lines = context_lines(content, excerpts)
+    return line_mass(offsets, rows[:, len(before) : len(before) + len(content_ids)], lines), lines, len(ids)
+
+
 def quote_answer(
-    lm: Any, content: str, excerpts: list[str], head_ids: list[int], tail_ids: list[int], heads: str, n_lines: int
+    lm: Any, content: str, excerpts: list[str], around: tuple[list[int], list[int]], heads: str, n_lines: int
 ) -> Generation:
     """The answer to the question in `content` (with_evidence's text) quoted from `excerpts`
-    (the texts it quotes).
-
-    head_ids / tail_ids: the chat template's tokens before and after the content (chat_pieces),
-    so the model reads exactly the prompt `ask` would decode from. heads: layer.query_head pairs."""
+    (the texts it quotes): the line the `heads` (layer.query_head pairs) attend to most
+    together, and the next ones (read_lines)."""
     t0 = time.perf_counter()
-    a = lm.args
-    probe = parse_query_heads(heads, a.n_layers, a.n_heads)
-    content_ids, offsets = lm.tokenizer.encode_with_offsets(content)
-    ids = torch.tensor(head_ids + content_ids + tail_ids, dtype=torch.long, device=lm.device)
-    # The question's tokens and the template's after them (the assistant's turn opening) ask.
-    q_char = content.rindex(QUESTION_HEAD) + len(QUESTION_HEAD)
-    first = len(head_ids) + next((i for i, (s, _) in enumerate(offsets) if s >= q_char), len(content_ids))
-    mass = attention_rows(lm.model, ids, probe, min(first, len(ids) - 1)).sum(0)
-    mass = mass[len(head_ids) : len(head_ids) + len(content_ids)]
-    lines = context_lines(content, excerpts)
-    text = ""
-    if lines:
-        text = passage(content, lines, int(line_mass(offsets, mass.cpu(), lines).argmax()), n_lines)
-    seconds = time.perf_counter() - t0
+    probe = parse_query_heads(heads, lm.args.n_layers, lm.args.n_heads)
+    masses, lines, n_prompt = read_lines(lm, content, excerpts, around, probe)
+    text = passage(content, lines, int(masses.sum(0).argmax()), n_lines) if lines else ""
     return Generation(
         text=text,
         tokens=len(lm.tokenizer.encode(text)),
-        prompt_tokens=len(ids),
+        prompt_tokens=n_prompt,
         stop_reason="quote",
-        prefill_seconds=seconds,
+        prefill_seconds=time.perf_counter() - t0,
         decode_seconds=0.0,
         retrieval_seconds=0.0,
     )
