@@ -85,7 +85,7 @@ def main() -> None:
         qs, qa = torch.randn(1, 512, 64).bfloat16().float(), torch.randn(1, 3, 512, 64, dtype=bf)
         chunk_of = torch.arange(512) // 64
         bound = n - 512 + chunk_of * 64  # each chunk's far past ends where its own does
-        how = SimpleNamespace(memory=mem, far_top_k=32, far_bias=2.0)
+        how = SimpleNamespace(memory=mem, far_top_k=32, far_bias=2.0, far_bank=False, far_row_bias=None, far_pages=0)
         t = timed(
             {
                 "kernel": lambda b=bound, m=mem, q=qs, a=qa: m.far_attention(q, a, b, 32, 0.125, 2.0),

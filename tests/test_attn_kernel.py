@@ -20,6 +20,13 @@ needs_kernel = pytest.mark.skipif(attn_kernel.load() is None, reason="no AVX512-
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+@pytest.fixture(autouse=True)
+def kernel_everywhere(monkeypatch):
+    """The model's paths use the kernel wherever it runs (MEMTX_KERNEL=1), not only where it
+    times faster than torch's (on a CPU with AMX, torch's): so these tests reach it on any CPU."""
+    monkeypatch.setenv("MEMTX_KERNEL", "1")
+
+
 def reference(q, k, v, bias, scale, causal_t=0):
     """Float64 softmax attention and log-sum-exp of bfloat16 inputs; rows that see nothing: 0, -inf."""
     s = (q.double() @ k.double().transpose(1, 2)) * scale  # (B, M, S)
@@ -100,6 +107,36 @@ def test_batch_strides_read_rows_of_a_larger_buffer():
     wide = attn_kernel.attention(q, kb[:, :300], vb[:, :300], None, 0.125)
     tight = attn_kernel.attention(q, k, v, None, 0.125)
     assert torch.equal(wide[0], tight[0]) and torch.equal(wide[1], tight[1])
+
+
+@needs_kernel
+def test_the_kernel_is_preferred_by_timing_unless_told(monkeypatch):
+    """MEMTX_KERNEL=1: always the kernel, 0: never; unset: the faster of the two on this CPU,
+    timed once per process (the answer kept)."""
+    assert attn_kernel.preferred("attention") and attn_kernel.preferred("block_max")
+    monkeypatch.setenv("MEMTX_KERNEL", "0")
+    assert not attn_kernel.preferred("attention") and not attn_kernel.preferred("block_max")
+    monkeypatch.delenv("MEMTX_KERNEL")
+    monkeypatch.setattr(attn_kernel, "_WINS", {})
+    calls = []
+    monkeypatch.setattr(attn_kernel, "_median_times", lambda fns: calls.append(len(fns)) or [1.0, 2.0])
+    assert attn_kernel.preferred("attention") and attn_kernel.preferred("attention")
+    monkeypatch.setattr(attn_kernel, "_median_times", lambda fns: calls.append(len(fns)) or [2.0, 1.0])
+    assert not attn_kernel.preferred("block_max")
+    assert calls == [2, 2] and attn_kernel._WINS == {"attention": True, "block_max": False}
+
+
+@needs_kernel
+def test_block_maxima_in_torch_equal_the_kernels():
+    """block_max_torch (what runs where torch's matmul is the faster) gives the kernel's block
+    maxima to bfloat16 rounding of the logits, the tail past n_valid -inf in both."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(3, 128, 64, generator=g).bfloat16()
+    voters = torch.randn(3, 20, 64, generator=g).bfloat16()
+    ours = attn_kernel.block_max(keys, voters, 32, 70)
+    theirs = attn_kernel.block_max_torch(keys, voters, 32, 70)
+    assert bool(torch.isneginf(ours[:, 3]).all()) and bool(torch.isneginf(theirs[:, 3]).all())
+    torch.testing.assert_close(theirs[:, :3], ours[:, :3], atol=0.1, rtol=0.01)
 
 
 @needs_kernel

@@ -24,13 +24,15 @@ def attention_with_lse(
 
     causal_t folds G query heads of causal_t tokens each into the query axis, every one causal
     over keys aligned bottom-right (local attention). On CPU: attn_kernel in bfloat16 where it
-    runs (init continues its online softmax: no separate merge), else the flash kernel SDPA
-    itself calls (it returns the log-sum-exp; measured 4.4x faster than materialising scores in
-    bfloat16, T=512, S=1024) and `merge_lse`; elsewhere, plain math.
+    is the faster (attn_kernel.preferred; init continues its online softmax: no separate
+    merge), else the flash kernel SDPA itself calls (it returns the log-sum-exp; measured 4.4x
+    faster than materialising scores in bfloat16, T=512, S=1024) and `merge_lse`; elsewhere,
+    plain math.
     """
     # The kernel has no backward: not when the memory part (init) needs a gradient (a trained gate)
     init_grad = init is not None and torch.is_grad_enabled() and (init[0].requires_grad or init[1].requires_grad)
-    if attn_kernel.usable(q, k, v) and (causal_t or bias is None or bias.dim() == 3) and not init_grad:
+    fits = causal_t or bias is None or bias.dim() == 3
+    if fits and not init_grad and attn_kernel.usable(q, k, v) and attn_kernel.preferred("attention"):
         # causal: the kernel masks by itself; (KV, 1, S): one bias per row of keys
         got = attn_kernel.attention(q[0], k[0], v[0], None if bias is None else bias[:, 0], scale, causal_t, init)
         if got is not None:

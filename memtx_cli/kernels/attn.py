@@ -1,19 +1,38 @@
 """bfloat16 attention on AVX512-BF16 CPUs: the Python face of attn.c.
 
-torch's CPU flash kernel runs bfloat16 at its float32 speed; attn.c does both products on the
-CPU's bfloat16 dot-product unit (timings: docs/decisions.md, `benchmarks/attn_kernel_timing.py`).
-build.py compiles and loads it. Whenever it cannot be used (no compiler, a CPU without
-AVX512-BF16, not Linux, MEMTX_KERNEL=0) each function here returns None (or False) and the
-caller uses torch's kernel: results agree to bfloat16 rounding either way.
+On a CPU with AVX512-BF16 alone, torch's CPU flash kernel runs bfloat16 at its float32 speed;
+attn.c does both products on the CPU's bfloat16 dot-product unit. On a CPU with AMX, torch's
+oneDNN kernels reach the tile unit and win the dense products (attention, block maxima), while
+the gathering reads (block_attention, far_attention) stay faster here. So where torch has an
+equivalent, `preferred` decides by timing both once per process (timings: docs/decisions.md,
+`benchmarks/attn_kernel_timing.py`). build.py compiles and loads attn.c. Whenever it cannot be
+used (no compiler, a CPU without AVX512-BF16, not Linux, MEMTX_KERNEL=0) each function here
+returns None (or False) and the caller uses torch's kernel: results agree to bfloat16 rounding.
 """
 
 from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
 from memtx_cli.kernels.build import enabled, load
 
-__all__ = ["enabled", "load", "attention", "block_max", "block_pick", "pack_rows", "far_attention", "block_attention"]
+__all__ = [
+    "enabled",
+    "load",
+    "preferred",
+    "attention",
+    "block_max",
+    "block_max_torch",
+    "block_pick",
+    "pack_rows",
+    "far_attention",
+    "block_attention",
+]
 
 HEAD_DIM = 64  # the kernel's only head size (SmolLM2, Llama-style small models)
 
@@ -41,6 +60,65 @@ def usable(*xs: torch.Tensor) -> bool:
         and enabled()
         and load() is not None
     )
+
+
+_WINS: dict[str, bool] = {}
+
+
+def preferred(op: str) -> bool:
+    """Whether callers should run the kernel's `op` ("attention" or "block_max") rather than
+    torch's equivalent: MEMTX_KERNEL=1 always (where it runs), 0 never; otherwise the faster of
+    the two on this CPU, timed once per process on a shape scoring uses (a few ms)."""
+    mode = os.environ.get("MEMTX_KERNEL", "auto")
+    if mode == "0" or load() is None:
+        return False
+    if mode == "1":
+        return True
+    if op not in _WINS:
+        _WINS[op] = _kernel_wins(op)
+    return _WINS[op]
+
+
+def _median_times(fns: list[Callable[[], object]], reps: int = 5) -> list[float]:
+    """Median seconds per call of each function, after one warm-up call each, calls interleaved."""
+    for f in fns:
+        f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            t = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(x) for x in times]
+
+
+def _kernel_wins(op: str) -> bool:
+    """Time the kernel's `op` against torch's on random inputs of one scoring shape: one layer's
+    local attention in a 512-token segment (3 KV heads, their 3 query heads folded, 1,024 keys),
+    or the block maxima of 96 voters over 7,616 keys of 3 heads."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    with torch.inference_mode():
+        if op == "attention":
+            q, k, v = rand(3, 1536, 64), rand(3, 1024, 64), rand(3, 1024, 64)
+            flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            ours, theirs = _median_times(
+                [
+                    lambda: attention(q, k, v, None, 0.125),
+                    lambda: flash(q[None], k[None], v[None], 0.0, False, scale=0.125),
+                ]
+            )
+        elif op == "block_max":
+            keys, voters = rand(3, 7616, 64), rand(3, 96, 64)
+            ours, theirs = _median_times(
+                [lambda: block_max(keys, voters, 32, 7616), lambda: block_max_torch(keys, voters, 32, 7616)]
+            )
+        else:
+            raise ValueError(f"no timing for kernel op {op!r}")
+    return ours <= theirs
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +210,16 @@ def block_max(
         out.data_ptr(),
     )
     return out
+
+
+def block_max_torch(keys: torch.Tensor, voters: torch.Tensor, block: int, n_valid: int) -> torch.Tensor:
+    """`block_max` in torch ops: one matmul per head in the keys' dtype (keys as the row operand,
+    their natural layout), the maxima in float32 (bfloat16's amax is slower)."""
+    kv, n, _ = keys.shape
+    logits = (keys @ voters.transpose(-1, -2)).float()  # (KV, N, Qn)
+    if n_valid < n:
+        logits[:, max(n_valid, 0) :] = float("-inf")
+    return logits.view(kv, n // block, block, -1).amax(2)
 
 
 def block_pick(

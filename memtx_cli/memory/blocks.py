@@ -193,23 +193,10 @@ class BlockSelection:
         Why the best key: it keeps nearly all the attention mass a softmax over every memory
         would, with one exponential per block instead of one per memory; block means keep much
         less (docs/decisions.md)."""
-        b = self.block_size
         kv, nc, nq, d = sel.shape
         lo, near, pieces, voters, fused = self._voter_maxima(sel, near, scale, first)
         nbn = near.shape[1]
-        start = (first + lo) * b
-        if fused is not None:
-            best = fused.view(kv, nbn, nc, nq).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
-        else:
-            # One matmul per head for all chunks' voters, keys as the row operand (their natural
-            # layout: 1.4 ms vs 4.2 ms for voters @ keys^T, 3 heads x 192 voters x 7,400 keys in
-            # bfloat16), in the keys' dtype; the maxima in float32 (bfloat16's amax is 5x slower).
-            keys = pieces[0][1] if len(pieces) == 1 else torch.cat([x for _, x in pieces], 1)  # (KV, nbn*b, D)
-            logits = (keys @ voters.transpose(-1, -2)).float()  # (KV, nbn*b, C*Q)
-            tail = self.n - start
-            if tail < nbn * b:
-                logits[:, tail:] = float("-inf")
-            best = logits.view(kv, nbn, b, nc, nq).amax(2).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
+        best = fused.view(kv, nbn, nc, nq).permute(0, 2, 3, 1)  # (KV, C, Q, nbn) best key
         best.masked_fill_(~near[None, :, None], float("-inf"))
         share = best.softmax(-1).nan_to_num_(0.0)  # a chunk with nothing near: no share
         share = (share * (sel != 0).any(-1)[..., None]).sum(2)  # (KV, C, nbn): zero rows don't vote
@@ -217,11 +204,11 @@ class BlockSelection:
 
     def _voter_maxima(
         self, sel: torch.Tensor, near: torch.Tensor, scale: float, first: int
-    ) -> tuple[int, torch.Tensor, list[tuple[int, torch.Tensor]], torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[int, torch.Tensor, list[tuple[int, torch.Tensor]], torch.Tensor, torch.Tensor]:
         """Voters sel (KV, C, Q, D) (the true half) -> lo (the first block, counted from
         `first`, that any chunk reads near), near[:, lo:], the rotated keys of those blocks (pieces:
         [(first id, (KV, len, D))]), the scaled voters (KV, C*Q, D) and their block maxima
-        (KV, nbn, C*Q) from attn_kernel.block_max (None where it cannot run)."""
+        (KV, nbn, C*Q)."""
         b = self.block_size
         kv, nc, nq, d = sel.shape
         # Near blocks are a suffix of every chunk's blocks: score from the first near one only.
@@ -233,9 +220,14 @@ class BlockSelection:
         pieces = self._rows(self.rkeys, start, start + near.shape[1] * b)  # [(first id, (KV, len, D))]
         voters = sel.reshape(kv, nc * nq, d).mul(scale).to(self.rkeys.dtype)  # (KV, C*Q, D)
         # In bfloat16 on AVX512-BF16, attn_kernel fuses the maxima into the product (float32
-        # logits, never written out: copying the logits to float32 was a large part of the time).
-        parts = [attn_kernel.block_max(x, voters, b, self.n - i) for i, x in pieces]
-        fused = None if any(p is None for p in parts) else torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        # logits, never written out: copying the logits to float32 was a large part of the time);
+        # where torch's matmul is faster (AMX) or the kernel cannot run, torch's ops.
+        kernel = attn_kernel.preferred("block_max")
+        parts = []
+        for i, x in pieces:
+            got = attn_kernel.block_max(x, voters, b, self.n - i) if kernel else None
+            parts.append(attn_kernel.block_max_torch(x, voters, b, self.n - i) if got is None else got)
+        fused = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         return lo, near, pieces, voters, fused
 
     def _near_picks(
@@ -250,7 +242,7 @@ class BlockSelection:
         if hit is not None and hit[0] == key and torch.equal(hit[1], sel) and torch.equal(hit[2], near):
             return hit[3]
         lo, nr, _, voters, fused = self._voter_maxima(sel[..., self.head_dim :], near, scale, first)
-        got = None if fused is None else attn_kernel.block_pick(fused, nr, voters, lo, spread, m, first)
+        got = attn_kernel.block_pick(fused, nr, voters, lo, spread, m, first)
         self._pick_cache = None if got is None else (key, sel, near, got)
         return got
 

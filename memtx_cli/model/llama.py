@@ -238,13 +238,13 @@ def grouped_attention(
     v: torch.Tensor,  # (B, KV, S, D)
     bias: torch.Tensor | None,  # (T, S) from local_bias, None when S == T
 ) -> torch.Tensor:  # (B, H, T, D)
-    """Causal GQA attention (query i sees keys up to S - T + i). In bfloat16 on AVX512-BF16
-    CPUs, attn_kernel with each group's G heads folded into its query axis (3.3x torch's
-    kernel here, benchmarks/attn_kernel_timing.py); otherwise one SDPA call, whose
-    `enable_gqa` shares each KV head with its G query heads without copying K/V."""
+    """Causal GQA attention (query i sees keys up to S - T + i). In bfloat16 where attn_kernel
+    is the faster (AVX512-BF16 without AMX: attn_kernel.preferred), the kernel with each group's
+    G heads folded into its query axis; otherwise one SDPA call, whose `enable_gqa` shares each
+    KV head with its G query heads without copying K/V."""
     b, h, t, d = q.shape
     kv, s = k.shape[1], k.shape[2]
-    if attn_kernel.usable(q, k, v):
+    if attn_kernel.usable(q, k, v) and attn_kernel.preferred("attention"):
         qg = q.reshape(b * kv, (h // kv) * t, d)  # (B*KV, G*T, D)
         got = attn_kernel.attention(qg, k.reshape(b * kv, s, d), v.reshape(b * kv, s, d), None, d**-0.5, causal_t=t)
         if got is not None:
