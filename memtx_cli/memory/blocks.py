@@ -285,7 +285,10 @@ class BlockSelection:
         the blocks pick (KV', C, m) of heads head0.. as stored (rotated: the rotated keys, else
         the raw ones), read in place by attn_kernel.block_attention: what gather_blocks +
         model.attention_with_lse compute, without the gather (keys, values, positions, validity)
-        or a mask; ok (KV', C, m) False masks a pick. None where the kernel cannot run."""
+        or a mask; ok (KV', C, m) False masks a pick. None where the kernel cannot run or its
+        attention is not the faster here (attn_kernel.preferred): the caller gathers instead."""
+        if not attn_kernel.preferred("attention"):
+            return None
         kv, nc, m = pick.shape
         heads = torch.arange(head0, head0 + kv, device=pick.device).repeat_interleave(nc)  # (KV'*C,)
         keys = self.rkeys if rotated else self.keys
