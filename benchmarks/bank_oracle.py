@@ -1,6 +1,7 @@
 """How much could any bank help a held-out file of the same codebase? A bound set by the model.
 
     python benchmarks/bank_oracle.py --out benchmarks/results/bank_oracle.json
+    python benchmarks/bank_oracle.py --past lua-5.4/lauxlib.c --held lua-5.4/lstrlib.c --out ...
 
 Held-out Lua files (lstrlib.c, as in bank_usefulness.py, and two smaller libraries) are scored
 chunk by chunk (from token `--own` on) with full attention after their own preceding `--own`
@@ -13,6 +14,10 @@ auxiliary library and the API implementation (lauxlib.c, lapi.c), and another st
 own context only, with each sibling in front, and with the best sibling of each chunk chosen
 after the fact (an optimistic selection no reader can make). If even that stays far below the
 bank target, the limit is what this model does with another file's text, not retrieval.
+
+--past SIBLING: instead, memtx's own memory with the defaults: each held-out file streamed
+alone and with the whole SIBLING before it as its past; its perplexity from several token
+positions on (past the first window, the sibling is read through memory only).
 """
 
 from __future__ import annotations
@@ -50,8 +55,11 @@ def main() -> None:
     ap.add_argument("--own", type=int, default=2048, help="tokens of the file's own text before each chunk")
     ap.add_argument("--cross", type=int, default=4096, help="tokens of sibling text before that")
     ap.add_argument("--held", default=",".join(HELD))
+    ap.add_argument("--past", help="a sibling file read as the held-out files' own past by memtx's memory")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    if a.past:
+        return own_past(a)
 
     import torch
 
@@ -101,6 +109,30 @@ def main() -> None:
         rows.append(row)
     settings = {"chunk": a.chunk, "own": a.own, "cross": a.cross, "siblings": SIBLINGS, "dtype": str(lm.dtype)}
     emit({"meta": run_metadata(), "settings": settings, "rows": rows}, a.out)
+
+
+def own_past(a: argparse.Namespace) -> None:
+    import torch
+
+    from memtx_cli.engine.session import load_for, resolve_settings
+    from memtx_cli.engine.stream import run_stream
+
+    cfg, _ = resolve_settings({}, None, None)
+    lm = load_for(cfg)
+    files = lua_files()
+    past = lm.tokenizer.encode(files[a.past])
+    rows = []
+    for held in a.held.split(","):
+        ids = lm.tokenizer.encode(files[held])
+        alone = run_stream(lm.model, torch.tensor(ids), cfg)[0].double()  # [i] predicts ids[i + 1]
+        after = run_stream(lm.model, torch.tensor(past + ids), cfg)[0].double()[len(past) :]
+        for start in (0, 1024, 2048, 4096):
+            p0, p1 = math.exp(float(alone[start:].mean())), math.exp(float(after[start:].mean()))
+            row = {"held_out": held, "past": a.past, "past_tokens": len(past), "from_token": start}
+            row |= {"ppl_alone": p0, "ppl_after_past": p1, "gain": 1 - p1 / p0}
+            print(row, file=sys.stderr, flush=True)
+            rows.append(row)
+    emit({"meta": run_metadata(), "settings": {"defaults": True, "dtype": str(lm.dtype)}, "rows": rows}, a.out)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def attention_with_lse(
     flash = not grad and q.device.type == "cpu" and hasattr(torch.ops.aten, FLASH_CPU)
     if flash and causal_t and bias is None:
         # The G heads unfolded: (KV, G, T, D) over each KV head's keys broadcast to its G query
-        # heads (no copy) with one (T, S) mask, or none when S == T (0.78x the time of the
-        # folded (G*T, S) mask, bfloat16 on an AMX CPU: docs/decisions.md).
+        # heads (no copy) with one (T, S) mask, or none when S == T: faster than a folded
+        # (G*T, S) mask (docs/decisions.md, the bfloat16 kernel).
         (kv, gt, d), s = q.shape[1:], k.shape[2]
         qq = q[0].reshape(kv, gt // causal_t, causal_t, d)
         ke, ve = (x[0, :, None].expand(kv, gt // causal_t, s, d) for x in (k, v))

@@ -230,8 +230,8 @@ class Streamer:
     def _reads_near_in_place(self, i: int, dev: torch.device) -> bool:
         """Whether layer i's blocks are read by attn_kernel.block_attention where they are stored
         (LayerMemory packed): `plan.near_blocks_only`, on a CPU where the kernel's attention is
-        the faster (elsewhere blocks are gathered for torch's flash kernel: 1.15x faster scoring
-        on an AMX CPU); far token reads allowed: they read the raw keys."""
+        the faster (elsewhere blocks are gathered for torch's flash kernel: docs/decisions.md,
+        the bfloat16 kernel); far token reads allowed: they read the raw keys."""
         return (
             plan.near_blocks_only(self.cfg, self._far_blocks(i))
             and dev.type == "cpu"
