@@ -6,14 +6,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_args
 from test_memory import cfg
 
 from memtx_cli.attention.ops import attention_with_lse
-from memtx_cli.engine.stream import run_stream
+from memtx_cli.engine.stream import Streamer, run_stream
 from memtx_cli.kernels import attn as attn_kernel
 from memtx_cli.kernels import build as kernel_build
-from memtx_cli.model.llama import grouped_attention, local_bias
+from memtx_cli.kernels import linear as linear_kernel
+from memtx_cli.model.llama import Linear, grouped_attention, local_bias
 from memtx_cli.model.loading import build_model
 
 needs_kernel = pytest.mark.skipif(attn_kernel.load() is None, reason="no AVX512-BF16 CPU or no C compiler")
@@ -116,6 +118,7 @@ def test_the_kernel_is_preferred_by_timing_unless_told(monkeypatch):
     assert attn_kernel.preferred("attention") and attn_kernel.preferred("block_max")
     monkeypatch.setenv("MEMTX_KERNEL", "0")
     assert not attn_kernel.preferred("attention") and not attn_kernel.preferred("block_max")
+    assert not attn_kernel.preferred("linear")
     monkeypatch.delenv("MEMTX_KERNEL")
     monkeypatch.setattr(attn_kernel, "_WINS", {})
     calls = []
@@ -137,6 +140,51 @@ def test_block_maxima_in_torch_equal_the_kernels():
     theirs = attn_kernel.block_max_torch(keys, voters, 32, 70)
     assert bool(torch.isneginf(ours[:, 3]).all()) and bool(torch.isneginf(theirs[:, 3]).all())
     torch.testing.assert_close(theirs[:, :3], ours[:, :3], atol=0.1, rtol=0.01)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3])
+def test_linear_equals_float64_reference_as_closely_as_torch(rows):
+    """linear.c (decoding's x . W^T) against float64: as close as torch's bfloat16 product, with
+    weights of a layer's shapes (row counts not a multiple of its 4-row tiles included)."""
+    g = torch.Generator().manual_seed(5)
+    for o, i in ((960, 576), (577, 576), (3, 1536)):
+        w = (torch.randn(o, i, generator=g) * 0.05).bfloat16()
+        x = torch.randn(1, rows, i, generator=g).bfloat16()
+        ref = x.double() @ w.double().t()
+        ours = linear_kernel.linear(x, w)
+        assert ours is not None and ours.shape == (1, rows, o) and ours.dtype == torch.bfloat16
+        err, torch_err = (ours.double() - ref).abs().max(), (F.linear(x, w).double() - ref).abs().max()
+        assert err <= torch_err * 1.5 + 1e-6, (o, i, err, torch_err)
+
+
+def test_linear_leaves_what_it_does_not_cover_to_torch(monkeypatch):
+    """More rows than decoding feeds, float32, a row length not a multiple of 32: None (the
+    caller's F.linear); the model's Linear gives F.linear's result either way."""
+    w = torch.randn(64, 64).bfloat16()
+    assert linear_kernel.linear(torch.randn(5, 64).bfloat16(), w) is None
+    assert linear_kernel.linear(torch.randn(1, 64), w.float()) is None
+    assert linear_kernel.linear(torch.randn(1, 48).bfloat16(), torch.randn(8, 48).bfloat16()) is None
+    layer = Linear(64, 64, bias=False).bfloat16()
+    x = torch.randn(1, 1, 64).bfloat16()
+    monkeypatch.setenv("MEMTX_KERNEL", "0")
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+@needs_kernel
+def test_decoding_in_bfloat16_with_the_kernels_matches_scoring():
+    """Token-by-token decoding of a bfloat16 model (linear.c for every one-row product, the
+    rotated windows) gives scoring's NLL to bfloat16 rounding (mean within 0.5%)."""
+    torch.manual_seed(0)
+    m = build_model(tiny_args(dim=128, n_heads=2, n_kv_heads=1)).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 300, (120,))
+    c = cfg(retrieval="block", positions="clamped", block_size=4, blocks=3, block_chunk=8, segment=16)
+    ref = run_stream(m, ids, c)[0].float()
+    st = Streamer(m, c)
+    with torch.inference_mode():
+        h = torch.cat([st.feed(ids[i : i + 1]) for i in range(len(ids))])
+        got = F.cross_entropy(m.logits(h[None])[0, :-1].float(), ids[1:], reduction="none")
+    assert abs(got.mean().item() / ref.mean().item() - 1) < 0.005
 
 
 @needs_kernel

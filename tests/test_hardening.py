@@ -206,11 +206,7 @@ def kernel_state(monkeypatch):
 
 
 def _kernel_name() -> str:
-    import hashlib
-
-    src = kernel_build.SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *kernel_build.FLAGS]).encode()).hexdigest()[:16]
-    return f"attn_kernel-{tag}.so"
+    return kernel_build.library_name()
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")

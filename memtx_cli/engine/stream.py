@@ -20,7 +20,7 @@ from memtx_cli.config import Config, exact_block_select
 from memtx_cli.engine import plan
 from memtx_cli.errors import MemtxError
 from memtx_cli.kernels import attn as attn_kernel
-from memtx_cli.model.llama import LayerKV, Transformer, apply_rope, rope_cos_sin, token_nll
+from memtx_cli.model.llama import LayerKV, RotatedWindow, Transformer, apply_rope, rope_cos_sin, token_nll
 
 # progress(done_tokens, total_tokens): the library reports, the CLI draws.
 Progress = Callable[[int, int], None]
@@ -75,8 +75,9 @@ class Streamer:
         self.cache_pos = 0  # absolute position of the cache's first token
         self.sink_kv: list[LayerKV] | None = None
         self.pos = 0  # absolute position of the next token
-        self.cur: list[LayerKV] | None = None  # feed(): raw K/V of the unfinished segment
+        self.cur: list[list[LayerKV]] = []  # feed(): raw K/V of the unfinished segment, per piece
         self.cur_len = 0
+        self.window: list[RotatedWindow] | None = None  # feed(): the segment's local windows
         self.trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # see MemoryRead.trace
         # Set by generation for the tokens that answer (a prompt's last, each new one): they also
         # read their own top answer-top-k among every memory (`answer_read`); needs keep_all.
@@ -269,31 +270,35 @@ class Streamer:
                 self._close_segment()
             take = min(seg - self.cur_len, ids.shape[0])
             piece, ids = ids[:take], ids[take:]
-            base = self._local_cache(self.pos - self.cur_len)
-            cache = self.cur if base is None else base
-            if base is not None and self.cur is not None:
-                cache = [
-                    LayerKV(torch.cat([b.k, c.k], 2), torch.cat([b.v, c.v], 2))
-                    for b, c in zip(base, self.cur, strict=True)
-                ]
+            if self.window is None:
+                self.window = self._open_window(piece.device)
             q_pos = torch.arange(self.pos, self.pos + take, device=piece.device)
-            key_pos = self._key_positions(cache, self.pos - self.cur_len, take)
-            res = self.model.forward_segment(piece[None], cache, self._reads(q_pos) or None, key_pos)
-            if self.cur is None:
-                self.cur = res.kv
-            else:
-                self.cur = [
-                    LayerKV(torch.cat([c.k, n.k], 2), torch.cat([c.v, n.v], 2))
-                    for c, n in zip(self.cur, res.kv, strict=True)
-                ]
+            res = self.model.forward_segment(piece[None], self.window, self._reads(q_pos) or None)
+            self.cur.append(res.kv)
             self.cur_len += take
             self.pos += take
             out.append(res.hidden[0])
         return torch.cat(out)
 
+    def _open_window(self, dev: torch.device) -> list[RotatedWindow]:
+        """The local windows a segment's decoding fills: the sinks and XL cache before it, their
+        keys rotated once by window position (as `step` would rotate them)."""
+        base = self._local_cache(self.pos)
+        key_pos = self._key_positions(base, self.pos, 0)
+        n = base[0].length if base else 0
+        rope = self.model.rope(n, dev, key_pos)
+        room = self.cfg.segment
+        if base is None:
+            return [RotatedWindow(None, rope, room) for _ in self.model.layers]
+        return [RotatedWindow(b, rope, room) for b in base]
+
     def _close_segment(self) -> None:
-        kv, t = self.cur, self.cur_len
-        self.cur, self.cur_len = None, 0
+        pieces, t = self.cur, self.cur_len
+        kv = [
+            LayerKV(torch.cat([p[i].k for p in pieces], 2), torch.cat([p[i].v for p in pieces], 2))
+            for i in range(len(pieces[0]))
+        ]
+        self.cur, self.cur_len, self.window = [], 0, None
         self.pos -= t  # _advance runs from the segment's start
         self._advance(kv, t)
 

@@ -66,7 +66,7 @@ _WINS: dict[str, bool] = {}
 
 
 def preferred(op: str) -> bool:
-    """Whether callers should run the kernel's `op` ("attention" or "block_max") rather than
+    """Whether callers should run the kernel's `op` ("attention", "block_max" or "linear") rather than
     torch's equivalent: MEMTX_KERNEL=1 always (where it runs), 0 never; otherwise the faster of
     the two on this CPU, timed once per process on a shape scoring uses (a few ms)."""
     mode = os.environ.get("MEMTX_KERNEL", "auto")
@@ -116,6 +116,10 @@ def _kernel_wins(op: str) -> bool:
             ours, theirs = _median_times(
                 [lambda: block_max(keys, voters, 32, 7616), lambda: block_max_torch(keys, voters, 32, 7616)]
             )
+        elif op == "linear":
+            from memtx_cli.kernels import linear  # it builds on this module
+
+            return linear.kernel_wins()
         else:
             raise ValueError(f"no timing for kernel op {op!r}")
     return ours <= theirs

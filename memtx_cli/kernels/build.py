@@ -1,4 +1,4 @@
-"""Building and loading attn.c: compiled on first use with the system C compiler (`$CC`,
+"""Building and loading the C kernels (attn.c, linear.c): compiled on first use with the system C compiler (`$CC`,
 else `cc`) into a per-user cache, loaded through ctypes only from a private file.
 
 `load()` returns None whenever the kernel cannot run here (no compiler, a CPU without
@@ -18,7 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("attn.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("attn.c", "linear.c")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
 
@@ -30,6 +30,7 @@ SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out 
     "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 3 + [ctypes.c_int],
     "memtx_block_pick": [_P] * 3 + [_I] * 9 + [_P] * 2 + [ctypes.c_int],
     "memtx_pack_rows": [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I, ctypes.c_int],
+    "memtx_linear": [_P] * 2 + [_I] * 3 + [_P, ctypes.c_int],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -81,13 +82,13 @@ def _trusted_file(p: Path) -> bool:
 
 
 def _compile(out: Path) -> None:
-    """Compile SOURCE into `out`: into a file beside it, then renamed (atomic)."""
+    """Compile SOURCES into `out`: into a file beside it, then renamed (atomic)."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         cc = os.environ.get("CC", "cc")
         subprocess.run(
-            [cc, *FLAGS, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"],
+            [cc, *FLAGS, "-shared", "-fPIC", *map(str, SOURCES), "-o", tmp, "-lm"],
             check=True,
             capture_output=True,
             timeout=120,
@@ -99,13 +100,18 @@ def _compile(out: Path) -> None:
             os.unlink(tmp)
 
 
+def library_name() -> str:
+    """The cached library's file name: a hash of the sources, the compiler and its flags."""
+    src = b"".join(p.read_bytes() for p in SOURCES)
+    tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *FLAGS]).encode()).hexdigest()[:16]
+    return f"attn_kernel-{tag}.so"
+
+
 def _open() -> ctypes.CDLL:
-    """The compiled library for this source, compiler and flags (compiled now if not cached).
+    """The compiled library for these sources, compiler and flags (compiled now if not cached).
     A cached file is loaded only if it is ours in a directory only we can write (it is code
     this process runs); anything else there is never loaded: we compile privately instead."""
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *FLAGS]).encode()).hexdigest()[:16]
-    name = f"attn_kernel-{tag}.so"
+    name = library_name()
     where = cache_dir()
     if where is not None:
         try:

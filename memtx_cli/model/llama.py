@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memtx_cli.errors import MemtxError
 from memtx_cli.kernels import attn as attn_kernel
+from memtx_cli.kernels import linear as linear_kernel
 
 
 @dataclass
@@ -91,6 +92,18 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose products of a few rows (a decoded token) run on kernels/linear.c where
+    that is the faster on this CPU: a bandwidth-bound pass over the weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            y = linear_kernel.linear(x, self.weight)
+            if y is not None:
+                return y
+        return F.linear(x, self.weight, self.bias)
+
+
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies (D/2,), with Llama 3's frequency scaling where the config asks.
     Computed on the CPU, whatever the default device: on the meta device (build_model) arange
@@ -144,6 +157,42 @@ class LayerKV:
         return self.k.shape[2]
 
 
+class RotatedWindow:
+    """One layer's local window while decoding within a segment: the window's keys rotated once
+    by window position into a buffer with room for the rest of the segment, so a new token
+    rotates and stores only itself (not the whole window again). Rotating row by row computes
+    what rotating the window at once does, so decoding stays equal to scoring."""
+
+    def __init__(self, base: LayerKV | None, rope: tuple[torch.Tensor, torch.Tensor], room: int) -> None:
+        self.base, self.rope, self.room = base, rope, room  # rope: cos, sin of the base's keys
+        self.k: torch.Tensor | None = None  # (B, KV, base + room, D), rotated; made on first append
+        self.v: torch.Tensor | None = None
+        self.filled = base.length if base is not None else 0  # keys in the window
+
+    @property
+    def length(self) -> int:
+        return self.filled
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add rotated keys k and values v (B, KV, T, D); the window so far (views, not copies)."""
+        if self.k is None:
+            n = self.filled
+            b, kv, _, d = k.shape
+            self.k = k.new_empty(b, kv, n + self.room, d)
+            self.v = v.new_empty(b, kv, n + self.room, d)
+            if n:
+                self.k[:, :, :n] = apply_rope(self.base.k, *self.rope)
+                self.v[:, :, :n] = self.base.v
+            self.base = None
+        t = k.shape[2]
+        if self.filled + t > self.k.shape[2]:
+            raise MemtxError(f"decoding window full ({self.k.shape[2]} keys)")
+        self.k[:, :, self.filled : self.filled + t] = k
+        self.v[:, :, self.filled : self.filled + t] = v
+        self.filled += t
+        return self.k[:, :, : self.filled], self.v[:, :, : self.filled]
+
+
 @dataclass
 class SegmentOutput:
     hidden: torch.Tensor  # (B, T, C), after the final norm
@@ -170,8 +219,8 @@ class Attention(nn.Module):
         # One fused projection for q, k and v: one matmul instead of three (fewer, larger GEMMs
         # are what a 2-core CPU runs fastest).
         out = (self.n_heads + 2 * self.n_kv) * self.hd
-        self.wqkv = nn.Linear(args.dim, out, bias=args.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.hd, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, out, bias=args.qkv_bias)
+        self.wo = Linear(self.n_heads * self.hd, args.dim, bias=False)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, H, T, D), k (B, KV, T, D), v (B, KV, T, D); no RoPE yet."""
@@ -186,8 +235,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
-        cache: LayerKV | None,
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin for window positions 0..L+T-1
+        cache: LayerKV | RotatedWindow | None,
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin for window positions 0..L+T-1 (window: L..L+T-1)
         bias: torch.Tensor | None,  # (T, L+T) causal bias, None when L == 0
         mem: Any = None,  # a memory layer's read (attention/reads.py MemoryRead)
         inv_freq: torch.Tensor | None = None,
@@ -195,6 +244,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q_raw, k, v = self.project(x)
         new = LayerKV(k, v)
+        if isinstance(cache, RotatedWindow):  # rope: cos, sin of the new tokens only
+            q = apply_rope(q_raw, *rope)
+            k, v = cache.append(apply_rope(k, *rope), v)
+            y = self.attend(q, q_raw, k, v, bias, mem, inv_freq).transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
+            return self.wo(y), new
         if cache is not None and cache.length:
             k = torch.cat([cache.k, k], dim=2)  # (B, KV, L+T, D)
             v = torch.cat([cache.v, v], dim=2)
@@ -259,8 +313,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.ffn_dim = args.ffn_dim
         # gate and up fused into one matmul (w13), as in gpt-fast.
-        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)
-        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+        self.w13 = Linear(args.dim, 2 * args.ffn_dim, bias=False)
+        self.w2 = Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
@@ -304,7 +358,7 @@ class Transformer(nn.Module):
             nn.init.normal_(self.embed.weight)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.head = None if args.tie_embeddings else Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         # Training switches (memtx train sets them; inference ignores them: no autograd there).
         self.frozen_below = 0  # layers below this run without autograd (nothing under them trains)
@@ -323,14 +377,18 @@ class Transformer(nn.Module):
     def forward_segment(
         self,
         ids: torch.Tensor,  # (B, T) token ids
-        cache: list[LayerKV] | None = None,  # previous segment's raw K/V per layer (XL cache)
+        cache: list[LayerKV] | list[RotatedWindow] | None = None,  # previous segment's raw K/V per layer (XL
+        # cache), or the windows decoding fills (their keys rotated)
         memory: dict[int, Any] | None = None,  # layer index -> its memory read (MemoryRead)
         key_pos: torch.Tensor | None = None,  # (L+T,) window positions of the keys; None = 0..L+T-1
     ) -> SegmentOutput:
         x = self.embed(ids)  # (B, T, C)
         cache_len = cache[0].length if cache else 0
         t = ids.shape[1]
-        rope = self.rope(cache_len + t, ids.device, key_pos)  # key_pos: sinks before the window start
+        if cache and isinstance(cache[0], RotatedWindow):  # keys before these are rotated already
+            rope = self.rope(t, ids.device, torch.arange(cache_len, cache_len + t, device=ids.device))
+        else:
+            rope = self.rope(cache_len + t, ids.device, key_pos)  # key_pos: sinks before the window start
         bias = local_bias(t, cache_len + t, x.dtype, ids.device)
         kvs: list[LayerKV] = []
         grad = torch.is_grad_enabled()
@@ -369,7 +427,9 @@ class Transformer(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, V)
-        return F.linear(hidden, self.output_weight())
+        w = self.output_weight()
+        y = linear_kernel.linear(hidden, w)  # a decoded token's logits; None: more rows
+        return F.linear(hidden, w) if y is None else y
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Plain causal forward over the whole of `ids` (B, T) -> logits (B, T, V)."""
