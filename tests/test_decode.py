@@ -41,3 +41,24 @@ def test_cached_decoding_equals_a_fresh_pass(tiny_model, name, pieces):
         logits = tiny_model.logits(h[None])[0].float()
     got = F.cross_entropy(logits[:-1], ids[1:], reduction="none")
     torch.testing.assert_close(got, ref.float(), atol=2e-5, rtol=1e-5)
+
+
+def test_decoded_tokens_of_a_chunk_gather_its_blocks_once(tiny_model, monkeypatch):
+    """Past chunk 0 a chunk's tokens share one selector, so decoding gathers a chunk's blocks
+    for its first token only (ReadCache) and still equals scoring (the test above)."""
+    c = CASES["block clamped"]
+    calls = []
+    from memtx_cli.memory.store import LayerMemory
+
+    real = LayerMemory.retrieve_blocks
+    monkeypatch.setattr(LayerMemory, "retrieve_blocks", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    torch.manual_seed(3)
+    ids = torch.randint(0, 300, (40,))
+    st = Streamer(tiny_model, c)
+    with torch.inference_mode():
+        st.feed(ids[:32])
+        before = len(calls)
+        for i in range(32, 40):  # two whole chunks of 4 (block_chunk), token by token
+            st.feed(ids[i : i + 1])
+    layers = len(st.memories)
+    assert len(calls) - before == 2 * layers

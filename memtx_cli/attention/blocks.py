@@ -42,6 +42,27 @@ def block_read(
     return reader.out_m, reader.lse_m, reader.traced
 
 
+class ReadCache:
+    """Decoding: what one layer's block read of a chunk gathered (blocks, keys as scored, values;
+    per run of heads where gathered lazily), kept for the chunk's later tokens. Their selector is
+    the chunk's (built from earlier chunks only), so while the memory has not grown they read
+    exactly these blocks: a decoded token then gathers and rotates nothing."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.sels: torch.Tensor | None = None
+        self.read: tuple | None = None  # got, km, vm, cut
+        self.runs: dict[int, tuple] = {}  # h0 -> part, kr, vr (lazy gathers)
+
+    def get(self, key: tuple, sels: torch.Tensor) -> tuple | None:
+        if self.key == key and self.sels is not None and torch.equal(self.sels, sels):
+            return self.read
+        return None
+
+    def keep(self, key: tuple, sels: torch.Tensor, read: tuple) -> None:
+        self.key, self.sels, self.read, self.runs = key, sels, read, {}
+
+
 @dataclass
 class _Bucket:
     """Token groups of one size read together: their token indices and chunk bounds, and the
@@ -54,6 +75,7 @@ class _Bucket:
     lazy: bool  # gather per run of heads (per-head budgets) instead of every row whole
     in_place: bool  # lazy runs may read blocks where they are (attn_kernel)
     whole: bool  # one bucket of every token in order: views, not gathers
+    cache: ReadCache | None = None  # decoding: runs' gathers kept for the chunk's next tokens
 
     @property
     def n(self) -> int:
@@ -119,15 +141,22 @@ class BlockReader:
         # Lazy runs may read blocks in place where every key is scored as stored (raw keys for
         # fixed, rotated for true and near-only clamped: clamp_keys keeps near keys as they are).
         in_place = lazy and (mem.scheme != "clamped" or mem.far_blocks == 0)
-        got = mem.memory.retrieve_blocks(
-            sels, *how, exact=mem.exact_select, budgets=mem.head_blocks, **({"gather": False} if lazy else {})
-        )  # (KV*n, M, ...), or the picks (lazy)
-        bk = _Bucket(idx, q_first, q_last, got, lazy, in_place, idx.numel() == self.t)
-        km = vm = None
-        cut = False
-        if not lazy:
-            km, vm = self.keys(got, q_first.repeat(kv), q_last.repeat(kv)), got.values.to(self.dtype)
-            cut = mem.head_blocks is not None and got.bank_ids is None and mem.far_blocks <= 0
+        key = (tuple(q_first.tolist()), len(mem.memory))
+        kept = None if mem.reuse is None else mem.reuse.get(key, sels)
+        if kept is None:
+            got = mem.memory.retrieve_blocks(
+                sels, *how, exact=mem.exact_select, budgets=mem.head_blocks, **({"gather": False} if lazy else {})
+            )  # (KV*n, M, ...), or the picks (lazy)
+            km = vm = None
+            cut = False
+            if not lazy:
+                km, vm = self.keys(got, q_first.repeat(kv), q_last.repeat(kv)), got.values.to(self.dtype)
+                cut = mem.head_blocks is not None and got.bank_ids is None and mem.far_blocks <= 0
+            if mem.reuse is not None:
+                mem.reuse.keep(key, sels, (got, km, vm, cut))
+        else:
+            got, km, vm, cut = kept
+        bk = _Bucket(idx, q_first, q_last, got, lazy, in_place, idx.numel() == self.t, mem.reuse)
         # Runs of consecutive KV heads whose groups read memory with as many query heads
         # (one run of all G without topqN) and blocks: one flash call each, over their rows.
         for h0, h1, qi in self.runs:
@@ -161,8 +190,14 @@ class BlockReader:
             if bk.in_place:  # read where they are (attn_kernel), else gathered
                 o_lse = mem.memory.block_attention(qq[0], pick, ok, h0, mem.scheme != "fixed", self.scale)
             if o_lse is None:
-                part = mem.memory.gather_blocks(pick, got.raw_keys, head0=h0, ok=ok)
-                kr, vr = self.keys(part, bk.q_first.repeat(r), bk.q_last.repeat(r)), part.values.to(self.dtype)
+                kept = None if bk.cache is None else bk.cache.runs.get(h0)
+                if kept is None:
+                    part = mem.memory.gather_blocks(pick, got.raw_keys, head0=h0, ok=ok)
+                    kr, vr = self.keys(part, bk.q_first.repeat(r), bk.q_last.repeat(r)), part.values.to(self.dtype)
+                    if bk.cache is not None:
+                        bk.cache.runs[h0] = (part, kr, vr)
+                else:
+                    part, kr, vr = kept
                 src, src_rows, span = part, slice(None), kr.shape[1]
         else:
             span = min(int(mem.head_blocks[h0]) * mem.memory.block_size, km.shape[1]) if cut else km.shape[1]

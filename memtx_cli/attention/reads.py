@@ -75,6 +75,9 @@ class MemoryRead:
     # memory layer (each layer recomputing them: cos/sin were 64 ms of the memory path's 2.2 s
     # of extra time over the last 8 segments at 64K, ~3%; a torch.profiler scratch run)
     q_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    # decoding: the layer's attention/blocks.ReadCache (a chunk's gathered blocks, reused by its
+    # later tokens); None when scoring (each chunk is read once)
+    reuse: Any = None
 
     def at_positions(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
         """x (..., T, D) rotated by the queries' absolute positions q_pos."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from memtx_cli.attention.blocks import ReadCache
 from memtx_cli.attention.reads import MemoryRead
 from memtx_cli.config import Config, exact_block_select
 from memtx_cli.engine import plan
@@ -78,6 +79,7 @@ class Streamer:
         self.cur: list[list[LayerKV]] = []  # feed(): raw K/V of the unfinished segment, per piece
         self.cur_len = 0
         self.window: list[RotatedWindow] | None = None  # feed(): the segment's local windows
+        self.read_caches: dict[int, ReadCache] = {}  # feed(): each memory layer's chunk read, reused
         self.trace: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # see MemoryRead.trace
         # Set by generation for the tokens that answer (a prompt's last, each new one): they also
         # read their own top answer-top-k among every memory (`answer_read`); needs keep_all.
@@ -186,7 +188,7 @@ class Streamer:
         sink = torch.arange(n_s) + shift - window_start + n_s  # (n_s,) negative: before the window
         return torch.cat([sink, torch.arange(n_s, cache[0].length + t)]).to(cache[0].k.device)
 
-    def _reads(self, q_pos: torch.Tensor) -> dict[int, MemoryRead]:
+    def _reads(self, q_pos: torch.Tensor, decoding: bool = False) -> dict[int, MemoryRead]:
         rope = rope_cos_sin(self.model.inv_freq.to(q_pos.device), q_pos) if self.memories else None
         reads = {
             i: MemoryRead(
@@ -217,6 +219,7 @@ class Streamer:
                 exact_select=self.exact_select,
                 head_blocks=self.head_blocks[i],
                 q_rope=rope,
+                reuse=self.read_caches.setdefault(i, ReadCache()) if decoding else None,
             )
             for i, m in self.memories.items()
         }
@@ -273,7 +276,7 @@ class Streamer:
             if self.window is None:
                 self.window = self._open_window(piece.device)
             q_pos = torch.arange(self.pos, self.pos + take, device=piece.device)
-            res = self.model.forward_segment(piece[None], self.window, self._reads(q_pos) or None)
+            res = self.model.forward_segment(piece[None], self.window, self._reads(q_pos, decoding=True) or None)
             self.cur.append(res.kv)
             self.cur_len += take
             self.pos += take
