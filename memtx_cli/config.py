@@ -89,6 +89,11 @@ class Config:
         "clamped block retrieval: answering tokens (a prompt's last few, each generated one) also read "
         "their own top-k among every memory, in every memory head, at the fixed distance, no prior.",
     )
+    answer_pages: int = knob(
+        0,
+        "answer-top-k: each answering token searches only its own N best blocks by their score bound "
+        "(per-channel key min/max, Quest), exactly within them; 0 = every memory (far-pages then applies).",
+    )
     answer_bank: bool = knob(
         False, "answer-top-k: the answering tokens' own reads also search the bank (no prior), beside its blocks."
     )
@@ -163,8 +168,8 @@ class Config:
             raise UsageError("far-blocks must be >= -1 (-1 = shared budget) and far-bias >= 0")
         if self.far_top_k < 0:
             raise UsageError(f"far-top-k must be >= 0, got {self.far_top_k}")
-        if self.answer_top_k < 0 or self.answer_tokens < 0 or self.far_pages < 0:
-            raise UsageError("answer-top-k, answer-tokens and far-pages must be >= 0")
+        if self.answer_top_k < 0 or self.answer_tokens < 0 or self.far_pages < 0 or self.answer_pages < 0:
+            raise UsageError("answer-top-k, answer-tokens, answer-pages and far-pages must be >= 0")
         if self.answer_mode not in ANSWER_MODES:
             raise UsageError(f"answer-mode must be one of {', '.join(ANSWER_MODES)}, got {self.answer_mode!r}")
         if self.quote_lines < 1:

@@ -453,6 +453,45 @@ def test_far_attention_equals_float64_reference(n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n,pages", [(1, 4), (200, 4), (200, 64), (3001, 8)])
+def test_far_attention_over_pages_equals_float64_reference(n, pages):
+    """Pages: each run of 32 queries searches the union of its queries' `pages` best blocks of
+    32 by the Quest bound sum_c max(q_c min_c, q_c max_c) (all of a query's blocks when it has
+    no more); each query's top k keys within that union (below its own bound) by float64
+    score, best first, and the G heads' attention over them."""
+    g = torch.Generator().manual_seed(n + pages)
+    keys, values = torch.randn(n, 64, generator=g).bfloat16(), torch.randn(n, 64, generator=g).bfloat16()
+    nb, bs, k, t = -(-n // 32), 32, 8, 45
+    kf = torch.cat([keys.float(), torch.full((nb * bs - n, 64), float("nan"))]).view(nb, bs, 64)
+    kmin, kmax = kf.nan_to_num(float("inf")).amin(1), kf.nan_to_num(float("-inf")).amax(1)
+    qs, qa = torch.randn(t, 64, generator=g), (torch.randn(3, t, 64, generator=g) * 2).bfloat16()
+    bound = torch.randint(n // 2, n + 1, (t,), generator=g)
+    bound[1] = 0
+    paged = (kmin, kmax, bs, pages)
+    out, lse, ids = attn_kernel.far_attention(keys, values, qs, qa, bound, k, 0.125, 1.5, True, pages=paged)
+    for i in range(t):
+        b = int(bound[i])
+        if b == 0:
+            assert (ids[i] == -1).all() and torch.isneginf(lse[:, i]).all()
+            continue
+        union = set()
+        for j in range(i // 32 * 32, min(t, i // 32 * 32 + 32)):
+            nbj = -(-int(bound[j]) // bs)
+            q = qs[j].double()
+            ub = (q.clamp(min=0) * kmax[:nbj].double() + q.clamp(max=0) * kmin[:nbj].double()).sum(-1)
+            union |= set(ub.topk(min(pages, nbj)).indices.tolist())
+        cand = torch.tensor(sorted(union))
+        cand = (cand[:, None] * bs + torch.arange(bs)).reshape(-1)
+        cand = cand[cand < b]
+        want = cand[(keys[cand].double() @ qs[i].double()).topk(min(k, len(cand))).indices]
+        assert ids[i, : len(want)].tolist() == want.tolist()
+        s = qa[:, i].double() @ keys[want].double().t() * 0.125 - 1.5
+        torch.testing.assert_close(lse[:, i].double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-6)
+        ref = torch.softmax(s, -1) @ values[want].double()
+        torch.testing.assert_close(out[:, i].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
 def test_far_attention_with_many_equal_scores():
     """A document that repeats itself gives many keys one score: the scan's cheap cut (bisection
     on the values) cannot bring its candidates near 2k and falls back to an exact selection.

@@ -948,6 +948,15 @@ def test_answering_tokens_read_every_memory_in_every_memory_head(tiny_model):
     torch.testing.assert_close(stream(token, True), stream(token, False), atol=0, rtol=0)
     with pytest.raises(MemtxError, match="answer-top-k"):
         dataclasses.replace(c, answer_top_k=-1)
+    # answer-pages: the answering reads search pages (blocks' key bounds kept); with more pages
+    # than blocks they read what the exact search reads, and scoring never pages
+    paged = dataclasses.replace(asked, answer_pages=64)
+    torch.testing.assert_close(stream(paged, True), stream(asked, True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stream(paged, False), stream(c, False), atol=1e-6, rtol=1e-6)
+    few = stream(dataclasses.replace(asked, answer_pages=2), True)
+    assert few.isfinite().all() and (few - stream(asked, True)).abs().max() > 1e-4
+    with pytest.raises(MemtxError, match="answer-pages"):
+        dataclasses.replace(c, answer_pages=-1)
 
 
 def test_far_top_k_from_an_earlier_layer_yields_to_other_positions():

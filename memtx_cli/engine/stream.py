@@ -148,7 +148,7 @@ class Streamer:
                 ring=ring if near_only[i] and ring < expected_tokens else 0,
                 # blocks read in place by the kernel are kept packed too (the same horizon)
                 packed=ring if bank is None and self._reads_near_in_place(i, dev) else 0,
-                bounds=cfg.far_pages > 0,  # FarSearch's paged search reads them
+                bounds=cfg.far_pages > 0 or cfg.answer_pages > 0,  # FarSearch's paged search reads them
             )
             for i, h in self.heads.items()
         }
@@ -358,7 +358,8 @@ def answer_read(read: MemoryRead, cfg: Config, n_kv: int) -> MemoryRead:
     rows = len(read.heads) if read.heads is not None else n_kv
     no_prior = torch.zeros(rows, device=read.q_pos.device)
     every = {"far_scope": "all", "far_row_bias": no_prior, "far_bank": cfg.answer_bank}
-    return replace(read, far_top_k=cfg.answer_top_k, far_rows=None, **every)
+    pages = cfg.answer_pages or read.far_pages
+    return replace(read, far_top_k=cfg.answer_top_k, far_rows=None, far_pages=pages, **every)
 
 
 def check_bank_settings(bank: Any, cfg: Config, heads: dict[int, list[int] | None], n_kv: int) -> None:

@@ -393,6 +393,40 @@ static inline float dot_fb(const float *q, const bf16 *k) {
     return _mm512_reduce_add_ps(a);
 }
 
+// Attention of query i's G heads (qa (G, T, D)) over the kk keys cand[0..kk) of keys / values,
+// scores scale * q.k - bias in float32: out (G, T, D) float32, lse (G, T); kk = 0: out 0,
+// lse -inf. ex: room for kk floats.
+static void attend_rows(const bf16 *keys, const bf16 *values, const bf16 *qa, const int64_t *cand, int64_t kk,
+                        int64_t i, int64_t T, int64_t G, float scale, float bias, float *ex, float *out, float *lse) {
+    float qf[D] __attribute__((aligned(64)));
+    for (int64_t g = 0; g < G; g++) {
+        float *o = out + (g * T + i) * D;
+        if (kk == 0) {
+            memset(o, 0, D * sizeof(float));
+            lse[g * T + i] = -INFINITY;
+            continue;
+        }
+        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(qf + d, bf16x16(qa + (g * T + i) * D + d));
+        float mx = -INFINITY;
+        for (int64_t a = 0; a < kk; a++) {
+            ex[a] = dot_fb(qf, keys + cand[a] * D) * scale - bias;
+            if (ex[a] > mx) mx = ex[a];
+        }
+        float sum = 0;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t a = 0; a < kk; a++) {
+            float w = expf(ex[a] - mx);
+            sum += w;
+            __m512 vw = _mm512_set1_ps(w);
+            const bf16 *vr = values + cand[a] * D;
+            for (int c4 = 0; c4 < 4; c4++) acc[c4] = _mm512_fmadd_ps(vw, bf16x16(vr + 16 * c4), acc[c4]);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / sum);
+        for (int c4 = 0; c4 < 4; c4++) _mm512_storeu_ps(o + 16 * c4, _mm512_mul_ps(acc[c4], inv));
+        lse[g * T + i] = mx + logf(sum);
+    }
+}
+
 // Far reads, token by token, fused: each query's own top k keys among rows [0, bound[i]) of
 // keys (N, D), then attention over them for the G heads that share the search.
 //  1. shortlist: the m (>= k) rows with the largest bfloat16 products with qs[i] rounded to
@@ -407,10 +441,46 @@ static inline float dot_fb(const float *q, const bf16 *k) {
 //     key (bound 0) gets out 0 and lse -inf. ids (T, k): the keys read (-1 past the count), or NULL.
 // No (T, k) gather of keys or values is written: the torch path it replaces gathered the
 // shortlist's keys, the chosen keys and values, and ran ~30 small torch ops per chunk.
+// Pages (Quest, Tang et al. 2024; kmin / kmax non-NULL, pages > 0): a task scans only the
+// union of its queries' `pages` best blocks of bs rows each (all of a query's blocks when it has
+// no more), ranked per query by the bound sum_c max(q_c kmin[b][c], q_c kmax[b][c]) >= q . k of
+// every key of block b (kmin / kmax (nb, D) float32: per-channel key minimum and maximum).
+static int64_t union_pages(const float *qs, const int64_t *bnd, int64_t nq, const float *kmin, const float *kmax,
+                           int64_t bs, int64_t pages, float *ub, int64_t *bid, uint8_t *mark, int64_t nbt,
+                           int64_t *blocks) {
+    memset(mark, 0, nbt);
+    for (int64_t c = 0; c < nq; c++) {
+        int64_t nb = (bnd[c] + bs - 1) / bs;
+        if (nb <= pages) {
+            memset(mark, 1, nb);
+            continue;
+        }
+        __m512 qv[4];
+        for (int c4 = 0; c4 < 4; c4++) qv[c4] = _mm512_loadu_ps(qs + c * D + 16 * c4);
+        for (int64_t b = 0; b < nb; b++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int c4 = 0; c4 < 4; c4++) {
+                __m512 lo = _mm512_mul_ps(qv[c4], _mm512_loadu_ps(kmin + b * D + 16 * c4));
+                __m512 hi = _mm512_mul_ps(qv[c4], _mm512_loadu_ps(kmax + b * D + 16 * c4));
+                a = _mm512_add_ps(a, _mm512_max_ps(lo, hi));
+            }
+            ub[b] = _mm512_reduce_add_ps(a);
+            bid[b] = b;
+        }
+        select_top(ub, bid, nb, pages);
+        for (int64_t u = 0; u < pages; u++) mark[bid[u]] = 1;
+    }
+    int64_t n = 0;
+    for (int64_t b = 0; b < nbt; b++)
+        if (mark[b]) blocks[n++] = b;
+    return n;
+}
+
 int memtx_far_attention(const bf16 *keys, const bf16 *values, const float *qs, const bf16 *qa,
                         const int64_t *bound, int64_t T, int64_t G, int64_t k, int64_t m, float scale, float bias,
-                        float *out, float *lse, int64_t *ids, int threads) {
-    if (k <= 0 || m < k) return 2;
+                        const float *kmin, const float *kmax, int64_t bs, int64_t pages, float *out, float *lse,
+                        int64_t *ids, int threads) {
+    if (k <= 0 || m < k || (pages > 0 && (!kmin || !kmax || bs <= 0 || bs % RQ))) return 2;
     int64_t tasks = (T + 31) / 32;
     int fail = 0;
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
@@ -421,7 +491,6 @@ int memtx_far_attention(const bf16 *keys, const bf16 *values, const float *qs, c
         float s[RQ * KB] __attribute__((aligned(64)));
         bf16 tail[RQ * D] __attribute__((aligned(64)));
         float thr[32] __attribute__((aligned(64)));
-        float qf[D] __attribute__((aligned(64)));
         int64_t size[32], bnd[32], nmax = 0;
         // per query: a buffer of 2m candidates (scores above its threshold); when full, it is cut
         // to about its best m (trim_top) and the cut becomes the threshold. A quickselect to
@@ -446,37 +515,57 @@ int memtx_far_attention(const bf16 *keys, const bf16 *values, const float *qs, c
             size[c] = 0;
             if (bnd[c] > nmax) nmax = bnd[c];
         }
-        for (int64_t j = 0; j < nmax; j += RQ) {
-            const bf16 *kr = keys + j * D;
-            int64_t rr = nmax - j < RQ ? nmax - j : RQ;
-            if (rr < RQ) {
-                memset(tail, 0, sizeof(tail));
-                memcpy(tail, kr, rr * D * sizeof(bf16));
-                kr = tail;
+        // the rows scanned: [0, nmax), or the task's pages (runs of bs rows)
+        int64_t nbt = pages > 0 ? (nmax + bs - 1) / bs : 0, nruns = 1, *blocks = NULL;
+        float *ub = NULL;
+        if (pages > 0) {
+            ub = malloc(nbt * (sizeof(float) + 2 * sizeof(int64_t) + 1) + 64);
+            if (!ub) {
+                fail = 1;
+                free(hs);
+                free(hi);
+                continue;
             }
-            qk_tile(kr, vp, 32, s);
-            for (int64_t r = 0; r < rr; r++)
-                for (int c0 = 0; c0 < 32; c0 += 16) {
-                    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + r * KB + c0), _mm512_loadu_ps(thr + c0), _CMP_GT_OQ);
-                    while (hit) {
-                        int c = c0 + __builtin_ctz(hit);
-                        hit &= hit - 1;
-                        if (j + r >= bnd[c]) {  // past this query's bound: it takes nothing more
-                            thr[c] = INFINITY;
-                            continue;
-                        }
-                        hs[c * cap + size[c]] = s[r * KB + c];
-                        hi[c * cap + size[c]++] = j + r;
-                        if (size[c] == cap) {  // keep ~m of them: a cheap cut, exact only on many ties
-                            thr[c] = trim_top(hs + c * cap, hi + c * cap, &size[c], m);
-                            if (2 * size[c] > cap + m) {
-                                thr[c] = select_top(hs + c * cap, hi + c * cap, size[c], m);
-                                size[c] = m;
+            int64_t *bid = (int64_t *)(ub + nbt + 8 - (nbt % 8));
+            blocks = bid + nbt;
+            nruns = union_pages(qs + q0 * D, bnd, nq, kmin, kmax, bs, pages, ub, bid, (uint8_t *)(blocks + nbt), nbt,
+                                blocks);
+        }
+        for (int64_t run = 0; run < nruns; run++) {
+            int64_t j0 = blocks ? blocks[run] * bs : 0, j1 = blocks ? (j0 + bs < nmax ? j0 + bs : nmax) : nmax;
+            for (int64_t j = j0; j < j1; j += RQ) {
+                const bf16 *kr = keys + j * D;
+                int64_t rr = j1 - j < RQ ? j1 - j : RQ;
+                if (rr < RQ) {
+                    memset(tail, 0, sizeof(tail));
+                    memcpy(tail, kr, rr * D * sizeof(bf16));
+                    kr = tail;
+                }
+                qk_tile(kr, vp, 32, s);
+                for (int64_t r = 0; r < rr; r++)
+                    for (int c0 = 0; c0 < 32; c0 += 16) {
+                        __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + r * KB + c0), _mm512_loadu_ps(thr + c0), _CMP_GT_OQ);
+                        while (hit) {
+                            int c = c0 + __builtin_ctz(hit);
+                            hit &= hit - 1;
+                            if (j + r >= bnd[c]) {  // past this query's bound: it takes nothing more
+                                thr[c] = INFINITY;
+                                continue;
+                            }
+                            hs[c * cap + size[c]] = s[r * KB + c];
+                            hi[c * cap + size[c]++] = j + r;
+                            if (size[c] == cap) {  // keep ~m of them: a cheap cut, exact only on many ties
+                                thr[c] = trim_top(hs + c * cap, hi + c * cap, &size[c], m);
+                                if (2 * size[c] > cap + m) {
+                                    thr[c] = select_top(hs + c * cap, hi + c * cap, size[c], m);
+                                    size[c] = m;
+                                }
                             }
                         }
                     }
-                }
+            }
         }
+        free(ub);
         for (int64_t c = 0; c < nq; c++) {
             if (size[c] > m) {  // exactly the best m (the shortlist retrieve_far takes)
                 trim_top(hs + c * cap, hi + c * cap, &size[c], m);
@@ -505,32 +594,7 @@ int memtx_far_attention(const bf16 *keys, const bf16 *values, const float *qs, c
             }
             if (ids)
                 for (int64_t a = 0; a < k; a++) ids[i * k + a] = a < kk ? cand[a] : -1;
-            for (int64_t g = 0; g < G; g++) {
-                float *o = out + (g * T + i) * D;
-                if (kk == 0) {
-                    memset(o, 0, D * sizeof(float));
-                    lse[g * T + i] = -INFINITY;
-                    continue;
-                }
-                for (int d = 0; d < D; d += 16) _mm512_storeu_ps(qf + d, bf16x16(qa + (g * T + i) * D + d));
-                float mx = -INFINITY;
-                for (int64_t a = 0; a < kk; a++) {
-                    ex[a] = dot_fb(qf, keys + cand[a] * D) * scale - bias;
-                    if (ex[a] > mx) mx = ex[a];
-                }
-                float sum = 0;
-                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                for (int64_t a = 0; a < kk; a++) {
-                    float w = expf(ex[a] - mx);
-                    sum += w;
-                    __m512 vw = _mm512_set1_ps(w);
-                    const bf16 *vr = values + cand[a] * D;
-                    for (int c4 = 0; c4 < 4; c4++) acc[c4] = _mm512_fmadd_ps(vw, bf16x16(vr + 16 * c4), acc[c4]);
-                }
-                __m512 inv = _mm512_set1_ps(1.0f / sum);
-                for (int c4 = 0; c4 < 4; c4++) _mm512_storeu_ps(o + 16 * c4, _mm512_mul_ps(acc[c4], inv));
-                lse[g * T + i] = mx + logf(sum);
-            }
+            attend_rows(keys, values, qa, cand, kk, i, T, G, scale, bias, ex, out, lse);
         }
         free(hs);
         free(hi);

@@ -307,15 +307,29 @@ def far_attention(
     scale: float,
     bias: float,
     with_ids: bool = False,
+    pages: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:  # (G, T, 64) f32, (G, T) f32, (T, k)
     """Each query's own top k rows of keys by its search vector (a bfloat16 shortlist of 2k,
     rescored in float32: the exact top k whenever its bound is <= 2k), then attention of the G
     queries qa[:, i] over those k keys and their values, scores scale * q.k - bias in float32.
     Returns out, lse (-inf and 0 where a query has no rows) and, with_ids, the rows read (T, k)
-    best first (-1 past the count). None when the kernel cannot run (see `usable`)."""
+    best first (-1 past the count). None when the kernel cannot run (see `usable`).
+
+    pages = (kmin, kmax, block, n) (Quest, Tang et al. 2024): each run of 32 queries searches
+    only the union of its queries' n best blocks of `block` rows (all of a query's blocks when
+    it has no more), ranked per query by the bound sum_c max(q_c kmin_c, q_c kmax_c) >= q . k
+    (kmin, kmax (blocks, 64) float32: each block's per-channel key minimum and maximum)."""
     t, g = qs.shape[0], qa.shape[0]
     if not usable(keys, values, qa) or qs.shape[-1] != HEAD_DIM or k <= 0 or qs.device.type != "cpu":
         return None
+    kmin = kmax = None
+    block = n_pages = 0
+    if pages is not None:
+        kmin, kmax, block, n_pages = pages
+        if block % 8 or n_pages <= 0:
+            return None
+        nb = -(-int(bound.max()) // block) if t else 0
+        kmin, kmax = kmin[:nb].float().contiguous(), kmax[:nb].float().contiguous()
     keys, values = _rows(keys[None])[0], _rows(values[None])[0]
     qs, qa = qs.float().contiguous(), qa.contiguous()
     bound = bound.to(torch.int64).clamp(0, keys.shape[0]).contiguous()
@@ -337,6 +351,10 @@ def far_attention(
         2 * k,
         scale,
         bias,
+        0 if kmin is None else kmin.data_ptr(),
+        0 if kmax is None else kmax.data_ptr(),
+        block,
+        n_pages,
         out.data_ptr(),
         lse.data_ptr(),
         0 if ids is None else ids.data_ptr(),

@@ -27,7 +27,7 @@ SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out 
     "memtx_attention": [_P] * 4 + [_I] * 7 + [ctypes.c_float] + [_P] * 4 + [ctypes.c_int],
     "memtx_block_max": [_P] * 2 + [_I] * 7 + [_P, ctypes.c_int],
     "memtx_block_attention": [_P] * 6 + [_I] * 8 + [ctypes.c_float, _P, _P, _I, _P, _P, ctypes.c_int],
-    "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 3 + [ctypes.c_int],
+    "memtx_far_attention": [_P] * 5 + [_I] * 4 + [ctypes.c_float] * 2 + [_P] * 2 + [_I] * 2 + [_P] * 3 + [ctypes.c_int],
     "memtx_block_pick": [_P] * 3 + [_I] * 9 + [_P] * 2 + [ctypes.c_int],
     "memtx_pack_rows": [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I, ctypes.c_int],
     "memtx_linear": [_P] * 2 + [_I] * 3 + [_P, ctypes.c_int],

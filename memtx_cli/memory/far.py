@@ -86,18 +86,24 @@ class FarSearch:
         scale: float,
         bias: float | torch.Tensor,  # one prior, or one per row (R,)
         rows: list[int] | None = None,
+        pages: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:  # (R, G, T, D) in qa's dtype, (R, G, T) float32
         """`retrieve_far` and the attention over what it finds (scores scale * q.k - bias), fused
         in attn_kernel.far_attention: one call per head for all tokens, each with its own bound;
         no keys or values gathered. The same entries as retrieve_far (its shortlist of 2k by
-        bfloat16 scores, rescored in float32). None where the kernel cannot run."""
+        bfloat16 scores, rescored in float32). pages > 0 (with the blocks' key bounds kept): only
+        the union of 32 tokens' `pages` best blocks by their bound, as `_paged_top_k` does for
+        16. None where the kernel cannot run."""
         t0 = time.perf_counter()
         rows = list(range(q.shape[0])) if rows is None else rows
+        if pages and self.kmin is None:
+            return None  # the torch path pages (or not) as retrieve_far does
         outs, lses = [], []
         for i, h in enumerate(rows):
             keys, values = self.keys[h, : self.n], self.values[h, : self.n]
             b = float(bias[i]) if isinstance(bias, torch.Tensor) else bias
-            got = attn_kernel.far_attention(keys, values, q[i], qa[i], bound, k, scale, b)
+            paged = (self.kmin[h], self.kmax[h], self.block_size, pages) if pages else None
+            got = attn_kernel.far_attention(keys, values, q[i], qa[i], bound, k, scale, b, pages=paged)
             if got is None:
                 return None
             outs.append(got[0])
