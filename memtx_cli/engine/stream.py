@@ -148,7 +148,9 @@ class Streamer:
                 ring=ring if near_only[i] and ring < expected_tokens else 0,
                 # blocks read in place by the kernel are kept packed too (the same horizon)
                 packed=ring if bank is None and self._reads_near_in_place(i, dev) else 0,
-                bounds=cfg.far_pages > 0 or cfg.answer_pages > 0,  # FarSearch's paged search reads them
+                # FarSearch's paged search reads them: scoring's far reads (far-pages), or a
+                # generation's answering reads (answer-pages; generation keeps every entry)
+                bounds=cfg.far_pages > 0 or (cfg.answer_pages > 0 and keep_all),
             )
             for i, h in self.heads.items()
         }
