@@ -91,8 +91,9 @@ class Config:
     )
     answer_pages: int = knob(
         0,
-        "answer-top-k: each answering token searches only its own N best blocks by their score bound "
-        "(per-channel key min/max, Quest), exactly within them; 0 = every memory (far-pages then applies).",
+        "answer-top-k: answering tokens search the document's own past only within pages: the union of "
+        "their N best blocks each by a score bound (per-channel key min/max, Quest), exactly within "
+        "them; 0 = every memory (far-pages then applies).",
     )
     answer_bank: bool = knob(
         False, "answer-top-k: the answering tokens' own reads also search the bank (no prior), beside its blocks."

@@ -141,7 +141,7 @@ class BlockReader:
         # Lazy runs may read blocks in place where every key is scored as stored (raw keys for
         # fixed, rotated for true and near-only clamped: clamp_keys keeps near keys as they are).
         in_place = lazy and (mem.scheme != "clamped" or mem.far_blocks == 0)
-        key = (tuple(q_first.tolist()), len(mem.memory))
+        key = None if mem.reuse is None else (tuple(q_first.tolist()), len(mem.memory))
         kept = None if mem.reuse is None else mem.reuse.get(key, sels)
         if kept is None:
             got = mem.memory.retrieve_blocks(

@@ -43,8 +43,8 @@ def far_read(
         bound = torch.full_like(bound, mem.memory.own_entries)
     # Search and attention in one kernel call per head where it runs (no gathers), else torch
     bias = mem.far_bias if mem.far_row_bias is None else mem.far_row_bias  # float or (R,)
-    # The kernel searches the own past, exactly or within each token's best pages; a bank's
-    # tokens (far_bank) take the torch search
+    # The kernel searches the own past, exactly or within pages (the best blocks of a run of
+    # tokens); a bank's tokens (far_bank) take the torch search
     every = getattr(mem.memory, "retrieve_every", None) if mem.far_bank else None
     far = mem.memory.far_attention
     got = None if every is not None else far(q_search, q_far, bound, mem.far_top_k, scale, bias, rows, mem.far_pages)

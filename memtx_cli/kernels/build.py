@@ -1,5 +1,6 @@
-"""Building and loading the C kernels (attn.c, linear.c): compiled on first use with the system C compiler (`$CC`,
-else `cc`) into a per-user cache, loaded through ctypes only from a private file.
+"""Building and loading the C kernels (attn.c, linear.c): compiled on first use with the system
+C compiler (`$CC`, else `cc`) into a per-user cache, loaded through ctypes only from a private
+file.
 
 `load()` returns None whenever the kernel cannot run here (no compiler, a CPU without
 AVX512-BF16, not Linux, MEMTX_KERNEL=0 via `enabled()`); callers then use torch's kernel.

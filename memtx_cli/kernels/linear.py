@@ -31,10 +31,13 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         or not attn.preferred("linear")
     ):
         return None
-    x2 = x.reshape(-1, i).contiguous()
-    y = torch.empty(x2.shape[0], w.shape[0], dtype=torch.bfloat16)
-    attn._run("linear", x2.data_ptr(), w.data_ptr(), x2.shape[0], i, w.shape[0], y.data_ptr())
-    return y.view(*x.shape[:-1], w.shape[0])
+    return linear_unchecked(x.reshape(-1, i).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+
+
+def linear_or_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias), by linear.c where `linear` applies (no bias, a few rows)."""
+    y = linear(x, w) if bias is None else None
+    return F.linear(x, w, bias) if y is None else y
 
 
 def kernel_wins() -> bool:

@@ -97,11 +97,7 @@ class Linear(nn.Linear):
     that is the faster on this CPU: a bandwidth-bound pass over the weights."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            y = linear_kernel.linear(x, self.weight)
-            if y is not None:
-                return y
-        return F.linear(x, self.weight, self.bias)
+        return linear_kernel.linear_or_torch(x, self.weight, self.bias)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -247,15 +243,14 @@ class Attention(nn.Module):
         if isinstance(cache, RotatedWindow):  # rope: cos, sin of the new tokens only
             q = apply_rope(q_raw, *rope)
             k, v = cache.append(apply_rope(k, *rope), v)
-            y = self.attend(q, q_raw, k, v, bias, mem, inv_freq).transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
-            return self.wo(y), new
-        if cache is not None and cache.length:
-            k = torch.cat([cache.k, k], dim=2)  # (B, KV, L+T, D)
-            v = torch.cat([cache.v, v], dim=2)
-        cache_len = k.shape[2] - t
-        cos, sin = rope
-        q = apply_rope(q_raw, cos[cache_len:], sin[cache_len:])
-        k = apply_rope(k, cos, sin)
+        else:
+            if cache is not None and cache.length:
+                k = torch.cat([cache.k, k], dim=2)  # (B, KV, L+T, D)
+                v = torch.cat([cache.v, v], dim=2)
+            cache_len = k.shape[2] - t
+            cos, sin = rope
+            q = apply_rope(q_raw, cos[cache_len:], sin[cache_len:])
+            k = apply_rope(k, cos, sin)
         y = self.attend(q, q_raw, k, v, bias, mem, inv_freq)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
         return self.wo(y), new
@@ -427,9 +422,7 @@ class Transformer(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, V)
-        w = self.output_weight()
-        y = linear_kernel.linear(hidden, w)  # a decoded token's logits; None: more rows
-        return F.linear(hidden, w) if y is None else y
+        return linear_kernel.linear_or_torch(hidden, self.output_weight())  # a decoded token: linear.c
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Plain causal forward over the whole of `ids` (B, T) -> logits (B, T, V)."""
