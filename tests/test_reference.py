@@ -20,7 +20,7 @@ def test_gpl3_perplexity_1024_full_float32(real_lm, gpl3_text):
 
 
 def test_bfloat16_within_half_percent(real_lm, gpl3_text):
-    ids = real_lm.tokenizer.encode(gpl3_text)[:1024]
+    ids = real_lm.tokenizer.encode(gpl3_text)[:512]
     f32 = score_ids(real_lm, ids, 1, Config(context="full")).ppl
     lm16 = load_model("smollm2-135m", device="cpu", dtype="bfloat16")  # a copy: casting back loses bits
     bf16 = score_ids(lm16, ids, 1, Config(context="full")).ppl

@@ -356,7 +356,7 @@ def test_real_model_gate_checkpoint_serves_ingest_and_ask(tmp_path):
             "--eval-every",
             "0",
             "--eval-tokens",
-            "1024",
+            "512",
             "--val",
             str(legal / "debian_constitution_1.8.txt"),
             "--json",
@@ -374,15 +374,19 @@ def test_real_model_gate_checkpoint_serves_ingest_and_ask(tmp_path):
     biases = load_file(str(ck / "model.safetensors"))
     assert biases["model.layers.15.self_attn.mem_bias"].abs().sum() > 0  # it moved
     assert "model.layers.2.self_attn.mem_bias" not in biases  # no memory head of top36 in layer 2
+    # A bank of the constitution's opening (its ratification dates), kept small for speed
+    docs = tmp_path / "legal"
+    docs.mkdir()
+    (docs / "constitution.txt").write_text((legal / "debian_constitution_1.8.txt").read_text()[:6000])
     bank = tmp_path / "legal.idx"
-    r = sh(["ingest", str(legal), "-m", str(ck), "--out", str(bank), "--json"])
+    r = sh(["ingest", str(docs), "-m", str(ck), "--out", str(bank), "--json"])
     assert r.returncode == 0, r.stderr
     r = sh(
         ["ask", "When was version 1.8 ratified?", "--memory", str(bank), "-m", str(ck), "--max-tokens", "12", "--json"]
     )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["sources"] and all(Path(s["path"]).parent == legal for s in d["sources"])
+    assert d["sources"] and all(Path(s["path"]).parent == docs for s in d["sources"])
     # The bank belongs to the checkpoint: the base model refuses it.
     r = sh(["ask", "When?", "--memory", str(bank), "--max-tokens", "4"])
     assert r.returncode == 1 and "model" in r.stderr
