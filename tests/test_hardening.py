@@ -199,7 +199,7 @@ def _planted_library(path: Path, marker: Path, with_symbols: bool) -> None:
 def kernel_state(monkeypatch):
     monkeypatch.setattr(kernel_build, "_lib", None)
     monkeypatch.setattr(kernel_build, "_tried", False)
-    monkeypatch.setattr(kernel_build, "_cpu_ok", lambda: True)
+    monkeypatch.setattr(kernel_build, "_cpu_ok", lambda *flags: True)
     monkeypatch.delenv("MEMTX_NO_CACHE", raising=False)
     yield
     kernel_build._lib, kernel_build._tried = None, False

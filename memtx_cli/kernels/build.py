@@ -1,9 +1,10 @@
-"""Building and loading the C kernels (attn.c, linear.c): compiled on first use with the system
-C compiler (`$CC`, else `cc`) into a per-user cache, loaded through ctypes only from a private
-file.
+"""Building and loading the C kernels: compiled on first use with the system C compiler (`$CC`,
+else `cc`) into a per-user cache, loaded through ctypes only from a private file. Two
+libraries: attn.c and linear.c for CPUs with AVX512-BF16 (`load`), quant.c for any x86-64 CPU
+with AVX2 and FMA (`load_portable`).
 
-`load()` returns None whenever the kernel cannot run here (no compiler, a CPU without
-AVX512-BF16, not Linux, MEMTX_KERNEL=0 via `enabled()`); callers then use torch's kernel.
+Each returns None whenever its kernels cannot run here (no compiler, a CPU without the
+instructions, not Linux, MEMTX_KERNEL=0 via `enabled()`); callers then use torch's kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(n) for n in ("attn.c", "linear.c")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
+PORTABLE_SOURCES = [Path(__file__).with_name("quant.c")]
+PORTABLE_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+PORTABLE_CPU_FLAGS = {"avx2", "fma"}
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64  # pointer, int64_t
 SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out of range)
@@ -33,9 +37,12 @@ SIGNATURES = {  # each returns 0, or non-zero when out of memory (or shapes out 
     "memtx_pack_rows": [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I, ctypes.c_int],
     "memtx_linear": [_P] * 2 + [_I] * 3 + [_P, ctypes.c_int],
 }
+PORTABLE_SIGNATURES = {n: [_P] * 3 + [_I] * 3 + [_P, ctypes.c_int] for n in ("memtx_q4_linear", "memtx_q8_linear")}
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_portable: ctypes.CDLL | None = None
+_portable_tried = False
 
 
 def enabled() -> bool:
@@ -43,14 +50,14 @@ def enabled() -> bool:
     return os.environ.get("MEMTX_KERNEL", "1") != "0"
 
 
-def _cpu_ok() -> bool:
+def _cpu_ok(wanted: set[str] = CPU_FLAGS) -> bool:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no way to check the flags, so no kernel
         return False
     for line in text.splitlines():
         if line.startswith("flags"):
-            return CPU_FLAGS <= set(line.split(":", 1)[1].split())
+            return wanted <= set(line.split(":", 1)[1].split())
     return False
 
 
@@ -82,14 +89,14 @@ def _trusted_file(p: Path) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022 and _private_dir(p.parent)
 
 
-def _compile(out: Path) -> None:
-    """Compile SOURCES into `out`: into a file beside it, then renamed (atomic)."""
+def _compile(out: Path, sources: list[Path], flags: list[str]) -> None:
+    """Compile `sources` into `out`: into a file beside it, then renamed (atomic)."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         cc = os.environ.get("CC", "cc")
         subprocess.run(
-            [cc, *FLAGS, "-shared", "-fPIC", *map(str, SOURCES), "-o", tmp, "-lm"],
+            [cc, *flags, "-shared", "-fPIC", *map(str, sources), "-o", tmp, "-lm"],
             check=True,
             capture_output=True,
             timeout=120,
@@ -101,18 +108,18 @@ def _compile(out: Path) -> None:
             os.unlink(tmp)
 
 
-def library_name() -> str:
+def library_name(sources: list[Path] = SOURCES, flags: list[str] = FLAGS) -> str:
     """The cached library's file name: a hash of the sources, the compiler and its flags."""
-    src = b"".join(p.read_bytes() for p in SOURCES)
-    tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *FLAGS]).encode()).hexdigest()[:16]
-    return f"attn_kernel-{tag}.so"
+    src = b"".join(p.read_bytes() for p in sources)
+    tag = hashlib.sha256(src + " ".join([os.environ.get("CC", "cc"), *flags]).encode()).hexdigest()[:16]
+    return f"{'attn_kernel' if sources == SOURCES else 'portable_kernel'}-{tag}.so"
 
 
-def _open() -> ctypes.CDLL:
+def _open(sources: list[Path] = SOURCES, flags: list[str] = FLAGS) -> ctypes.CDLL:
     """The compiled library for these sources, compiler and flags (compiled now if not cached).
     A cached file is loaded only if it is ours in a directory only we can write (it is code
     this process runs); anything else there is never loaded: we compile privately instead."""
-    name = library_name()
+    name = library_name(sources, flags)
     where = cache_dir()
     if where is not None:
         try:
@@ -122,37 +129,52 @@ def _open() -> ctypes.CDLL:
         out = where / name
         if _private_dir(where):
             if not os.path.lexists(out):
-                _compile(out)
+                _compile(out, sources, flags)
             if _trusted_file(out):
                 return ctypes.CDLL(str(out))
         log.warning("memtx: the kernel cache %s is not private to this user; compiling the kernel privately", where)
     with tempfile.TemporaryDirectory() as tmp:  # a loaded library outlives its file on Linux
         out = Path(tmp) / name
-        _compile(out)
+        _compile(out, sources, flags)
         return ctypes.CDLL(str(out))
 
 
-def load() -> ctypes.CDLL | None:
-    """The kernel library, or None when it cannot run here (tried once per process); a library
-    that does not load or lacks a function falls back to torch's kernel with one warning."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    if not _cpu_ok():
-        log.debug("attn_kernel: CPU without AVX512-BF16 (or not Linux); using torch's kernel")
+def _build(sources: list[Path], flags: list[str], cpu: set[str], signatures: dict, what: str) -> ctypes.CDLL | None:
+    """The library of `sources`, or None when it cannot run here; a library that does not load
+    or lacks a function falls back to torch's kernel with one warning."""
+    if not _cpu_ok(cpu):
+        log.debug("%s: CPU without %s (or not Linux); using torch's kernel", what, ", ".join(sorted(cpu)))
         return None
     try:
-        lib = _open()
-        for name, args in SIGNATURES.items():
+        lib = _open(sources, flags)
+        for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = ctypes.c_int, args
     except (FileNotFoundError, subprocess.SubprocessError) as e:  # no compiler, or it failed
         detail = getattr(e, "stderr", b"") or b""
-        log.debug("attn_kernel: not built (%s %s); using torch's kernel", e, detail.decode(errors="replace")[:500])
+        log.debug("%s: not built (%s %s); using torch's kernel", what, e, detail.decode(errors="replace")[:500])
         return None
     except (OSError, AttributeError) as e:
-        log.warning("memtx: the compiled attention kernel is unusable (%s); using torch's kernel", e)
+        log.warning("memtx: the compiled %s is unusable (%s); using torch's kernel", what, e)
         return None
-    _lib = lib
     return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The AVX512-BF16 kernels (attn.c, linear.c), or None (tried once per process)."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        _lib = _build(SOURCES, FLAGS, CPU_FLAGS, SIGNATURES, "attention kernel")
+    return _lib
+
+
+def load_portable() -> ctypes.CDLL | None:
+    """The AVX2 kernels (quant.c), or None (tried once per process)."""
+    global _portable, _portable_tried
+    if not _portable_tried:
+        _portable_tried = True
+        _portable = _build(
+            PORTABLE_SOURCES, PORTABLE_FLAGS, PORTABLE_CPU_FLAGS, PORTABLE_SIGNATURES, "quantized-weights kernel"
+        )
+    return _portable

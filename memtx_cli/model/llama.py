@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from memtx_cli.errors import MemtxError
 from memtx_cli.kernels import attn as attn_kernel
 from memtx_cli.kernels import linear as linear_kernel
+from memtx_cli.kernels import quant
 
 
 @dataclass
@@ -93,10 +94,17 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose products of a few rows (a decoded token) run on kernels/linear.c where
-    that is the faster on this CPU: a bandwidth-bound pass over the weights."""
+    """nn.Linear whose products of a few rows (a decoded token) run on a kernel where that is
+    the faster on this CPU, a bandwidth-bound pass over the weights: kernels/quant.c from the
+    GGUF file's blocks (`blocks`, set by the loader; float32), else kernels/linear.c
+    (bfloat16)."""
+
+    blocks: quant.Blocks | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant.linear(x, self.blocks)
+        if y is not None:
+            return y if self.bias is None else y + self.bias
         return linear_kernel.linear_or_torch(x, self.weight, self.bias)
 
 
@@ -354,6 +362,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = None if args.tie_embeddings else Linear(args.dim, args.vocab_size, bias=False)
+        self.head_blocks: dict[str, quant.Blocks] = {}  # the embedding's / head's GGUF blocks, if kept
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         # Training switches (memtx train sets them; inference ignores them: no autograd there).
         self.frozen_below = 0  # layers below this run without autograd (nothing under them trains)
@@ -421,8 +430,17 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:  # (V, C)
         return self.embed.weight if self.head is None else self.head.weight
 
+    def set_blocks(self, name: str, blocks: quant.Blocks) -> None:
+        """Give the matrix `name` ("layers.3.attn.wqkv", "embed", "head") its GGUF blocks."""
+        if name in ("embed", "head"):
+            self.head_blocks[name] = blocks
+        else:
+            self.get_submodule(name).blocks = blocks
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, V)
-        return linear_kernel.linear_or_torch(hidden, self.output_weight())  # a decoded token: linear.c
+        # a decoded token: quant.c from the file's blocks, or linear.c
+        y = quant.linear(hidden, self.head_blocks.get("embed" if self.head is None else "head"))
+        return linear_kernel.linear_or_torch(hidden, self.output_weight()) if y is None else y
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Plain causal forward over the whole of `ids` (B, T) -> logits (B, T, V)."""

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 
 from memtx_cli.errors import MemtxError
+from memtx_cli.kernels import quant
 from memtx_cli.model.cards import ModelCard, ModelRef, resolve_model
 from memtx_cli.model.llama import ModelArgs, Transformer, rope_inv_freq
 from memtx_cli.model.tokenizer import TextTokenizer
 from memtx_cli.model.weights import RawWeights, load_weights
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_ENTRIES = 4  # weights entries kept, most recently used first
 
 
@@ -239,6 +240,8 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor] | None = None) -
     """A Transformer from args; with `state`, its weights (no random init is wasted)."""
     if state is None:
         return Transformer(args)
+    blocks = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in quant.KINDS}  # "<weight>.<kind>"
+    state = {k: v for k, v in state.items() if k not in blocks}
     with torch.device("meta"):
         model = Transformer(args)
         # Memory parameters (a memtx train checkpoint): their layers get them before loading.
@@ -248,6 +251,9 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor] | None = None) -
     if unexpected or [m for m in missing if m != "inv_freq"]:
         raise MemtxError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.inv_freq = rope_inv_freq(args)
+    for key, raw in blocks.items():  # a GGUF file's quantized matrices: decoding reads their blocks
+        name, kind = key.rsplit(".", 1)
+        model.set_blocks(name.removesuffix(".weight"), quant.from_blocks(kind, raw))
     return model
 
 

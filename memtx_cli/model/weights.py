@@ -73,6 +73,28 @@ def _fuse(state: dict[str, np.ndarray], args: ModelArgs) -> dict[str, torch.Tens
     return {k: v.float() for k, v in out.items()}
 
 
+BLOCK_KINDS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}  # GGUF types kept as blocks for decoding (kernels/quant.py)
+
+
+def _fuse_blocks(blocks: dict[str, tuple[str, np.ndarray]], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The GGUF blocks of the matrices `_fuse` makes (a fused matrix only when its parts are of
+    one kind) and of the embedding / head, as uint8 tensors named "<weight>.<kind>"."""
+    parts = {"attn.wqkv.weight": ("q.weight", "k.weight", "v.weight"), "ffn.w13.weight": ("gate.weight", "up.weight")}
+    parts |= {"attn.wo.weight": ("attn.wo.weight",), "ffn.w2.weight": ("ffn.w2.weight",)}
+    out: dict[str, torch.Tensor] = {}
+    for name in ("embed.weight", "head.weight"):
+        if name in blocks:
+            out[f"{name}.{blocks[name][0]}"] = torch.from_numpy(np.array(blocks[name][1]))
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        kinds = {n: blocks[p + n][0] for n in sum(parts.values(), ()) if p + n in blocks}
+        for name, srcs in parts.items():
+            if all(n in kinds for n in srcs) and len({kinds[n] for n in srcs}) == 1:
+                raw = np.concatenate([blocks[p + n][1] for n in srcs])
+                out[f"{p}{name}.{kinds[srcs[0]]}"] = torch.from_numpy(raw)
+    return out
+
+
 def _check_keys(state: dict[str, torch.Tensor], args: ModelArgs, where: str) -> None:
     want = [
         f"layers.{i}.{n}"
@@ -168,6 +190,7 @@ def load_gguf(path: Path) -> RawWeights:
         qkv_bias="blk.0.attn_q.bias" in names,
     )
     state: dict[str, np.ndarray] = {}
+    blocks: dict[str, tuple[str, np.ndarray]] = {}  # quantized matrices as stored (bytes per row)
     for t in reader.tensors:
         if t.name in GGUF_NAMES:
             name = GGUF_NAMES[t.name]
@@ -183,13 +206,19 @@ def load_gguf(path: Path) -> RawWeights:
             raise MemtxError(f"{path.name}: tensor type {qt.name} cannot be dequantized by gguf") from None
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists ne0 (columns) first
         w = np.asarray(w, dtype=np.float32).reshape(shape)
+        raw = None
+        if qt.name in BLOCK_KINDS and len(shape) == 2 and name.endswith("weight"):
+            raw = np.asarray(t.data, dtype=np.uint8).reshape(shape[0], -1)
         if arch == "llama" and name.endswith(("q.weight", "q.bias")):
-            w = _unpermute(w, args.n_heads)
+            w, raw = _unpermute(w, args.n_heads), None if raw is None else _unpermute(raw, args.n_heads)
         elif arch == "llama" and name.endswith(("k.weight", "k.bias")):
-            w = _unpermute(w, args.n_kv_heads)
+            w, raw = _unpermute(w, args.n_kv_heads), None if raw is None else _unpermute(raw, args.n_kv_heads)
         state[name] = w
+        if raw is not None:
+            blocks[name] = (BLOCK_KINDS[qt.name], raw)
     fused = _fuse(state, args)
     _check_keys(fused, args, path.name)
+    fused.update(_fuse_blocks(blocks, args))
     return RawWeights(
         args=args,
         state=fused,
