@@ -113,7 +113,7 @@ def test_usage_errors_exit_2_and_user_errors_exit_1(world):
 
 
 def test_ctrl_c_during_ingest_exits_130_and_leaves_the_bank_intact(world, tiny_gguf, tmp_path):
-    corpus = make_corpus(tmp_path / "c", n_docs=24, words=2400)
+    corpus = make_corpus(tmp_path / "c", n_docs=8, words=2400)
     out = tmp_path / "int.idx"
     cmd = [*MEMTX, "ingest", str(corpus), "--out", str(out), "--config", world["cfg"]]
     # A job started in the background of a non-interactive shell inherits SIGINT ignored (and
@@ -133,4 +133,4 @@ def test_ctrl_c_during_ingest_exits_130_and_leaves_the_bank_intact(world, tiny_g
     r = subprocess.run(cmd, capture_output=True, env=ENV)  # and it resumes
     assert r.returncode == 0
     with Bank.open(out) as b:
-        assert len(b.docs) == 24
+        assert len(b.docs) == 8
