@@ -27,3 +27,18 @@ def emit(res: dict, out: Path | None, accumulate: bool = False) -> None:
     if out is not None:
         out.write_text(text + "\n")
     print(text)
+
+
+def per_pass(fn, rounds: int = 5, n: int = 10) -> float:
+    """Median seconds of one call of fn, over `rounds` rounds of `n` calls, after a warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t) / n)
+    return statistics.median(times)

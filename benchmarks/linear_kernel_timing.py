@@ -12,32 +12,19 @@ configured thread count (torch's).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _meta import emit, run_metadata  # noqa: E402
+from _meta import emit, per_pass, run_metadata  # noqa: E402
 
 from memtx_cli.kernels import attn as attn_kernel  # noqa: E402
 from memtx_cli.kernels.linear import linear_unchecked  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
-
-
-def per_pass(fn, rounds: int = 5, n: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t) / n)
-    return statistics.median(times)
 
 
 def main() -> None:

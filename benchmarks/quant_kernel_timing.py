@@ -11,32 +11,19 @@ each streams per pass, with the configured thread count (torch's).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _meta import emit, run_metadata  # noqa: E402
+from _meta import emit, per_pass, run_metadata  # noqa: E402
 
 from memtx_cli.kernels import quant  # noqa: E402
 from memtx_cli.kernels.build import load_portable  # noqa: E402
 from memtx_cli.model.llama import Linear  # noqa: E402
 from memtx_cli.model.loading import load_model  # noqa: E402
-
-
-def per_pass(fn, rounds: int = 5, n: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t) / n)
-    return statistics.median(times)
 
 
 def nbytes(*ts: torch.Tensor) -> int:

@@ -236,12 +236,13 @@ def load_raw(path: Path) -> RawWeights:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_model(args: ModelArgs, state: dict[str, torch.Tensor] | None = None) -> Transformer:
-    """A Transformer from args; with `state`, its weights (no random init is wasted)."""
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor] | None = None, blocks: bool = True) -> Transformer:
+    """A Transformer from args; with `state`, its weights (no random init is wasted) and, with
+    `blocks`, a GGUF file's quantized matrices for decoding (kernels/quant.py)."""
     if state is None:
         return Transformer(args)
-    blocks = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in quant.KINDS}  # "<weight>.<kind>"
-    state = {k: v for k, v in state.items() if k not in blocks}
+    kept = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in quant.KINDS}  # "<weight>.<kind>"
+    state = {k: v for k, v in state.items() if k not in kept}
     with torch.device("meta"):
         model = Transformer(args)
         # Memory parameters (a memtx train checkpoint): their layers get them before loading.
@@ -251,7 +252,7 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor] | None = None) -
     if unexpected or [m for m in missing if m != "inv_freq"]:
         raise MemtxError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.inv_freq = rope_inv_freq(args)
-    for key, raw in blocks.items():  # a GGUF file's quantized matrices: decoding reads their blocks
+    for key, raw in kept.items() if blocks else ():  # a GGUF file's quantized matrices: decoding reads them
         name, kind = key.rsplit(".", 1)
         model.set_blocks(name.removesuffix(".weight"), quant.from_blocks(kind, raw))
     return model
@@ -279,7 +280,9 @@ def load_model(
     check_card(ref.card, raw.args)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    net = build_model(raw.args, raw.state).to(device=dev, dtype=dt).eval()
+    # the blocks serve float32 decoding on the CPU only (quant.linear): elsewhere they are not kept
+    net = build_model(raw.args, raw.state, blocks=dt == torch.float32 and dev.type == "cpu")
+    net = net.to(device=dev, dtype=dt).eval()
     net.inv_freq = net.inv_freq.float()  # RoPE frequencies stay float32 in every dtype
     for name, t in raw.state.items():  # so do trained memory parameters (a few scalars per head)
         if name.endswith((".attn.mem_gate", ".attn.mem_bias")):
